@@ -1,0 +1,120 @@
+//! The embedded eBPF object and the edge that loads it into the kernel.
+//! Errors name the program or map and the cause.
+
+pub mod counters;
+
+use aya::programs::{Program, ProgramError};
+use aya::{Ebpf, EbpfError as AyaEbpfError};
+
+/// The object `cargo xtask build-ebpf` produced, embedded at build time;
+/// empty when the binary was built without bpf-linker.
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry-ebpf.o"));
+
+/// The embedded eBPF object, if this binary was built with one.
+pub fn object() -> Option<&'static [u8]> {
+    (!OBJECT.is_empty()).then_some(OBJECT)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(
+        "this ferry binary was built without eBPF programs (bpf-linker was missing at build \
+         time); run `cargo xtask build-ebpf` and rebuild, or use the userspace dataplane"
+    )]
+    NotBuilt,
+    #[error("parsing the embedded eBPF object: {0}")]
+    Parse(#[source] Box<AyaEbpfError>),
+    #[error("eBPF program {name} not found in the object")]
+    MissingProgram { name: String },
+    #[error("eBPF map {name} not found in the object")]
+    MissingMap { name: String },
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: String,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+}
+
+/// Names of the programs in the embedded object, parsed without touching
+/// the kernel.
+pub fn embedded_programs() -> Result<Vec<String>, EbpfError> {
+    let bytes = object().ok_or(EbpfError::NotBuilt)?;
+    let obj = aya_obj::Object::parse(bytes).map_err(|e| EbpfError::Parse(Box::new(e.into())))?;
+    let mut names: Vec<String> = obj.programs.keys().cloned().collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Parses the embedded object and creates its maps (no program is loaded).
+pub fn open() -> Result<Ebpf, EbpfError> {
+    let bytes = object().ok_or(EbpfError::NotBuilt)?;
+    Ebpf::load(bytes).map_err(|e| EbpfError::Parse(Box::new(e)))
+}
+
+/// Names of every program in the embedded object.
+pub fn program_names(ebpf: &Ebpf) -> Vec<String> {
+    let mut names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+    names.sort();
+    names
+}
+
+/// Loads one program into the kernel (running the verifier on it).
+pub fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<(), EbpfError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| EbpfError::MissingProgram { name: name.into() })?;
+    let result = match program {
+        Program::SchedClassifier(p) => p.load(),
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::Xdp(p) => p.load(),
+        Program::SkLookup(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
+        _ => {
+            return Err(EbpfError::Program {
+                name: name.into(),
+                source: Box::new(ProgramError::UnexpectedProgramType),
+            })
+        }
+    };
+    result.map_err(|source| EbpfError::Program {
+        name: name.into(),
+        source: Box::new(source),
+    })
+}
+
+/// Loads every program of the embedded object; the kernel's verifier must
+/// accept each. Returns the names loaded.
+pub fn verify_all() -> Result<Vec<String>, EbpfError> {
+    let mut ebpf = open()?;
+    let names = program_names(&ebpf);
+    for name in &names {
+        load_program(&mut ebpf, name)?;
+    }
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_object_holds_the_tc_program_or_reports_not_built() {
+        match embedded_programs() {
+            Ok(names) => assert!(
+                names
+                    .iter()
+                    .any(|n| n == ferry_common::counters::TC_INGRESS_PROGRAM),
+                "{names:?}"
+            ),
+            Err(EbpfError::NotBuilt) => assert!(object().is_none()),
+            Err(e) => panic!("embedded object does not parse: {e}"),
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Finds the tools the build needs and, when allowed, installs the missing
+//! ones (idempotent: nothing is done when everything is present).
+
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const LLVM22_BIN: &str = "/usr/lib/llvm-22/bin";
+pub const LLVM22_INSTALL: &str = "apt-get install -y llvm-22-dev zlib1g-dev libzstd-dev";
+pub const BPF_LINKER_INSTALL: &str = "PATH=/usr/lib/llvm-22/bin:$PATH cargo install --locked \
+     bpf-linker --version 0.13.0 --no-default-features --features llvm-22";
+
+/// Debian packages the build and the privileged tests use.
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "zlib1g-dev", "libzstd-dev", "iproute2"];
+
+/// The LLVM 22 tool directory, when llvm-nm is there.
+pub fn llvm22_bin() -> Option<PathBuf> {
+    let bin = PathBuf::from(LLVM22_BIN);
+    bin.join("llvm-nm").is_file().then_some(bin)
+}
+
+/// bpf-linker on PATH or in ~/.cargo/bin.
+pub fn bpf_linker() -> Option<PathBuf> {
+    find_on_path("bpf-linker").or_else(|| {
+        let p = cargo_home().join("bin/bpf-linker");
+        p.is_file().then_some(p)
+    })
+}
+
+/// The cargo that runs us (so the pinned toolchain is used throughout).
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn is_debian() -> bool {
+    Path::new("/etc/debian_version").exists()
+}
+
+fn apt_missing() -> Vec<&'static str> {
+    APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", pkg])
+                .output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+/// Installs what is missing. As root on Debian: apt packages and bpf-linker.
+/// Otherwise it only reports what is missing; the eBPF build then fails with
+/// the install command.
+pub fn ensure() -> Result<()> {
+    let missing = if is_debian() {
+        apt_missing()
+    } else {
+        Vec::new()
+    };
+    if !missing.is_empty() {
+        if is_root() {
+            eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+            crate::run(Command::new("apt-get").arg("update").arg("-qq"))?;
+            crate::run(
+                Command::new("apt-get")
+                    .args(["install", "-y", "-qq", "--no-install-recommends"])
+                    .args(&missing)
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )
+            .context("installing Debian packages")?;
+        } else {
+            eprintln!(
+                "xtask: missing Debian packages (not root, not installing): {}",
+                missing.join(" ")
+            );
+        }
+    }
+    if bpf_linker().is_none() && llvm22_bin().is_some() {
+        eprintln!("xtask: installing bpf-linker 0.13.0 (about 2 minutes)");
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![PathBuf::from(LLVM22_BIN)];
+        paths.extend(std::env::split_paths(&path));
+        crate::run(
+            Command::new(cargo())
+                .args(["install", "--locked", "bpf-linker", "--version", "0.13.0"])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("PATH", std::env::join_paths(paths)?),
+        )
+        .context("installing bpf-linker")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! `cargo xtask`: builds the eBPF programs, installs missing tools and runs
+//! every check and test; the README's commands all start here.
+
+mod deps;
+mod ebpf;
+mod test;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  build-ebpf   build the eBPF programs into target/ebpf/ferry-ebpf.o
+  test         install what is missing, build the eBPF programs, run fmt,
+               clippy, unit tests and privileged integration tests
+  help         this text
+
+environment:
+  FERRY_REQUIRE_PRIVILEGED=1   a privileged test that cannot run fails
+                               instead of skipping (set by .ci/run)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("build-ebpf") => ebpf::build(&workspace_root()).map(|_| ()),
+        Some("test") => test::run(&workspace_root()),
+        Some("help" | "-h" | "--help") | None => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("xtask: unknown command {other:?}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The repository root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// Runs a command, echoing it first; fails with the command line and its
+/// exit status.
+pub fn run(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    eprintln!("xtask: $ {}", display(cmd));
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot start `{}`: {e}", display(cmd)))?;
+    if !status.success() {
+        anyhow::bail!("`{}` failed: {status}", display(cmd));
+    }
+    Ok(())
+}
+
+fn display(cmd: &std::process::Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}

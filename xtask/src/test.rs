@@ -1,0 +1,55 @@
+//! `cargo xtask test`: the one command that proves the tree. Installs what
+//! is missing, builds the eBPF programs, then runs fmt, clippy, the unit
+//! tests and the privileged integration tests.
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::process::Command;
+
+use crate::{deps, ebpf};
+
+pub fn run(root: &Path) -> Result<()> {
+    let require = std::env::var("FERRY_REQUIRE_PRIVILEGED").as_deref() == Ok("1");
+    if require && !deps::is_root() {
+        bail!("FERRY_REQUIRE_PRIVILEGED=1 but not running as root: privileged tests cannot run");
+    }
+    deps::ensure()?;
+    ebpf::build(root).context("the eBPF build is part of every test run")?;
+
+    let cargo = deps::cargo();
+    crate::run(
+        Command::new(&cargo)
+            .current_dir(root)
+            .args(["fmt", "--all", "--check"]),
+    )?;
+    crate::run(
+        Command::new(&cargo)
+            .current_dir(root.join("ebpf/programs"))
+            .args(["fmt", "--all", "--check"]),
+    )?;
+    crate::run(Command::new(&cargo).current_dir(root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    crate::run(
+        Command::new(&cargo)
+            .current_dir(root.join("ebpf/programs"))
+            .args(["clippy", "--locked", "--", "-D", "warnings"])
+            .env("CARGO_TARGET_DIR", root.join("target/ebpf-clippy")),
+    )?;
+    // Unit tests and integration tests (privileged ones run because we are
+    // root; with FERRY_REQUIRE_PRIVILEGED=1 they fail rather than skip).
+    crate::run(
+        Command::new(&cargo)
+            .current_dir(root)
+            .args(["test", "--workspace", "--locked"])
+            .env("FERRY_EBPF_OBJECT", ebpf::object_path(root)),
+    )?;
+    eprintln!("xtask: all checks and tests passed");
+    Ok(())
+}
