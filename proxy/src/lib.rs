@@ -1,4 +1,12 @@
 //! Ferry's agent library: the pipeline stages, the dataplanes and the CLI
 //! share this crate; the `ferry` binary is a thin front-end.
 
+pub mod core;
+pub mod dump;
 pub mod ebpf;
+pub mod model;
+pub mod objects;
+pub mod parse;
+pub mod plan;
+pub mod track;
+pub mod translate;

@@ -1,6 +1,8 @@
 //! Privileged: the embedded TC program passes the verifier, attaches with
 //! tcx to a veth inside a test namespace, and counts real traffic by class.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
 use anyhow::Result;
 use ferry_common::counters::TrafficClass;
 use ferry_tests::netns::VethLink;

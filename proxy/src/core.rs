@@ -1,0 +1,224 @@
+//! Track + translate together, still pure: objects go in as they arrive
+//! from any source; out comes the desired state and, per step, the frontend
+//! keys a plan must look at. Invalid objects are kept aside with their
+//! errors and never disturb other Services.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::model::{NodeInfo, ObjectName, ServiceName};
+use crate::parse::{
+    object_name, parse_service, parse_slice, InvalidObject, ParsedService, ParsedSlice,
+};
+use crate::track::{ChangeTracker, EndpointSliceCache};
+use crate::translate::{translate_service, DesiredState, Touched, TranslateConfig};
+
+/// The service-proxy-name Ferry answers to by default.
+pub const DEFAULT_PROXY_NAME: &str = "ferry";
+
+type ServiceOutcome = Result<ParsedService, InvalidObject>;
+type SliceOutcome = Result<ParsedSlice, InvalidObject>;
+
+/// What one [`Core::translate_changes`] did.
+#[derive(Debug, Default)]
+pub struct Translated {
+    /// Frontend keys and backend addresses whose desired state may differ
+    /// from before: the scope of an incremental plan.
+    pub touched: Touched,
+    /// Services translated again.
+    pub services: usize,
+    /// Services whose endpoints changed.
+    pub endpoint_changes: usize,
+    /// Everything was translated (node change or first run).
+    pub full: bool,
+}
+
+#[derive(Debug)]
+pub struct Core {
+    proxy_name: String,
+    node: NodeInfo,
+    cfg: TranslateConfig,
+    services: ChangeTracker<ServiceName, Arc<ServiceOutcome>>,
+    slices: ChangeTracker<ObjectName, Arc<SliceOutcome>>,
+    cache: EndpointSliceCache,
+    desired: DesiredState,
+    /// Invalid objects by (kind, name), with their error.
+    invalid: BTreeMap<(&'static str, ObjectName), InvalidObject>,
+    /// Services refused because another held their address or NodePort:
+    /// tried again whenever a Service goes away or changes.
+    clash_refused: BTreeSet<ServiceName>,
+    node_changed: bool,
+}
+
+impl Core {
+    pub fn new(proxy_name: &str, node: NodeInfo, cfg: TranslateConfig) -> Core {
+        Core {
+            proxy_name: proxy_name.into(),
+            node,
+            cfg,
+            services: ChangeTracker::default(),
+            slices: ChangeTracker::default(),
+            cache: EndpointSliceCache::default(),
+            desired: DesiredState::default(),
+            invalid: BTreeMap::new(),
+            clash_refused: BTreeSet::new(),
+            node_changed: true,
+        }
+    }
+
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    pub fn set_node(&mut self, node: NodeInfo) {
+        if node != self.node {
+            self.node = node;
+            self.node_changed = true;
+        }
+    }
+
+    pub fn upsert_service(&mut self, svc: &Service) {
+        let name = object_name(&svc.metadata);
+        let parsed = parse_service(svc, &self.proxy_name);
+        self.services.update(name, Some(Arc::new(parsed)));
+    }
+
+    pub fn delete_service(&mut self, name: &ServiceName) {
+        self.services.update(name.clone(), None);
+    }
+
+    pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
+        let name = object_name(&slice.metadata);
+        self.slices.update(name, Some(Arc::new(parse_slice(slice))));
+    }
+
+    pub fn delete_slice(&mut self, name: &ObjectName) {
+        self.slices.update(name.clone(), None);
+    }
+
+    /// Replaces every Service (a relist); missing ones are deleted.
+    pub fn replace_services(&mut self, svcs: &[Service]) {
+        let proxy = self.proxy_name.clone();
+        self.services.replace_all(
+            svcs.iter()
+                .map(|s| (object_name(&s.metadata), Arc::new(parse_service(s, &proxy)))),
+        );
+    }
+
+    /// Replaces every EndpointSlice (a relist); missing ones are deleted.
+    pub fn replace_slices(&mut self, slices: &[EndpointSlice]) {
+        self.slices.replace_all(
+            slices
+                .iter()
+                .map(|s| (object_name(&s.metadata), Arc::new(parse_slice(s)))),
+        );
+    }
+
+    pub fn has_changes(&self) -> bool {
+        self.node_changed || self.services.has_changes() || self.slices.has_changes()
+    }
+
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// Every invalid object with its error, in name order.
+    pub fn invalid(&self) -> impl Iterator<Item = &InvalidObject> {
+        self.invalid.values()
+    }
+
+    /// Services Ferry does not serve, with the reason, in name order.
+    pub fn ignored(&self) -> Vec<(ServiceName, &'static str)> {
+        let mut out: Vec<_> = self
+            .services
+            .current()
+            .iter()
+            .filter_map(|(n, o)| match o.as_ref() {
+                Ok(ParsedService::Ignore(why)) => Some((n.clone(), *why)),
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Number of Services and EndpointSlices known (valid or not).
+    pub fn object_counts(&self) -> (usize, usize) {
+        (self.services.current().len(), self.slices.current().len())
+    }
+
+    /// Applies the pending changes to the desired state.
+    pub fn translate_changes(&mut self) -> Translated {
+        let mut out = Translated::default();
+        let mut todo: BTreeSet<ServiceName> = BTreeSet::new();
+        for change in self.slices.take() {
+            let slice = change.current.as_ref().and_then(|o| match o.as_ref() {
+                Ok(ParsedSlice::Serve(s)) => Some(Arc::new(s.clone())),
+                _ => None,
+            });
+            self.invalid.remove(&("EndpointSlice", change.key.clone()));
+            if let Some(Err(e)) = change.current.as_deref() {
+                self.invalid
+                    .insert(("EndpointSlice", change.key.clone()), e.clone());
+            }
+            todo.extend(self.cache.update(change.key, slice));
+        }
+        out.endpoint_changes = todo.len();
+        let service_changes = self.services.take();
+        let any_service_change = !service_changes.is_empty();
+        todo.extend(service_changes.into_iter().map(|c| c.key));
+        if std::mem::take(&mut self.node_changed) {
+            out.full = true;
+            todo.extend(self.services.current().keys().cloned());
+        }
+        if any_service_change {
+            todo.extend(self.clash_refused.iter().cloned());
+        }
+        // Oldest first, so the older of two clashing Services wins.
+        let mut ordered: Vec<(i64, ServiceName)> =
+            todo.into_iter().map(|n| (self.created(&n), n)).collect();
+        ordered.sort();
+        for (_, name) in ordered {
+            out.services += 1;
+            self.retranslate(&name, &mut out.touched);
+        }
+        out.touched.normalize();
+        out
+    }
+
+    fn created(&self, name: &ServiceName) -> i64 {
+        match self.services.get(name).map(|o| o.as_ref()) {
+            Some(Ok(ParsedService::Serve(info))) => info.created,
+            _ => 0,
+        }
+    }
+
+    fn retranslate(&mut self, name: &ServiceName, touched: &mut Touched) {
+        self.invalid.remove(&("Service", name.clone()));
+        self.clash_refused.remove(name);
+        let outcome = self.services.get(name).cloned();
+        let result = match outcome.as_deref() {
+            Some(Ok(ParsedService::Serve(info))) => {
+                translate_service(info, &self.cache, &self.node, &self.cfg).map(Some)
+            }
+            Some(Ok(ParsedService::Ignore(_))) | None => Ok(None),
+            Some(Err(e)) => Err(e.clone()),
+        };
+        let result = match result {
+            Ok(desired) => {
+                let r = self.desired.set(name, desired, touched);
+                if r.is_err() {
+                    self.clash_refused.insert(name.clone());
+                }
+                r
+            }
+            Err(e) => self.desired.set(name, None, touched).and(Err(e)),
+        };
+        if let Err(e) = result {
+            self.invalid.insert(("Service", name.clone()), e);
+        }
+    }
+}

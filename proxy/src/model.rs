@@ -1,0 +1,358 @@
+//! The values every pipeline stage speaks: Services and endpoints as Ferry
+//! understands them after parsing, and the desired frontends and backend
+//! sets that translate produces. Plain data, no I/O.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+/// namespace/name of a Kubernetes object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectName {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl ObjectName {
+    pub fn new(namespace: &str, name: &str) -> ObjectName {
+        ObjectName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A Service's namespace/name.
+pub type ServiceName = ObjectName;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Protocol> {
+        match n {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            132 => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+/// How traffic reaches a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+impl Scope {
+    /// NodePort, LoadBalancer and externalIP traffic follows
+    /// externalTrafficPolicy; ClusterIP traffic follows
+    /// internalTrafficPolicy.
+    pub fn is_external(self) -> bool {
+        !matches!(self, Scope::ClusterIp)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::ClusterIp => "ClusterIP",
+            Scope::NodePort => "NodePort",
+            Scope::LoadBalancer => "LoadBalancer",
+            Scope::ExternalIp => "ExternalIP",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scope> {
+        [
+            Scope::ClusterIp,
+            Scope::NodePort,
+            Scope::LoadBalancer,
+            Scope::ExternalIp,
+        ]
+        .into_iter()
+        .find(|scope| scope.name() == s)
+    }
+}
+
+/// An address, port and protocol: the key of a frontend or a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct L4Addr {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for L4Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+/// Where a frontend listens.
+pub type FrontendKey = L4Addr;
+/// Where a backend receives.
+pub type BackendAddr = L4Addr;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+/// How a frontend picks a backend for a new flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Algorithm {
+    Random,
+    Maglev,
+}
+
+impl Algorithm {
+    pub fn parse(s: &str) -> Option<Algorithm> {
+        match s {
+            "random" => Some(Algorithm::Random),
+            "maglev" => Some(Algorithm::Maglev),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Random => "random",
+            Algorithm::Maglev => "maglev",
+        }
+    }
+}
+
+/// trafficDistribution / topology-aware routing, as resolved for a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Topology {
+    #[default]
+    None,
+    /// Use zone hints (topology-mode: Auto, PreferClose, PreferSameZone).
+    SameZone,
+    /// Use node hints, falling back to zone hints (PreferSameNode).
+    SameNode,
+}
+
+/// One port of a Service, as parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortInfo {
+    /// The port's name ("" when the Service has a single unnamed port).
+    pub name: Arc<str>,
+    pub protocol: Protocol,
+    pub port: u16,
+    /// 0 when the Service has no NodePort for this port.
+    pub node_port: u16,
+}
+
+/// A Service after parsing and validation: everything translate needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub name: ServiceName,
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePortInfo>,
+    pub external_ips: Vec<IpAddr>,
+    /// status.loadBalancer.ingress IPs whose ipMode is not Proxy (type
+    /// LoadBalancer only).
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub source_ranges: Vec<IpNet>,
+    /// ClientIP affinity timeout in seconds; 0 without affinity.
+    pub affinity_timeout: u32,
+    pub external_policy: TrafficPolicy,
+    pub internal_policy: TrafficPolicy,
+    pub health_check_node_port: u16,
+    pub topology: Topology,
+    /// Explicit `ferry.dev/lb-algorithm`; None picks the per-scope default.
+    pub algorithm: Option<Algorithm>,
+    /// From metadata.creationTimestamp (seconds); the older Service wins a
+    /// clash. 0 when unknown.
+    pub created: i64,
+}
+
+/// The state of an endpoint, from its EndpointSlice conditions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointState {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl EndpointState {
+    pub const READY: EndpointState = EndpointState {
+        ready: true,
+        serving: true,
+        terminating: false,
+    };
+
+    /// Rank for picking among duplicates of one address: ready beats
+    /// serving+terminating beats the rest.
+    pub fn rank(self) -> u8 {
+        if self.ready {
+            2
+        } else if self.serving && self.terminating {
+            1
+        } else {
+            0
+        }
+    }
+}
+
+/// One endpoint address of one EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub ip: IpAddr,
+    pub state: EndpointState,
+    pub node: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+    pub zone_hints: Vec<Arc<str>>,
+    pub node_hints: Vec<Arc<str>>,
+}
+
+/// One port of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: Arc<str>,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// An EndpointSlice after parsing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInfo {
+    pub name: ObjectName,
+    pub service: ServiceName,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+/// This node, as translate needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct NodeInfo {
+    pub name: String,
+    pub zone: Option<String>,
+    /// Addresses NodePort frontends are created on.
+    pub nodeport_addresses: Vec<IpAddr>,
+}
+
+/// What a frontend does with a new flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Forward to one of the backends.
+    Forward,
+    /// The Service has no usable endpoint at all: refuse at once (TCP RST,
+    /// ICMP unreachable, connect() error).
+    Reject,
+    /// The traffic policy is Local and this node has no local endpoint while
+    /// others exist: drop.
+    Drop,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Forward => "forward",
+            Action::Reject => "reject",
+            Action::Drop => "drop",
+        }
+    }
+}
+
+/// A backend as a frontend uses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendInfo {
+    pub addr: BackendAddr,
+    /// The endpoint runs on this node.
+    pub local: bool,
+    /// Serving but terminating (used only when nothing ready is left).
+    pub terminating: bool,
+}
+
+/// The policy part of a frontend, shared by the datapaths.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FrontendPolicy {
+    pub scope: Scope,
+    pub action: Action,
+    pub algorithm: Algorithm,
+    pub affinity_timeout: u32,
+    /// NodePort/LoadBalancer/externalIP with externalTrafficPolicy Local:
+    /// keep the client's source address.
+    pub preserve_source: bool,
+    pub source_ranges: Arc<[IpNet]>,
+}
+
+/// One frontend of the desired state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredFrontend {
+    pub key: FrontendKey,
+    pub service: ServiceName,
+    pub port_name: Arc<str>,
+    pub policy: FrontendPolicy,
+    /// The backends new flows may go to, in a stable order.
+    pub backends: Arc<[BackendInfo]>,
+    /// Endpoints that still exist but take no new flows (terminating while
+    /// others are ready, or not serving): their backend entries stay so
+    /// established flows drain.
+    pub draining: Arc<[BackendInfo]>,
+}
+
+/// Everything translate produced for one Service.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ServiceDesired {
+    pub frontends: Vec<DesiredFrontend>,
+    /// healthCheckNodePort and the local endpoint count it reports
+    /// (externalTrafficPolicy Local only).
+    pub health_check: Option<HealthCheck>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub node_port: u16,
+    pub local_endpoints: usize,
+}

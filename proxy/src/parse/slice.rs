@@ -1,0 +1,130 @@
+//! EndpointSlice -> [`SliceInfo`]: ports, endpoint addresses, conditions,
+//! node, zone and topology hints, validated.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::{object_name, port_number, InvalidObject};
+use crate::model::{EndpointInfo, EndpointState, Protocol, SliceInfo, SlicePort};
+
+/// The label that ties a slice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParsedSlice {
+    Serve(SliceInfo),
+    /// Not usable by a proxy (FQDN address type); the reason is for logs.
+    Ignore(&'static str),
+}
+
+pub fn parse_slice(slice: &EndpointSlice) -> Result<ParsedSlice, InvalidObject> {
+    let name = object_name(&slice.metadata);
+    let err = |field: String, reason: String| InvalidObject {
+        kind: "EndpointSlice",
+        object: name.clone(),
+        field,
+        reason,
+    };
+    let want_v4 = match slice.address_type.as_str() {
+        "IPv4" => true,
+        "IPv6" => false,
+        "FQDN" => return Ok(ParsedSlice::Ignore("addressType FQDN")),
+        other => return Err(err("addressType".into(), format!("unknown {other:?}"))),
+    };
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            err(
+                format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                "missing: the slice belongs to no Service".into(),
+            )
+        })?;
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        // A port without a number means "all ports": nothing a proxy can use.
+        let Some(number) = p.port else { continue };
+        let port = port_number(number).ok_or_else(|| {
+            err(
+                format!("ports[{i}].port"),
+                format!("{number} is not a port (1-65535)"),
+            )
+        })?;
+        let proto = p.protocol.as_deref().unwrap_or("TCP");
+        let protocol = Protocol::parse(proto).ok_or_else(|| {
+            err(
+                format!("ports[{i}].protocol"),
+                format!("unknown protocol {proto:?}"),
+            )
+        })?;
+        let pname: Arc<str> = p.name.as_deref().unwrap_or("").into();
+        if ports
+            .iter()
+            .any(|q: &SlicePort| q.name == pname && q.protocol == protocol)
+        {
+            return Err(err(
+                format!("ports[{i}].name"),
+                format!("duplicate port name {pname:?}"),
+            ));
+        }
+        ports.push(SlicePort {
+            name: pname,
+            protocol,
+            port,
+        });
+    }
+    let mut endpoints = Vec::with_capacity(slice.endpoints.len());
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        // Like kube-proxy, only the first address of an endpoint is used.
+        let Some(addr) = ep.addresses.first() else {
+            continue;
+        };
+        let ip: IpAddr = addr.parse().map_err(|_| {
+            err(
+                format!("endpoints[{i}].addresses[0]"),
+                format!("invalid IP address {addr:?}"),
+            )
+        })?;
+        if ip.is_ipv4() != want_v4 {
+            return Err(err(
+                format!("endpoints[{i}].addresses[0]"),
+                format!("{ip} does not match addressType {}", slice.address_type),
+            ));
+        }
+        let cond = ep.conditions.clone().unwrap_or_default();
+        // Per the API: an unknown ready condition means ready, serving
+        // defaults to ready, terminating to false.
+        let ready = cond.ready.unwrap_or(true);
+        let state = EndpointState {
+            ready,
+            serving: cond.serving.unwrap_or(ready),
+            terminating: cond.terminating.unwrap_or(false),
+        };
+        let hints = ep.hints.as_ref();
+        endpoints.push(EndpointInfo {
+            ip,
+            state,
+            node: ep.node_name.as_deref().map(Arc::from),
+            zone: ep.zone.as_deref().map(Arc::from),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|z| z.iter().map(|z| Arc::from(z.name.as_str())).collect())
+                .unwrap_or_default(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|n| n.iter().map(|n| Arc::from(n.name.as_str())).collect())
+                .unwrap_or_default(),
+        });
+    }
+    Ok(ParsedSlice::Serve(SliceInfo {
+        service: crate::model::ObjectName::new(&name.namespace, service),
+        name,
+        ports,
+        endpoints,
+    }))
+}

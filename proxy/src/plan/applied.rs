@@ -1,0 +1,253 @@
+//! The applied stage: what the datapath's maps hold, updated one op at a
+//! time only after the datapath reported the op done, and rebuilt from a
+//! dump of existing maps after a restart.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::ids::{BackendId, FrontendId};
+use super::{BackendEntry, FrontendEntry, MapOp};
+use crate::model::{BackendAddr, FrontendKey};
+
+/// One frontend's entries across the maps. Parts appear one op at a time,
+/// so any of them may be missing while a sync is under way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppliedFrontend {
+    /// The master entry (slot 0): ID, backend count, policy.
+    pub entry: Option<FrontendEntry>,
+    /// Slots 1..=n, `slots[i]` being slot i+1 (BackendId(0): unset).
+    pub slots: Vec<BackendId>,
+}
+
+/// Contents of every map, plus indexes the plan needs.
+#[derive(Debug, Clone, Default)]
+pub struct AppliedState {
+    pub(super) frontends: HashMap<FrontendKey, AppliedFrontend>,
+    pub(super) backends: HashMap<BackendId, BackendEntry>,
+    pub(super) backend_ids: HashMap<BackendAddr, BackendId>,
+    /// Frontend IDs from the reverse-NAT map.
+    pub(super) rev_nat: HashMap<FrontendId, FrontendKey>,
+    pub(super) frontend_ids: HashMap<FrontendKey, FrontendId>,
+    pub(super) maglev: HashMap<FrontendId, Arc<[BackendId]>>,
+    /// The distinct backends each Maglev table names, sorted: tells the plan
+    /// whether a table still matches its frontend's backends.
+    pub(super) maglev_members: HashMap<FrontendId, Vec<BackendId>>,
+    pub(super) source_ranges: HashMap<FrontendId, BTreeSet<IpNet>>,
+}
+
+impl AppliedState {
+    /// Rebuilds the state from the entries found in existing maps: the
+    /// same as applying an upsert for each.
+    pub fn restore(entries: impl IntoIterator<Item = MapOp>) -> AppliedState {
+        let mut s = AppliedState::default();
+        for op in entries {
+            s.apply(&op);
+        }
+        s
+    }
+
+    pub fn frontends(&self) -> &HashMap<FrontendKey, AppliedFrontend> {
+        &self.frontends
+    }
+
+    pub fn backends(&self) -> &HashMap<BackendId, BackendEntry> {
+        &self.backends
+    }
+
+    pub fn rev_nat(&self) -> &HashMap<FrontendId, FrontendKey> {
+        &self.rev_nat
+    }
+
+    pub fn maglev(&self) -> &HashMap<FrontendId, Arc<[BackendId]>> {
+        &self.maglev
+    }
+
+    pub fn source_ranges(&self) -> &HashMap<FrontendId, BTreeSet<IpNet>> {
+        &self.source_ranges
+    }
+
+    pub fn backend_id(&self, addr: &BackendAddr) -> Option<BackendId> {
+        self.backend_ids.get(addr).copied()
+    }
+
+    pub fn frontend_id(&self, key: &FrontendKey) -> Option<FrontendId> {
+        self.frontend_ids.get(key).copied()
+    }
+
+    /// Highest backend and frontend IDs in use (to restore allocators).
+    pub fn highest_ids(&self) -> (Option<u32>, Option<u32>) {
+        (
+            self.backends.keys().map(|b| b.0).max(),
+            self.rev_nat.keys().map(|f| f.0).max(),
+        )
+    }
+
+    /// Every entry as the upsert that would recreate it, in plan order.
+    pub fn entries(&self) -> Vec<MapOp> {
+        let mut ops = Vec::new();
+        let mut backends: Vec<_> = self.backends.iter().collect();
+        backends.sort_by_key(|(id, _)| **id);
+        for (id, entry) in backends {
+            ops.push(MapOp::UpsertBackend {
+                id: *id,
+                entry: *entry,
+            });
+        }
+        let mut rev: Vec<_> = self.rev_nat.iter().collect();
+        rev.sort_by_key(|(id, _)| **id);
+        for (id, key) in rev {
+            ops.push(MapOp::UpsertRevNat {
+                id: *id,
+                frontend: *key,
+            });
+        }
+        let mut fronts: Vec<_> = self.frontends.iter().collect();
+        fronts.sort_by_key(|(k, _)| **k);
+        for (key, f) in &fronts {
+            for (i, b) in f.slots.iter().enumerate() {
+                ops.push(MapOp::UpsertSlot {
+                    frontend: **key,
+                    slot: slot_number(i),
+                    backend: *b,
+                });
+            }
+        }
+        let mut tables: Vec<_> = self.maglev.iter().collect();
+        tables.sort_by_key(|(id, _)| **id);
+        for (id, t) in tables {
+            ops.push(MapOp::UpsertMaglev {
+                id: *id,
+                table: t.clone(),
+            });
+        }
+        let mut ranges: Vec<_> = self.source_ranges.iter().collect();
+        ranges.sort_by_key(|(id, _)| **id);
+        for (id, set) in ranges {
+            for r in set {
+                ops.push(MapOp::UpsertSourceRange { id: *id, range: *r });
+            }
+        }
+        for (key, f) in fronts {
+            if let Some(entry) = f.entry {
+                ops.push(MapOp::UpsertFrontend {
+                    frontend: *key,
+                    entry,
+                });
+            }
+        }
+        ops
+    }
+
+    /// Records one op the datapath completed. Every op is idempotent.
+    pub fn apply(&mut self, op: &MapOp) {
+        match op {
+            MapOp::UpsertBackend { id, entry } => {
+                if let Some(old) = self.backends.insert(*id, *entry) {
+                    if self.backend_ids.get(&old.addr) == Some(id) {
+                        self.backend_ids.remove(&old.addr);
+                    }
+                }
+                self.backend_ids.insert(entry.addr, *id);
+            }
+            MapOp::DeleteBackend { id } => {
+                if let Some(old) = self.backends.remove(id) {
+                    if self.backend_ids.get(&old.addr) == Some(id) {
+                        self.backend_ids.remove(&old.addr);
+                    }
+                }
+            }
+            MapOp::UpsertSlot {
+                frontend,
+                slot,
+                backend,
+            } => {
+                let f = self.frontends.entry(*frontend).or_default();
+                let idx = usize::from(*slot).saturating_sub(1);
+                if f.slots.len() <= idx {
+                    f.slots.resize(idx + 1, BackendId(0));
+                }
+                f.slots[idx] = *backend;
+            }
+            MapOp::DeleteSlot { frontend, slot } => {
+                if let Some(f) = self.frontends.get_mut(frontend) {
+                    let idx = usize::from(*slot).saturating_sub(1);
+                    if idx < f.slots.len() {
+                        f.slots[idx] = BackendId(0);
+                        while f.slots.last() == Some(&BackendId(0)) {
+                            f.slots.pop();
+                        }
+                    }
+                }
+                self.drop_if_empty(frontend);
+            }
+            MapOp::UpsertFrontend { frontend, entry } => {
+                self.frontends.entry(*frontend).or_default().entry = Some(*entry);
+            }
+            MapOp::DeleteFrontend { frontend } => {
+                if let Some(f) = self.frontends.get_mut(frontend) {
+                    f.entry = None;
+                }
+                self.drop_if_empty(frontend);
+            }
+            MapOp::UpsertRevNat { id, frontend } => {
+                if let Some(old) = self.rev_nat.insert(*id, *frontend) {
+                    if self.frontend_ids.get(&old) == Some(id) {
+                        self.frontend_ids.remove(&old);
+                    }
+                }
+                self.frontend_ids.insert(*frontend, *id);
+            }
+            MapOp::DeleteRevNat { id } => {
+                if let Some(old) = self.rev_nat.remove(id) {
+                    if self.frontend_ids.get(&old) == Some(id) {
+                        self.frontend_ids.remove(&old);
+                    }
+                }
+            }
+            MapOp::UpsertMaglev { id, table } => {
+                self.maglev.insert(*id, table.clone());
+                self.maglev_members.insert(*id, sorted_members(table));
+            }
+            MapOp::DeleteMaglev { id } => {
+                self.maglev.remove(id);
+                self.maglev_members.remove(id);
+            }
+            MapOp::UpsertSourceRange { id, range } => {
+                self.source_ranges.entry(*id).or_default().insert(*range);
+            }
+            MapOp::DeleteSourceRange { id, range } => {
+                if let Some(set) = self.source_ranges.get_mut(id) {
+                    set.remove(range);
+                    if set.is_empty() {
+                        self.source_ranges.remove(id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn drop_if_empty(&mut self, key: &FrontendKey) {
+        if self
+            .frontends
+            .get(key)
+            .is_some_and(|f| f.entry.is_none() && f.slots.is_empty())
+        {
+            self.frontends.remove(key);
+        }
+    }
+}
+
+/// The distinct IDs of `ids`, sorted.
+pub(super) fn sorted_members(ids: &[BackendId]) -> Vec<BackendId> {
+    let mut m = ids.to_vec();
+    m.sort_unstable();
+    m.dedup();
+    m
+}
+
+/// Slot numbers start at 1 (slot 0 is the master entry).
+pub(super) fn slot_number(index: usize) -> u16 {
+    u16::try_from(index + 1).unwrap_or(u16::MAX)
+}

@@ -1,0 +1,567 @@
+//! The plan stage: diff(applied, desired) -> ordered map operations.
+//! Order: backends, reverse NAT, slots, Maglev tables, source ranges, the
+//! frontend's master entry (count), then deletions (slots past the new
+//! count, removed frontends master-first, unreferenced backends last), so a
+//! reader never sees a frontend naming a backend that is not there.
+
+mod applied;
+pub mod ids;
+pub mod maglev;
+
+pub use applied::{AppliedFrontend, AppliedState};
+pub use ids::{BackendId, FrontendId, IdAllocator};
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::model::{Action, Algorithm, BackendAddr, DesiredFrontend, FrontendKey, Scope};
+use crate::translate::{DesiredState, Touched};
+use applied::{slot_number, sorted_members};
+
+/// A backend's entry in the backends map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendEntry {
+    pub addr: BackendAddr,
+    pub local: bool,
+    pub terminating: bool,
+}
+
+/// A frontend's master entry (slot 0 of the services map).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FrontendEntry {
+    pub id: FrontendId,
+    /// Number of backend slots (1..=count).
+    pub count: u16,
+    pub scope: Scope,
+    pub action: Action,
+    pub algorithm: Algorithm,
+    pub affinity_timeout: u32,
+    pub preserve_source: bool,
+    /// Source ranges are enforced (the source-range map holds them).
+    pub source_ranges: bool,
+}
+
+/// One map operation. Every op is idempotent; deleting a missing key is
+/// success.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    UpsertBackend {
+        id: BackendId,
+        entry: BackendEntry,
+    },
+    UpsertRevNat {
+        id: FrontendId,
+        frontend: FrontendKey,
+    },
+    UpsertSlot {
+        frontend: FrontendKey,
+        slot: u16,
+        backend: BackendId,
+    },
+    UpsertMaglev {
+        id: FrontendId,
+        table: Arc<[BackendId]>,
+    },
+    UpsertSourceRange {
+        id: FrontendId,
+        range: IpNet,
+    },
+    UpsertFrontend {
+        frontend: FrontendKey,
+        entry: FrontendEntry,
+    },
+    DeleteFrontend {
+        frontend: FrontendKey,
+    },
+    DeleteSlot {
+        frontend: FrontendKey,
+        slot: u16,
+    },
+    DeleteMaglev {
+        id: FrontendId,
+    },
+    DeleteSourceRange {
+        id: FrontendId,
+        range: IpNet,
+    },
+    DeleteRevNat {
+        id: FrontendId,
+    },
+    DeleteBackend {
+        id: BackendId,
+    },
+}
+
+/// Settings of the plan stage.
+#[derive(Debug, Clone)]
+pub struct PlanConfig {
+    /// Maglev table size (prime).
+    pub maglev_size: u32,
+    /// Capacity of the backends map (IDs 1..=max_backends).
+    pub max_backends: u32,
+    /// Capacity of the frontends (reverse-NAT) map.
+    pub max_frontends: u32,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        PlanConfig {
+            maglev_size: maglev::DEFAULT_TABLE_SIZE,
+            max_backends: 65_536,
+            max_frontends: 65_536,
+        }
+    }
+}
+
+/// A frontend the plan could not program, and why (map full).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("frontend {frontend}: {reason}")]
+pub struct PlanError {
+    pub frontend: FrontendKey,
+    pub reason: String,
+}
+
+/// The ops of one sync and the frontends it had to leave out.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub ops: Vec<MapOp>,
+    pub errors: Vec<PlanError>,
+}
+
+/// Which frontends a plan looks at.
+#[derive(Debug, Clone, Copy)]
+pub enum PlanScope<'a> {
+    /// Every frontend in either state, and every backend (prunes orphans).
+    Full,
+    /// The frontends and backend addresses a change touched (from the
+    /// Services that changed).
+    Changes(&'a Touched),
+}
+
+/// ID allocators; they live with the sync loop across plans.
+#[derive(Debug, Clone)]
+pub struct Allocators {
+    pub backends: IdAllocator,
+    pub frontends: IdAllocator,
+}
+
+impl Allocators {
+    pub fn new(cfg: &PlanConfig) -> Allocators {
+        Allocators {
+            backends: IdAllocator::new(cfg.max_backends),
+            frontends: IdAllocator::new(cfg.max_frontends),
+        }
+    }
+
+    /// Allocators that continue after the IDs found in restored maps.
+    pub fn restore(cfg: &PlanConfig, applied: &AppliedState) -> Allocators {
+        let (b, f) = applied.highest_ids();
+        Allocators {
+            backends: IdAllocator::restore(cfg.max_backends, b),
+            frontends: IdAllocator::restore(cfg.max_frontends, f),
+        }
+    }
+}
+
+/// Computes the ops that take `applied` to `desired` within `scope`.
+pub fn plan_sync(
+    applied: &AppliedState,
+    desired: &DesiredState,
+    scope: PlanScope<'_>,
+    alloc: &mut Allocators,
+    cfg: &PlanConfig,
+) -> Plan {
+    let keys: Vec<FrontendKey> = match scope {
+        PlanScope::Full => {
+            let mut all: BTreeSet<FrontendKey> = desired.frontends().keys().copied().collect();
+            all.extend(applied.frontends.keys().copied());
+            all.extend(applied.frontend_ids.keys().copied());
+            all.into_iter().collect()
+        }
+        PlanScope::Changes(t) => {
+            let mut k: Vec<FrontendKey> = t.frontends.clone();
+            k.sort();
+            k.dedup();
+            k
+        }
+    };
+    let mut p = Planner {
+        applied,
+        desired,
+        alloc,
+        cfg,
+        new_backends: HashMap::new(),
+        new_backend_ids: HashSet::new(),
+        emitted_backends: HashSet::new(),
+        new_frontends: HashMap::new(),
+        new_frontend_ids: HashSet::new(),
+        emitted_frontends: HashSet::new(),
+        upserts: Upserts::default(),
+        deletes: Deletes::default(),
+        errors: Vec::new(),
+        referenced: HashSet::new(),
+        candidates: BTreeSet::new(),
+    };
+    for key in &keys {
+        match desired.frontend(key) {
+            Some(f) => p.frontend(f),
+            None => p.remove_frontend(key),
+        }
+    }
+    // Backends that may have lost their last user or changed flags.
+    match scope {
+        PlanScope::Full => p.candidates.extend(applied.backends.keys().copied()),
+        PlanScope::Changes(t) => p.candidates.extend(
+            t.backends
+                .iter()
+                .filter_map(|a| applied.backend_ids.get(a).copied()),
+        ),
+    }
+    let candidates = std::mem::take(&mut p.candidates);
+    for id in candidates {
+        if p.referenced.contains(&id) {
+            continue;
+        }
+        if let Some(entry) = applied.backends.get(&id) {
+            if desired.uses_backend(&entry.addr) {
+                // Still used elsewhere; its merged flags may have changed.
+                p.backend_entry(id, &entry.addr);
+            } else {
+                p.deletes.backends.push(MapOp::DeleteBackend { id });
+            }
+        }
+    }
+    let Planner {
+        upserts,
+        deletes,
+        errors,
+        ..
+    } = p;
+    let mut ops = upserts.into_ops();
+    ops.extend(deletes.into_ops());
+    Plan { ops, errors }
+}
+
+#[derive(Default)]
+struct Upserts {
+    backends: Vec<MapOp>,
+    rev_nat: Vec<MapOp>,
+    slots: Vec<MapOp>,
+    maglev: Vec<MapOp>,
+    ranges: Vec<MapOp>,
+    frontends: Vec<MapOp>,
+}
+
+impl Upserts {
+    fn into_ops(self) -> Vec<MapOp> {
+        let mut ops = self.backends;
+        ops.extend(self.rev_nat);
+        ops.extend(self.slots);
+        ops.extend(self.maglev);
+        ops.extend(self.ranges);
+        ops.extend(self.frontends);
+        ops
+    }
+}
+
+#[derive(Default)]
+struct Deletes {
+    frontends: Vec<MapOp>,
+    slots: Vec<MapOp>,
+    maglev: Vec<MapOp>,
+    ranges: Vec<MapOp>,
+    rev_nat: Vec<MapOp>,
+    backends: Vec<MapOp>,
+}
+
+impl Deletes {
+    fn into_ops(self) -> Vec<MapOp> {
+        let mut ops = self.frontends;
+        ops.extend(self.slots);
+        ops.extend(self.maglev);
+        ops.extend(self.ranges);
+        ops.extend(self.rev_nat);
+        ops.extend(self.backends);
+        ops
+    }
+}
+
+struct Planner<'a> {
+    applied: &'a AppliedState,
+    desired: &'a DesiredState,
+    alloc: &'a mut Allocators,
+    cfg: &'a PlanConfig,
+    new_backends: HashMap<BackendAddr, BackendId>,
+    new_backend_ids: HashSet<u32>,
+    /// Backends whose upsert is already in the plan.
+    emitted_backends: HashSet<BackendId>,
+    new_frontends: HashMap<FrontendKey, FrontendId>,
+    new_frontend_ids: HashSet<u32>,
+    /// New frontends whose reverse-NAT upsert is already in the plan.
+    emitted_frontends: HashSet<FrontendId>,
+    upserts: Upserts,
+    deletes: Deletes,
+    errors: Vec<PlanError>,
+    /// Backends the planned state still names.
+    referenced: HashSet<BackendId>,
+    /// Backends whose last user may be gone.
+    candidates: BTreeSet<BackendId>,
+}
+
+impl Planner<'_> {
+    fn frontend(&mut self, f: &DesiredFrontend) {
+        // Resolve every ID first; emit nothing unless the whole frontend
+        // fits, so a full map never leaves half a frontend behind.
+        let Some((id, ids)) = self.reserve_ids(f) else {
+            return;
+        };
+        if let Some(fresh) = self.new_frontends.get(&f.key) {
+            if !self.emitted_frontends.contains(fresh) {
+                self.emitted_frontends.insert(*fresh);
+                self.upserts.rev_nat.push(MapOp::UpsertRevNat {
+                    id: *fresh,
+                    frontend: f.key,
+                });
+            }
+        }
+        for (b, bid) in f.backends.iter().zip(&ids) {
+            self.backend_entry(*bid, &b.addr);
+            self.referenced.insert(*bid);
+        }
+        for b in f.draining.iter() {
+            // Draining backends keep their entry when they have one; a new
+            // draining backend needs none (no flow can reach it yet).
+            if let Some(bid) = self.existing_backend_id(&b.addr) {
+                self.backend_entry(bid, &b.addr);
+                self.referenced.insert(bid);
+            }
+        }
+        let old = self.applied.frontends.get(&f.key);
+        let old_slots: &[BackendId] = old.map_or(&[], |o| &o.slots);
+        for (i, bid) in ids.iter().enumerate() {
+            if old_slots.get(i) != Some(bid) {
+                self.upserts.slots.push(MapOp::UpsertSlot {
+                    frontend: f.key,
+                    slot: slot_number(i),
+                    backend: *bid,
+                });
+            }
+        }
+        for (i, old_bid) in old_slots.iter().enumerate().skip(ids.len()).rev() {
+            self.candidates.insert(*old_bid);
+            self.deletes.slots.push(MapOp::DeleteSlot {
+                frontend: f.key,
+                slot: slot_number(i),
+            });
+        }
+        for (i, old_bid) in old_slots.iter().enumerate().take(ids.len()) {
+            if ids[i] != *old_bid {
+                self.candidates.insert(*old_bid);
+            }
+        }
+        self.maglev(f, id, &ids);
+        self.source_ranges(id, &f.policy.source_ranges);
+        let entry = FrontendEntry {
+            id,
+            count: u16::try_from(ids.len()).unwrap_or(u16::MAX),
+            scope: f.policy.scope,
+            action: f.policy.action,
+            algorithm: f.policy.algorithm,
+            affinity_timeout: f.policy.affinity_timeout,
+            preserve_source: f.policy.preserve_source,
+            source_ranges: !f.policy.source_ranges.is_empty(),
+        };
+        if old.and_then(|o| o.entry) != Some(entry) {
+            self.upserts.frontends.push(MapOp::UpsertFrontend {
+                frontend: f.key,
+                entry,
+            });
+        }
+    }
+
+    fn maglev(&mut self, f: &DesiredFrontend, id: FrontendId, ids: &[BackendId]) {
+        let wants = f.policy.algorithm == Algorithm::Maglev
+            && f.policy.action == Action::Forward
+            && !ids.is_empty();
+        let have = self.applied.maglev.get(&id);
+        if !wants {
+            if have.is_some() {
+                self.deletes.maglev.push(MapOp::DeleteMaglev { id });
+            }
+            return;
+        }
+        // The table depends only on the set of backends (always in address
+        // order): rebuild it only when that set or the size changed.
+        let size_ok = have.is_some_and(|t| t.len() == self.cfg.maglev_size as usize);
+        if size_ok && self.applied.maglev_members.get(&id) == Some(&sorted_members(ids)) {
+            return;
+        }
+        let keys: Vec<Vec<u8>> = f
+            .backends
+            .iter()
+            .map(|b| b.addr.to_string().into_bytes())
+            .collect();
+        let table: Arc<[BackendId]> = maglev::build_table(&keys, self.cfg.maglev_size)
+            .into_iter()
+            .map(|i| ids[i as usize])
+            .collect();
+        if have != Some(&table) {
+            self.upserts.maglev.push(MapOp::UpsertMaglev { id, table });
+        }
+    }
+
+    fn source_ranges(&mut self, id: FrontendId, wanted: &[IpNet]) {
+        let have = self.applied.source_ranges.get(&id);
+        for r in wanted {
+            if !have.is_some_and(|h| h.contains(r)) {
+                self.upserts
+                    .ranges
+                    .push(MapOp::UpsertSourceRange { id, range: *r });
+            }
+        }
+        for r in have.into_iter().flatten() {
+            if !wanted.contains(r) {
+                self.deletes
+                    .ranges
+                    .push(MapOp::DeleteSourceRange { id, range: *r });
+            }
+        }
+    }
+
+    fn remove_frontend(&mut self, key: &FrontendKey) {
+        let id = self.applied.frontend_ids.get(key).copied();
+        if let Some(old) = self.applied.frontends.get(key) {
+            if old.entry.is_some() {
+                self.deletes
+                    .frontends
+                    .push(MapOp::DeleteFrontend { frontend: *key });
+            }
+            for (i, bid) in old.slots.iter().enumerate().rev() {
+                self.candidates.insert(*bid);
+                self.deletes.slots.push(MapOp::DeleteSlot {
+                    frontend: *key,
+                    slot: slot_number(i),
+                });
+            }
+        }
+        if let Some(id) = id {
+            if self.applied.maglev.contains_key(&id) {
+                self.deletes.maglev.push(MapOp::DeleteMaglev { id });
+            }
+            for r in self.applied.source_ranges.get(&id).into_iter().flatten() {
+                self.deletes
+                    .ranges
+                    .push(MapOp::DeleteSourceRange { id, range: *r });
+            }
+            self.deletes.rev_nat.push(MapOp::DeleteRevNat { id });
+        }
+    }
+
+    /// The frontend's ID and its backends' IDs, allocating what is new.
+    /// On a full map the new allocations are undone and an error recorded.
+    fn reserve_ids(&mut self, f: &DesiredFrontend) -> Option<(FrontendId, Vec<BackendId>)> {
+        let mut fresh_backends = Vec::new();
+        let fresh_frontend = !self.applied.frontend_ids.contains_key(&f.key)
+            && !self.new_frontends.contains_key(&f.key);
+        let result = self.frontend_id(&f.key).ok_or("frontends").and_then(|id| {
+            let mut ids = Vec::with_capacity(f.backends.len());
+            for b in f.backends.iter() {
+                let (bid, fresh) = self.backend_id(&b.addr).ok_or("backends")?;
+                if fresh {
+                    fresh_backends.push(b.addr);
+                }
+                ids.push(bid);
+            }
+            Ok((id, ids))
+        });
+        match result {
+            Ok(r) => Some(r),
+            Err(map) => {
+                for addr in fresh_backends {
+                    if let Some(id) = self.new_backends.remove(&addr) {
+                        self.new_backend_ids.remove(&id.0);
+                    }
+                }
+                if fresh_frontend {
+                    if let Some(id) = self.new_frontends.remove(&f.key) {
+                        self.new_frontend_ids.remove(&id.0);
+                    }
+                }
+                let max = if map == "frontends" {
+                    self.cfg.max_frontends
+                } else {
+                    self.cfg.max_backends
+                };
+                self.errors.push(PlanError {
+                    frontend: f.key,
+                    reason: format!("the {map} map is full ({max} entries)"),
+                });
+                None
+            }
+        }
+    }
+
+    fn frontend_id(&mut self, key: &FrontendKey) -> Option<FrontendId> {
+        if let Some(id) = self.applied.frontend_ids.get(key) {
+            return Some(*id);
+        }
+        if let Some(id) = self.new_frontends.get(key) {
+            return Some(*id);
+        }
+        let applied = self.applied;
+        let taken = &self.new_frontend_ids;
+        let id =
+            FrontendId(self.alloc.frontends.allocate(|i| {
+                applied.rev_nat.contains_key(&FrontendId(i)) || taken.contains(&i)
+            })?);
+        self.new_frontends.insert(*key, id);
+        self.new_frontend_ids.insert(id.0);
+        Some(id)
+    }
+
+    fn existing_backend_id(&self, addr: &BackendAddr) -> Option<BackendId> {
+        self.applied
+            .backend_ids
+            .get(addr)
+            .or_else(|| self.new_backends.get(addr))
+            .copied()
+    }
+
+    /// The backend's ID and whether it was allocated just now.
+    fn backend_id(&mut self, addr: &BackendAddr) -> Option<(BackendId, bool)> {
+        if let Some(id) = self.existing_backend_id(addr) {
+            return Some((id, false));
+        }
+        let applied = self.applied;
+        let taken = &self.new_backend_ids;
+        let id =
+            BackendId(self.alloc.backends.allocate(|i| {
+                applied.backends.contains_key(&BackendId(i)) || taken.contains(&i)
+            })?);
+        self.new_backends.insert(*addr, id);
+        self.new_backend_ids.insert(id.0);
+        Some((id, true))
+    }
+
+    /// Emits the backend's entry (once per plan) unless the map already
+    /// holds it; flags are merged over every desired user of the address.
+    fn backend_entry(&mut self, id: BackendId, addr: &BackendAddr) {
+        let u = self.desired.backend_use(addr).unwrap_or_default();
+        let entry = BackendEntry {
+            addr: *addr,
+            local: u.local(),
+            terminating: u.terminating(),
+        };
+        if self.applied.backends.get(&id) == Some(&entry) {
+            return;
+        }
+        // Several frontends share a backend: emit its upsert once.
+        if self.emitted_backends.insert(id) {
+            self.upserts
+                .backends
+                .push(MapOp::UpsertBackend { id, entry });
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! The translate stage: (Service, its endpoints, this node) -> the desired
+//! frontends with their backend sets, applying every Service semantic; and
+//! the desired state of all Services, where frontend and NodePort clashes
+//! between Services are settled (the first Service to claim keeps it).
+
+mod endpoints;
+
+pub use endpoints::{categorize_endpoints, Categorized, PortPolicy};
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::model::{
+    Action, Algorithm, BackendInfo, DesiredFrontend, FrontendKey, FrontendPolicy, HealthCheck,
+    L4Addr, NodeInfo, Protocol, Scope, ServiceDesired, ServiceInfo, ServiceName, ServicePortInfo,
+    TrafficPolicy,
+};
+use crate::parse::InvalidObject;
+use crate::track::EndpointSliceCache;
+
+/// Limits translate enforces.
+#[derive(Debug, Clone)]
+pub struct TranslateConfig {
+    /// Most backends one frontend may have (the backend-slot capacity).
+    pub max_backends_per_service: usize,
+}
+
+impl Default for TranslateConfig {
+    fn default() -> Self {
+        TranslateConfig {
+            max_backends_per_service: 4096,
+        }
+    }
+}
+
+/// Translates one Service.
+pub fn translate_service(
+    svc: &ServiceInfo,
+    cache: &EndpointSliceCache,
+    node: &NodeInfo,
+    cfg: &TranslateConfig,
+) -> Result<ServiceDesired, InvalidObject> {
+    let mut out = ServiceDesired::default();
+    let mut local_ready = BTreeSet::new();
+    let external_local = svc.external_policy == TrafficPolicy::Local;
+    for port in &svc.ports {
+        let eps = cache.endpoints(&svc.name, &port.name, port.protocol);
+        endpoints::local_ready_addresses(eps.iter(), node, &mut local_ready);
+        for v4 in [true, false] {
+            let sets = SetsForFamily::new(svc, &eps, port.protocol, v4, node);
+            for (key, scope) in frontend_keys(svc, port, node, v4) {
+                let policy = if scope.is_external() {
+                    svc.external_policy
+                } else {
+                    svc.internal_policy
+                };
+                let (backends, action) = sets.select(policy);
+                if backends.len() > cfg.max_backends_per_service {
+                    return Err(InvalidObject {
+                        kind: "Service",
+                        object: svc.name.clone(),
+                        field: format!("endpoints of port {:?}", &*port.name),
+                        reason: format!(
+                            "{} backends exceed the capacity of {} per frontend",
+                            backends.len(),
+                            cfg.max_backends_per_service
+                        ),
+                    });
+                }
+                let draining = sets.draining(&backends);
+                out.frontends.push(DesiredFrontend {
+                    key,
+                    service: svc.name.clone(),
+                    port_name: port.name.clone(),
+                    policy: FrontendPolicy {
+                        scope,
+                        action,
+                        algorithm: svc.algorithm.unwrap_or(if scope.is_external() {
+                            Algorithm::Maglev
+                        } else {
+                            Algorithm::Random
+                        }),
+                        affinity_timeout: svc.affinity_timeout,
+                        preserve_source: scope.is_external() && external_local,
+                        source_ranges: if scope == Scope::LoadBalancer {
+                            svc.source_ranges.clone().into()
+                        } else {
+                            Arc::from([])
+                        },
+                    },
+                    backends,
+                    draining,
+                });
+            }
+        }
+    }
+    if external_local && svc.health_check_node_port != 0 {
+        out.health_check = Some(HealthCheck {
+            node_port: svc.health_check_node_port,
+            local_endpoints: local_ready.len(),
+        });
+    }
+    Ok(out)
+}
+
+/// The categorized endpoints of one port and family, shared (Arc) by every
+/// frontend that uses the same set.
+struct SetsForFamily {
+    cluster: Arc<[BackendInfo]>,
+    local: Arc<[BackendInfo]>,
+    has_any: bool,
+    all: Vec<BackendInfo>,
+}
+
+impl SetsForFamily {
+    fn new(
+        svc: &ServiceInfo,
+        eps: &[crate::track::PortEndpoint],
+        protocol: Protocol,
+        v4: bool,
+        node: &NodeInfo,
+    ) -> SetsForFamily {
+        let external = has_external_frontends(svc);
+        let policy = PortPolicy {
+            uses_cluster: svc.internal_policy == TrafficPolicy::Cluster
+                || (external && svc.external_policy == TrafficPolicy::Cluster),
+            uses_local: svc.internal_policy == TrafficPolicy::Local
+                || (external && svc.external_policy == TrafficPolicy::Local),
+            topology: svc.topology,
+        };
+        let c = categorize_endpoints(eps, protocol, v4, policy, node);
+        SetsForFamily {
+            cluster: c.cluster.into(),
+            local: c.local.into(),
+            has_any: c.has_any,
+            all: c.all,
+        }
+    }
+
+    fn select(&self, policy: TrafficPolicy) -> (Arc<[BackendInfo]>, Action) {
+        let set = match policy {
+            TrafficPolicy::Cluster => &self.cluster,
+            TrafficPolicy::Local => &self.local,
+        };
+        let action = if !set.is_empty() {
+            Action::Forward
+        } else if self.has_any {
+            Action::Drop
+        } else {
+            Action::Reject
+        };
+        (set.clone(), action)
+    }
+
+    fn draining(&self, selected: &[BackendInfo]) -> Arc<[BackendInfo]> {
+        self.all
+            .iter()
+            .filter(|b| !selected.iter().any(|s| s.addr == b.addr))
+            .copied()
+            .collect()
+    }
+}
+
+fn has_external_frontends(svc: &ServiceInfo) -> bool {
+    !svc.external_ips.is_empty()
+        || !svc.load_balancer_ips.is_empty()
+        || svc.ports.iter().any(|p| p.node_port != 0)
+}
+
+/// Every frontend address of one port in one IP family.
+fn frontend_keys(
+    svc: &ServiceInfo,
+    port: &ServicePortInfo,
+    node: &NodeInfo,
+    v4: bool,
+) -> Vec<(FrontendKey, Scope)> {
+    let of_family = |ip: &&IpAddr| ip.is_ipv4() == v4;
+    let key = |ip: IpAddr, p: u16| L4Addr {
+        ip,
+        port: p,
+        protocol: port.protocol,
+    };
+    let mut keys = Vec::new();
+    for ip in svc.cluster_ips.iter().filter(of_family) {
+        keys.push((key(*ip, port.port), Scope::ClusterIp));
+    }
+    for ip in svc.external_ips.iter().filter(of_family) {
+        keys.push((key(*ip, port.port), Scope::ExternalIp));
+    }
+    for ip in svc.load_balancer_ips.iter().filter(of_family) {
+        keys.push((key(*ip, port.port), Scope::LoadBalancer));
+    }
+    if port.node_port != 0 {
+        for ip in node.nodeport_addresses.iter().filter(of_family) {
+            keys.push((key(*ip, port.node_port), Scope::NodePort));
+        }
+    }
+    keys
+}
+
+/// The desired state of every Service, indexed by frontend, with what
+/// settles clashes and counts who still uses each backend address.
+#[derive(Debug, Default)]
+pub struct DesiredState {
+    frontends: HashMap<FrontendKey, DesiredFrontend>,
+    services: HashMap<ServiceName, ServiceEntry>,
+    node_ports: HashMap<(u16, Protocol), ServiceName>,
+    /// Who names each backend address (as a backend or draining).
+    backend_refs: HashMap<L4Addr, BackendUse>,
+}
+
+/// How the desired frontends see one backend address. Two Services may see
+/// one address differently for a moment (their slices update separately);
+/// the backend entry's flags are merged from all of them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BackendUse {
+    pub users: u32,
+    pub local: u32,
+    pub terminating: u32,
+}
+
+impl BackendUse {
+    /// The address is on this node for some user.
+    pub fn local(&self) -> bool {
+        self.local > 0
+    }
+
+    /// Every user sees it terminating (not ready).
+    pub fn terminating(&self) -> bool {
+        self.terminating == self.users
+    }
+
+    fn add(&mut self, b: &BackendInfo, sign: i32) {
+        let step = |v: &mut u32, on: bool| {
+            if on {
+                *v = v.saturating_add_signed(sign);
+            }
+        };
+        step(&mut self.users, true);
+        step(&mut self.local, b.local);
+        step(&mut self.terminating, b.terminating);
+    }
+}
+
+/// What the desired state keeps per Service besides its frontends.
+#[derive(Debug, Default, Clone)]
+pub struct ServiceEntry {
+    pub frontends: Vec<FrontendKey>,
+    pub health_check: Option<HealthCheck>,
+}
+
+impl DesiredState {
+    pub fn frontend(&self, key: &FrontendKey) -> Option<&DesiredFrontend> {
+        self.frontends.get(key)
+    }
+
+    pub fn frontends(&self) -> &HashMap<FrontendKey, DesiredFrontend> {
+        &self.frontends
+    }
+
+    pub fn services(&self) -> &HashMap<ServiceName, ServiceEntry> {
+        &self.services
+    }
+
+    /// True while some desired frontend names `addr`.
+    pub fn uses_backend(&self, addr: &L4Addr) -> bool {
+        self.backend_refs.contains_key(addr)
+    }
+
+    /// How the desired frontends see `addr`, if any names it.
+    pub fn backend_use(&self, addr: &L4Addr) -> Option<BackendUse> {
+        self.backend_refs.get(addr).copied()
+    }
+
+    /// Sets (or with None removes) one Service and adds to `touched` the
+    /// frontend keys and backend addresses that may have changed (old and
+    /// new), for an incremental plan. A Service that would take a frontend
+    /// address or NodePort another Service holds is refused whole (and
+    /// removed if it was there).
+    pub fn set(
+        &mut self,
+        name: &ServiceName,
+        desired: Option<ServiceDesired>,
+        touched: &mut Touched,
+    ) -> Result<(), InvalidObject> {
+        self.release(name, touched);
+        let Some(desired) = desired else {
+            return Ok(());
+        };
+        self.check_clashes(name, &desired)?;
+        let mut entry = ServiceEntry {
+            frontends: Vec::with_capacity(desired.frontends.len()),
+            health_check: desired.health_check,
+        };
+        for f in desired.frontends {
+            if f.policy.scope == Scope::NodePort {
+                self.node_ports
+                    .insert((f.key.port, f.key.protocol), name.clone());
+            }
+            for b in f.backends.iter().chain(f.draining.iter()) {
+                self.backend_refs.entry(b.addr).or_default().add(b, 1);
+                touched.backends.push(b.addr);
+            }
+            touched.frontends.push(f.key);
+            entry.frontends.push(f.key);
+            self.frontends.insert(f.key, f);
+        }
+        self.services.insert(name.clone(), entry);
+        Ok(())
+    }
+
+    fn check_clashes(
+        &self,
+        name: &ServiceName,
+        desired: &ServiceDesired,
+    ) -> Result<(), InvalidObject> {
+        for f in &desired.frontends {
+            let node_port_owner = (f.policy.scope == Scope::NodePort)
+                .then(|| self.node_ports.get(&(f.key.port, f.key.protocol)))
+                .flatten();
+            let reason = if let Some(owner) = node_port_owner {
+                format!(
+                    "NodePort {}/{} is already used by {owner}",
+                    f.key.port, f.key.protocol
+                )
+            } else if let Some(other) = self.frontends.get(&f.key) {
+                format!("frontend {} is already used by {}", f.key, other.service)
+            } else {
+                continue;
+            };
+            return Err(InvalidObject {
+                kind: "Service",
+                object: name.clone(),
+                field: format!("port {:?}", &*f.port_name),
+                reason,
+            });
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, name: &ServiceName, touched: &mut Touched) {
+        let Some(old) = self.services.remove(name) else {
+            return;
+        };
+        for key in &old.frontends {
+            let Some(f) = self.frontends.remove(key) else {
+                continue;
+            };
+            if f.policy.scope == Scope::NodePort {
+                self.node_ports.remove(&(key.port, key.protocol));
+            }
+            for b in f.backends.iter().chain(f.draining.iter()) {
+                touched.backends.push(b.addr);
+                if let Some(u) = self.backend_refs.get_mut(&b.addr) {
+                    u.add(b, -1);
+                    if u.users == 0 {
+                        self.backend_refs.remove(&b.addr);
+                    }
+                }
+            }
+        }
+        touched.frontends.extend(old.frontends);
+    }
+}
+
+/// Frontend keys and backend addresses a change may have affected: the
+/// scope of an incremental plan.
+#[derive(Debug, Default, Clone)]
+pub struct Touched {
+    pub frontends: Vec<FrontendKey>,
+    pub backends: Vec<L4Addr>,
+}
+
+impl Touched {
+    pub fn is_empty(&self) -> bool {
+        self.frontends.is_empty() && self.backends.is_empty()
+    }
+
+    /// Sorts and removes duplicates.
+    pub fn normalize(&mut self) {
+        self.frontends.sort();
+        self.frontends.dedup();
+        self.backends.sort();
+        self.backends.dedup();
+    }
+}
+
+/// Translates every Service, oldest first (so the older one keeps a
+/// clashing address), into a fresh desired state. Invalid Services are
+/// reported and left out; the others are unaffected.
+pub fn translate_all<'a>(
+    services: impl IntoIterator<Item = &'a ServiceInfo>,
+    cache: &EndpointSliceCache,
+    node: &NodeInfo,
+    cfg: &TranslateConfig,
+) -> (DesiredState, Vec<InvalidObject>) {
+    let mut ordered: Vec<&ServiceInfo> = services.into_iter().collect();
+    ordered.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+    let mut state = DesiredState::default();
+    let mut errors = Vec::new();
+    for svc in ordered {
+        let mut touched = Touched::default();
+        let result = translate_service(svc, cache, node, cfg)
+            .and_then(|d| state.set(&svc.name, Some(d), &mut touched));
+        if let Err(e) = result {
+            errors.push(e);
+        }
+    }
+    (state, errors)
+}
