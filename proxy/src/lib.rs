@@ -2,6 +2,7 @@
 //! share this crate; the `ferry` binary is a thin front-end.
 
 pub mod core;
+pub mod datapath;
 pub mod dump;
 pub mod ebpf;
 pub mod model;

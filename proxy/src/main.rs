@@ -1,6 +1,11 @@
 //! `ferry`: the agent and its CLI.
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc: the pipeline allocates many small objects; glibc malloc was a
+/// quarter of a full sync's instructions (see docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
@@ -20,7 +25,11 @@ enum Command {
     Version,
     /// Load every embedded eBPF program into the kernel (runs the verifier
     /// on each; needs root) and report the result.
-    Verify,
+    Verify {
+        /// bpffs mount where scratch maps are pinned (and removed again).
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -34,7 +43,7 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Verify => match ferry_proxy::ebpf::verify_all() {
+        Command::Verify { bpffs } => match ferry_proxy::ebpf::verify_all(&bpffs) {
             Ok(names) => {
                 for n in names {
                     println!("{n}: accepted by the verifier");

@@ -8,6 +8,11 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+/// Hash maps and sets of the pipeline: foldhash (fast on the small keys
+/// used here, seeded per process so crafted input cannot degrade them).
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
 /// namespace/name of a Kubernetes object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectName {
@@ -118,11 +123,28 @@ impl Scope {
 }
 
 /// An address, port and protocol: the key of a frontend or a backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct L4Addr {
     pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+}
+
+impl std::hash::Hash for L4Addr {
+    /// One or three words instead of the derived field-by-field hash: these
+    /// keys are hashed on every map operation of a sync.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let tail = (u64::from(self.port) << 8) | u64::from(self.protocol.number());
+        match self.ip {
+            IpAddr::V4(ip) => state.write_u64((u64::from(ip.to_bits()) << 24) | tail),
+            IpAddr::V6(ip) => {
+                let bits = ip.to_bits();
+                state.write_u64(bits as u64);
+                state.write_u64((bits >> 64) as u64);
+                state.write_u64(tail | 1 << 32);
+            }
+        }
+    }
 }
 
 impl fmt::Display for L4Addr {

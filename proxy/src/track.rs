@@ -3,11 +3,11 @@
 //! move between slices or appear in two at once); and gates pruning until
 //! every source has listed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::Hash;
 use std::sync::Arc;
 
-use crate::model::{EndpointInfo, ObjectName, Protocol, ServiceName, SliceInfo};
+use crate::model::{EndpointInfo, FastMap, ObjectName, Protocol, ServiceName, SliceInfo};
 
 /// One key's net change since the last [`ChangeTracker::take`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,15 +21,15 @@ pub struct Change<K, V> {
 /// that returns a key to its previous value disappears.
 #[derive(Debug)]
 pub struct ChangeTracker<K, V> {
-    current: HashMap<K, V>,
-    pending: HashMap<K, Option<V>>,
+    current: FastMap<K, V>,
+    pending: FastMap<K, Option<V>>,
 }
 
 impl<K, V> Default for ChangeTracker<K, V> {
     fn default() -> Self {
         ChangeTracker {
-            current: HashMap::new(),
-            pending: HashMap::new(),
+            current: FastMap::default(),
+            pending: FastMap::default(),
         }
     }
 }
@@ -57,7 +57,7 @@ impl<K: Clone + Eq + Hash, V: Clone + PartialEq> ChangeTracker<K, V> {
     /// Replaces everything with `items` (a relist): keys missing from it are
     /// deleted.
     pub fn replace_all(&mut self, items: impl IntoIterator<Item = (K, V)>) {
-        let fresh: HashMap<K, V> = items.into_iter().collect();
+        let fresh: FastMap<K, V> = items.into_iter().collect();
         let gone: Vec<K> = self
             .current
             .keys()
@@ -76,7 +76,7 @@ impl<K: Clone + Eq + Hash, V: Clone + PartialEq> ChangeTracker<K, V> {
         self.current.get(key)
     }
 
-    pub fn current(&self) -> &HashMap<K, V> {
+    pub fn current(&self) -> &FastMap<K, V> {
         &self.current
     }
 
@@ -99,17 +99,17 @@ impl<K: Clone + Eq + Hash, V: Clone + PartialEq> ChangeTracker<K, V> {
 
 /// An endpoint of one Service port: the address, its port for that Service
 /// port and what its slice said about it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PortEndpoint {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortEndpoint<'a> {
     pub port: u16,
-    pub info: EndpointInfo,
+    pub info: &'a EndpointInfo,
 }
 
 /// EndpointSlices indexed by the Service they belong to.
 #[derive(Debug, Default)]
 pub struct EndpointSliceCache {
-    slices: HashMap<ObjectName, Arc<SliceInfo>>,
-    by_service: HashMap<ServiceName, BTreeSet<ObjectName>>,
+    slices: FastMap<ObjectName, Arc<SliceInfo>>,
+    by_service: FastMap<ServiceName, BTreeSet<ObjectName>>,
 }
 
 impl EndpointSliceCache {
@@ -156,11 +156,11 @@ impl EndpointSliceCache {
         service: &ServiceName,
         port_name: &str,
         protocol: Protocol,
-    ) -> Vec<PortEndpoint> {
+    ) -> Vec<PortEndpoint<'_>> {
         let Some(names) = self.by_service.get(service) else {
             return Vec::new();
         };
-        let mut merged: BTreeMap<(std::net::IpAddr, u16), PortEndpoint> = BTreeMap::new();
+        let mut merged: Vec<(usize, PortEndpoint<'_>)> = Vec::new();
         for slice in names.iter().filter_map(|n| self.slices.get(n)) {
             let Some(port) = slice
                 .ports
@@ -169,22 +169,29 @@ impl EndpointSliceCache {
             else {
                 continue;
             };
-            for ep in &slice.endpoints {
-                let candidate = PortEndpoint {
-                    port: port.port,
-                    info: ep.clone(),
-                };
-                merged
-                    .entry((ep.ip, port.port))
-                    .and_modify(|have| {
-                        if candidate.info.state.rank() > have.info.state.rank() {
-                            *have = candidate.clone();
-                        }
-                    })
-                    .or_insert(candidate);
-            }
+            let base = merged.len();
+            merged.extend(slice.endpoints.iter().enumerate().map(|(i, info)| {
+                (
+                    base + i,
+                    PortEndpoint {
+                        port: port.port,
+                        info,
+                    },
+                )
+            }));
         }
-        merged.into_values().collect()
+        // Address order; among duplicates the best state first, then the
+        // earliest (slice-name order), and keep that one.
+        merged.sort_unstable_by(|(ia, a), (ib, b)| {
+            (a.info.ip, a.port)
+                .cmp(&(b.info.ip, b.port))
+                .then(b.info.state.rank().cmp(&a.info.state.rank()))
+                .then(ia.cmp(ib))
+        });
+        merged.dedup_by(|(_, later), (_, first)| {
+            (later.info.ip, later.port) == (first.info.ip, first.port)
+        });
+        merged.into_iter().map(|(_, e)| e).collect()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Test support: the privileged-test gate and network namespaces that
 //! clean themselves up. Test traffic never leaves namespaces made here.
 
+pub mod bpf;
 pub mod icmp;
 pub mod netns;
 pub mod privileged;

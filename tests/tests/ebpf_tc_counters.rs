@@ -23,7 +23,16 @@ fn verifier_accepts_every_program() {
         return;
     }
     let ns = Netns::new("verify").unwrap();
-    let names = ns.run(|| Ok(ferry_proxy::ebpf::verify_all()?)).unwrap();
+    let names = ns
+        .run(|| {
+            Ok(ferry_proxy::ebpf::verify_all(std::path::Path::new(
+                "/sys/fs/bpf",
+            ))?)
+        })
+        .unwrap();
+    for p in ferry_proxy::ebpf::lb::SOCK_PROGRAMS {
+        assert!(names.iter().any(|n| n == p), "{p} missing from {names:?}");
+    }
     assert!(
         names
             .iter()
@@ -53,9 +62,14 @@ fn tc_ingress_counts_tcp_udp_and_icmp() {
 
     // Load and attach inside the server namespace; the returned handle keeps
     // the tcx link alive until it is dropped.
+    let pins = ferry_tests::bpf::PinDir::new("tc").unwrap();
+    let pin_path = pins.path().to_path_buf();
     let ebpf = server
-        .run(|| {
-            let mut ebpf = ferry_proxy::ebpf::open()?;
+        .run(move || {
+            let mut ebpf = ferry_proxy::ebpf::open(
+                &pin_path,
+                &ferry_proxy::datapath::MapCapacities::default(),
+            )?;
             ferry_proxy::ebpf::load_program(&mut ebpf, ferry_common::counters::TC_INGRESS_PROGRAM)?;
             let prog: &mut aya::programs::SchedClassifier = ebpf
                 .program_mut(ferry_common::counters::TC_INGRESS_PROGRAM)

@@ -1,6 +1,7 @@
 //! `cargo xtask`: builds the eBPF programs, installs missing tools and runs
 //! every check and test; the README's commands all start here.
 
+mod bench;
 mod deps;
 mod ebpf;
 mod test;
@@ -15,6 +16,9 @@ commands:
   build-ebpf   build the eBPF programs into target/ebpf/ferry-ebpf.o
   test         install what is missing, build the eBPF programs, run fmt,
                clippy, unit tests and privileged integration tests
+  bench core [--quick]
+               criterion benches of translate + plan, one EndpointSlice
+               change at 10,000 Services, Maglev builds; prints a table
   help         this text
 
 environment:
@@ -26,6 +30,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("build-ebpf") => ebpf::build(&workspace_root()).map(|_| ()),
         Some("test") => test::run(&workspace_root()),
+        Some("bench") => bench::run(&workspace_root(), &args[1..]),
         Some("help" | "-h" | "--help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -50,6 +50,15 @@ pub fn run(root: &Path) -> Result<()> {
             .args(["test", "--workspace", "--locked"])
             .env("FERRY_EBPF_OBJECT", ebpf::object_path(root)),
     )?;
+    // Every benchmark runs once as a test, so they keep working.
+    crate::run(Command::new(&cargo).current_dir(root).args([
+        "bench",
+        "--locked",
+        "-p",
+        "ferry-benches",
+        "--",
+        "--test",
+    ]))?;
     eprintln!("xtask: all checks and tests passed");
     Ok(())
 }

@@ -4,6 +4,8 @@
 #![no_std]
 #![no_main]
 
+mod maps;
+mod sock;
 mod tc;
 
 #[cfg(not(test))]

@@ -2,9 +2,15 @@
 //! Errors name the program or map and the cause.
 
 pub mod counters;
+pub mod lb;
+
+use std::path::Path;
 
 use aya::programs::{Program, ProgramError};
-use aya::{Ebpf, EbpfError as AyaEbpfError};
+use aya::{Ebpf, EbpfError as AyaEbpfError, EbpfLoader};
+use ferry_common::lb as maps;
+
+use crate::datapath::MapCapacities;
 
 /// The object `cargo xtask build-ebpf` produced, embedded at build time;
 /// empty when the binary was built without bpf-linker.
@@ -34,6 +40,12 @@ pub enum EbpfError {
         #[source]
         source: Box<ProgramError>,
     },
+    #[error("bpffs at {path}: {cause}")]
+    Bpffs { path: String, cause: String },
+    #[error("cgroup {path}: {cause}")]
+    Cgroup { path: String, cause: String },
+    #[error("pinned link {path}: {cause}")]
+    Link { path: String, cause: String },
     #[error("eBPF map {name}: {source}")]
     Map {
         name: String,
@@ -52,10 +64,23 @@ pub fn embedded_programs() -> Result<Vec<String>, EbpfError> {
     Ok(names)
 }
 
-/// Parses the embedded object and creates its maps (no program is loaded).
-pub fn open() -> Result<Ebpf, EbpfError> {
+/// Parses the embedded object and creates its maps (no program is loaded),
+/// with the load-balancing maps pinned by name under `pin_dir` (reused when
+/// already there: that is what makes restarts hitless).
+pub fn open(pin_dir: &Path, caps: &MapCapacities) -> Result<Ebpf, EbpfError> {
     let bytes = object().ok_or(EbpfError::NotBuilt)?;
-    Ebpf::load(bytes).map_err(|e| EbpfError::Parse(Box::new(e)))
+    lb::ensure_pin_dir(pin_dir)?;
+    EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .map_max_entries(maps::SERVICES4_MAP, caps.services)
+        .map_max_entries(maps::BACKENDS4_MAP, caps.backends)
+        .map_max_entries(maps::REVNAT4_MAP, caps.frontends)
+        .map_max_entries(maps::MAGLEV4_MAP, caps.frontends)
+        .map_max_entries(maps::AFFINITY4_MAP, caps.affinity)
+        .map_max_entries(maps::SOCK_REVNAT4_MAP, caps.sock_revnat)
+        .map_max_entries(maps::SOURCE_RANGES4_MAP, caps.source_ranges)
+        .load(bytes)
+        .map_err(|e| EbpfError::Parse(Box::new(e)))
 }
 
 /// Names of every program in the embedded object.
@@ -90,14 +115,20 @@ pub fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<(), EbpfError> {
 }
 
 /// Loads every program of the embedded object; the kernel's verifier must
-/// accept each. Returns the names loaded.
-pub fn verify_all() -> Result<Vec<String>, EbpfError> {
-    let mut ebpf = open()?;
-    let names = program_names(&ebpf);
-    for name in &names {
-        load_program(&mut ebpf, name)?;
-    }
-    Ok(names)
+/// accept each. Maps are pinned under a scratch directory of `bpffs`
+/// (removed again). Returns the names loaded.
+pub fn verify_all(bpffs: &Path) -> Result<Vec<String>, EbpfError> {
+    let scratch = bpffs.join(format!("ferry-verify-{}", std::process::id()));
+    let result = (|| {
+        let mut ebpf = open(&scratch, &MapCapacities::default())?;
+        let names = program_names(&ebpf);
+        for name in &names {
+            load_program(&mut ebpf, name)?;
+        }
+        Ok(names)
+    })();
+    lb::remove_pins(&scratch);
+    result
 }
 
 #[cfg(test)]

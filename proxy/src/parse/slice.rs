@@ -14,7 +14,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ParsedSlice {
-    Serve(SliceInfo),
+    Serve(Arc<SliceInfo>),
     /// Not usable by a proxy (FQDN address type); the reason is for logs.
     Ignore(&'static str),
 }
@@ -121,10 +121,10 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<ParsedSlice, InvalidObject> 
                 .unwrap_or_default(),
         });
     }
-    Ok(ParsedSlice::Serve(SliceInfo {
+    Ok(ParsedSlice::Serve(Arc::new(SliceInfo {
         service: crate::model::ObjectName::new(&name.namespace, service),
         name,
         ports,
         endpoints,
-    }))
+    })))
 }

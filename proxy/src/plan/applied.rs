@@ -2,7 +2,9 @@
 //! time only after the datapath reported the op done, and rebuilt from a
 //! dump of existing maps after a restart.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use crate::model::FastMap;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -24,17 +26,17 @@ pub struct AppliedFrontend {
 /// Contents of every map, plus indexes the plan needs.
 #[derive(Debug, Clone, Default)]
 pub struct AppliedState {
-    pub(super) frontends: HashMap<FrontendKey, AppliedFrontend>,
-    pub(super) backends: HashMap<BackendId, BackendEntry>,
-    pub(super) backend_ids: HashMap<BackendAddr, BackendId>,
+    pub(super) frontends: FastMap<FrontendKey, AppliedFrontend>,
+    pub(super) backends: FastMap<BackendId, BackendEntry>,
+    pub(super) backend_ids: FastMap<BackendAddr, BackendId>,
     /// Frontend IDs from the reverse-NAT map.
-    pub(super) rev_nat: HashMap<FrontendId, FrontendKey>,
-    pub(super) frontend_ids: HashMap<FrontendKey, FrontendId>,
-    pub(super) maglev: HashMap<FrontendId, Arc<[BackendId]>>,
+    pub(super) rev_nat: FastMap<FrontendId, FrontendKey>,
+    pub(super) frontend_ids: FastMap<FrontendKey, FrontendId>,
+    pub(super) maglev: FastMap<FrontendId, Arc<[BackendId]>>,
     /// The distinct backends each Maglev table names, sorted: tells the plan
     /// whether a table still matches its frontend's backends.
-    pub(super) maglev_members: HashMap<FrontendId, Vec<BackendId>>,
-    pub(super) source_ranges: HashMap<FrontendId, BTreeSet<IpNet>>,
+    pub(super) maglev_members: FastMap<FrontendId, Vec<BackendId>>,
+    pub(super) source_ranges: FastMap<FrontendId, BTreeSet<IpNet>>,
 }
 
 impl AppliedState {
@@ -48,23 +50,23 @@ impl AppliedState {
         s
     }
 
-    pub fn frontends(&self) -> &HashMap<FrontendKey, AppliedFrontend> {
+    pub fn frontends(&self) -> &FastMap<FrontendKey, AppliedFrontend> {
         &self.frontends
     }
 
-    pub fn backends(&self) -> &HashMap<BackendId, BackendEntry> {
+    pub fn backends(&self) -> &FastMap<BackendId, BackendEntry> {
         &self.backends
     }
 
-    pub fn rev_nat(&self) -> &HashMap<FrontendId, FrontendKey> {
+    pub fn rev_nat(&self) -> &FastMap<FrontendId, FrontendKey> {
         &self.rev_nat
     }
 
-    pub fn maglev(&self) -> &HashMap<FrontendId, Arc<[BackendId]>> {
+    pub fn maglev(&self) -> &FastMap<FrontendId, Arc<[BackendId]>> {
         &self.maglev
     }
 
-    pub fn source_ranges(&self) -> &HashMap<FrontendId, BTreeSet<IpNet>> {
+    pub fn source_ranges(&self) -> &FastMap<FrontendId, BTreeSet<IpNet>> {
         &self.source_ranges
     }
 

@@ -51,24 +51,33 @@ pub fn build_table(keys: &[Vec<u8>], m: u32) -> Vec<u32> {
         return Vec::new();
     }
     let m64 = u64::from(m);
-    let mut offset = Vec::with_capacity(n);
+    // Each backend walks its permutation offset, offset+skip, ... (mod m);
+    // `pos` is where it stands, advanced by an add and a conditional
+    // subtract instead of a division per probe.
+    let mut pos = Vec::with_capacity(n);
     let mut skip = Vec::with_capacity(n);
     for k in keys {
-        offset.push(stable_hash(k, 0x5eed_0ff5) % m64);
-        skip.push(stable_hash(k, 0x5eed_5417) % (m64 - 1) + 1);
+        pos.push((stable_hash(k, 0x5eed_0ff5) % m64) as u32);
+        skip.push((stable_hash(k, 0x5eed_5417) % (m64 - 1) + 1) as u32);
     }
-    let mut next = vec![0u64; n];
     let mut table = vec![u32::MAX; m as usize];
     let mut filled = 0u32;
+    let advance = |p: u32, s: u32| {
+        let next = p + s;
+        if next >= m {
+            next - m
+        } else {
+            next
+        }
+    };
     'fill: loop {
         for i in 0..n {
-            let mut c = (offset[i] + next[i] * skip[i]) % m64;
+            let mut c = pos[i];
             while table[c as usize] != u32::MAX {
-                next[i] += 1;
-                c = (offset[i] + next[i] * skip[i]) % m64;
+                c = advance(c, skip[i]);
             }
             table[c as usize] = i as u32;
-            next[i] += 1;
+            pos[i] = advance(c, skip[i]);
             filled += 1;
             if filled == m {
                 break 'fill;

@@ -11,7 +11,9 @@ pub mod maglev;
 pub use applied::{AppliedFrontend, AppliedState};
 pub use ids::{BackendId, FrontendId, IdAllocator};
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
+
+use crate::model::{FastMap, FastSet};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -192,18 +194,20 @@ pub fn plan_sync(
         desired,
         alloc,
         cfg,
-        new_backends: HashMap::new(),
-        new_backend_ids: HashSet::new(),
-        emitted_backends: HashSet::new(),
-        new_frontends: HashMap::new(),
-        new_frontend_ids: HashSet::new(),
-        emitted_frontends: HashSet::new(),
+        new_backends: FastMap::default(),
+        new_backend_ids: FastSet::default(),
+        emitted_backends: FastSet::default(),
+        new_frontends: FastMap::default(),
+        new_frontend_ids: FastSet::default(),
+        emitted_frontends: FastSet::default(),
         upserts: Upserts::default(),
         deletes: Deletes::default(),
         errors: Vec::new(),
-        referenced: HashSet::new(),
         candidates: BTreeSet::new(),
     };
+    if matches!(scope, PlanScope::Full) && applied.frontends.is_empty() {
+        p.reserve_for_empty_maps(desired);
+    }
     for key in &keys {
         match desired.frontend(key) {
             Some(f) => p.frontend(f),
@@ -221,9 +225,6 @@ pub fn plan_sync(
     }
     let candidates = std::mem::take(&mut p.candidates);
     for id in candidates {
-        if p.referenced.contains(&id) {
-            continue;
-        }
         if let Some(entry) = applied.backends.get(&id) {
             if desired.uses_backend(&entry.addr) {
                 // Still used elsewhere; its merged flags may have changed.
@@ -256,7 +257,15 @@ struct Upserts {
 
 impl Upserts {
     fn into_ops(self) -> Vec<MapOp> {
-        let mut ops = self.backends;
+        let mut ops = Vec::with_capacity(
+            self.backends.len()
+                + self.rev_nat.len()
+                + self.slots.len()
+                + self.maglev.len()
+                + self.ranges.len()
+                + self.frontends.len(),
+        );
+        ops.extend(self.backends);
         ops.extend(self.rev_nat);
         ops.extend(self.slots);
         ops.extend(self.maglev);
@@ -293,19 +302,17 @@ struct Planner<'a> {
     desired: &'a DesiredState,
     alloc: &'a mut Allocators,
     cfg: &'a PlanConfig,
-    new_backends: HashMap<BackendAddr, BackendId>,
-    new_backend_ids: HashSet<u32>,
+    new_backends: FastMap<BackendAddr, BackendId>,
+    new_backend_ids: FastSet<u32>,
     /// Backends whose upsert is already in the plan.
-    emitted_backends: HashSet<BackendId>,
-    new_frontends: HashMap<FrontendKey, FrontendId>,
-    new_frontend_ids: HashSet<u32>,
+    emitted_backends: FastSet<BackendId>,
+    new_frontends: FastMap<FrontendKey, FrontendId>,
+    new_frontend_ids: FastSet<u32>,
     /// New frontends whose reverse-NAT upsert is already in the plan.
-    emitted_frontends: HashSet<FrontendId>,
+    emitted_frontends: FastSet<FrontendId>,
     upserts: Upserts,
     deletes: Deletes,
     errors: Vec<PlanError>,
-    /// Backends the planned state still names.
-    referenced: HashSet<BackendId>,
     /// Backends whose last user may be gone.
     candidates: BTreeSet<BackendId>,
 }
@@ -326,18 +333,25 @@ impl Planner<'_> {
                 });
             }
         }
-        for (b, bid) in f.backends.iter().zip(&ids) {
-            self.backend_entry(*bid, &b.addr);
-            self.referenced.insert(*bid);
+        for (b, (bid, fresh)) in f.backends.iter().zip(&ids) {
+            if *fresh {
+                let entry = self.merged_entry(&b.addr);
+                self.upserts
+                    .backends
+                    .push(MapOp::UpsertBackend { id: *bid, entry });
+            } else if self.applied.backends.contains_key(bid) {
+                self.backend_entry(*bid, &b.addr);
+            }
+            // Otherwise an earlier frontend of this plan created it.
         }
         for b in f.draining.iter() {
             // Draining backends keep their entry when they have one; a new
             // draining backend needs none (no flow can reach it yet).
-            if let Some(bid) = self.existing_backend_id(&b.addr) {
+            if let Some(bid) = self.applied.backend_ids.get(&b.addr).copied() {
                 self.backend_entry(bid, &b.addr);
-                self.referenced.insert(bid);
             }
         }
+        let ids: Vec<BackendId> = ids.into_iter().map(|(id, _)| id).collect();
         let old = self.applied.frontends.get(&f.key);
         let old_slots: &[BackendId] = old.map_or(&[], |o| &o.slots);
         for (i, bid) in ids.iter().enumerate() {
@@ -461,7 +475,24 @@ impl Planner<'_> {
 
     /// The frontend's ID and its backends' IDs, allocating what is new.
     /// On a full map the new allocations are undone and an error recorded.
-    fn reserve_ids(&mut self, f: &DesiredFrontend) -> Option<(FrontendId, Vec<BackendId>)> {
+    /// Sizes the op lists and indexes for programming empty maps (start-up
+    /// without pinned maps), where growing them would dominate.
+    fn reserve_for_empty_maps(&mut self, desired: &DesiredState) {
+        let frontends = desired.frontends().len();
+        let slots: usize = desired.frontends().values().map(|f| f.backends.len()).sum();
+        let backends = desired.backend_count();
+        self.upserts.backends.reserve(backends);
+        self.upserts.rev_nat.reserve(frontends);
+        self.upserts.slots.reserve(slots);
+        self.upserts.frontends.reserve(frontends);
+        self.new_backends.reserve(backends);
+        self.new_backend_ids.reserve(backends);
+        self.new_frontends.reserve(frontends);
+        self.new_frontend_ids.reserve(frontends);
+    }
+
+    /// Each backend ID comes with whether this call allocated it.
+    fn reserve_ids(&mut self, f: &DesiredFrontend) -> Option<(FrontendId, Vec<(BackendId, bool)>)> {
         let mut fresh_backends = Vec::new();
         let fresh_frontend = !self.applied.frontend_ids.contains_key(&f.key)
             && !self.new_frontends.contains_key(&f.key);
@@ -472,7 +503,7 @@ impl Planner<'_> {
                 if fresh {
                     fresh_backends.push(b.addr);
                 }
-                ids.push(bid);
+                ids.push((bid, fresh));
             }
             Ok((id, ids))
         });
@@ -545,15 +576,20 @@ impl Planner<'_> {
         Some((id, true))
     }
 
-    /// Emits the backend's entry (once per plan) unless the map already
-    /// holds it; flags are merged over every desired user of the address.
-    fn backend_entry(&mut self, id: BackendId, addr: &BackendAddr) {
+    /// The entry for `addr`, flags merged over every desired user.
+    fn merged_entry(&self, addr: &BackendAddr) -> BackendEntry {
         let u = self.desired.backend_use(addr).unwrap_or_default();
-        let entry = BackendEntry {
+        BackendEntry {
             addr: *addr,
             local: u.local(),
             terminating: u.terminating(),
-        };
+        }
+    }
+
+    /// Emits the entry of a backend the maps already hold when its flags
+    /// changed (once per plan).
+    fn backend_entry(&mut self, id: BackendId, addr: &BackendAddr) {
+        let entry = self.merged_entry(addr);
         if self.applied.backends.get(&id) == Some(&entry) {
             return;
         }

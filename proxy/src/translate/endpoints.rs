@@ -32,75 +32,73 @@ pub struct PortPolicy {
 }
 
 pub fn categorize_endpoints(
-    endpoints: &[PortEndpoint],
+    endpoints: &[PortEndpoint<'_>],
     protocol: Protocol,
     v4: bool,
     policy: PortPolicy,
     node: &NodeInfo,
 ) -> Categorized {
-    let eps: Vec<&PortEndpoint> = endpoints
-        .iter()
-        .filter(|e| e.info.ip.is_ipv4() == v4)
+    let family = || endpoints.iter().filter(move |e| e.info.ip.is_ipv4() == v4);
+    // One BackendInfo per endpoint (locality compared once), in the same
+    // order as `family()`, so the sets below are filters over both.
+    let all: Vec<BackendInfo> = family()
+        .map(|e| BackendInfo {
+            addr: crate::model::L4Addr {
+                ip: e.info.ip,
+                port: e.port,
+                protocol,
+            },
+            local: e.info.node.as_deref() == Some(node.name.as_str()),
+            terminating: !e.info.state.ready,
+        })
         .collect();
-    let is_local = |e: &PortEndpoint| e.info.node.as_deref() == Some(node.name.as_str());
-    let backend = |e: &PortEndpoint| BackendInfo {
-        addr: crate::model::L4Addr {
-            ip: e.info.ip,
-            port: e.port,
-            protocol,
-        },
-        local: is_local(e),
-        terminating: !e.info.state.ready,
+    let ready = |e: &PortEndpoint<'_>| e.info.state.ready;
+    let serving_terminating = |e: &PortEndpoint<'_>| {
+        !e.info.state.ready && e.info.state.serving && e.info.state.terminating
     };
-    let ready = |e: &PortEndpoint| e.info.state.ready;
-    let serving_terminating =
-        |e: &PortEndpoint| !e.info.state.ready && e.info.state.serving && e.info.state.terminating;
-    let mut out = Categorized {
-        all: eps.iter().map(|e| backend(e)).collect(),
-        ..Categorized::default()
+    let select = |keep: &dyn Fn(&PortEndpoint<'_>, &BackendInfo) -> bool| -> Vec<BackendInfo> {
+        family()
+            .zip(&all)
+            .filter(|(e, b)| keep(e, b))
+            .map(|(_, b)| *b)
+            .collect()
     };
+    let mut out = Categorized::default();
     if policy.uses_cluster {
-        let mode = topology_mode(&eps, policy.topology, node);
-        out.cluster = eps
-            .iter()
-            .filter(|e| ready(e) && available_for_topology(e, mode, node))
-            .map(|e| backend(e))
-            .collect();
+        let mode = topology_mode(family(), policy.topology, node);
+        out.cluster = if mode == Topology::None && family().all(ready) {
+            all.clone()
+        } else {
+            select(&|e, _| ready(e) && available_for_topology(e, mode, node))
+        };
         if out.cluster.is_empty() {
-            out.cluster = eps
-                .iter()
-                .filter(|e| serving_terminating(e))
-                .map(|e| backend(e))
-                .collect();
+            out.cluster = select(&|e, _| serving_terminating(e));
         }
         out.has_any = !out.cluster.is_empty();
     }
     if policy.uses_local {
-        out.has_any |= eps.iter().any(|e| ready(e) || serving_terminating(e));
-        out.local = eps
-            .iter()
-            .filter(|e| is_local(e) && ready(e))
-            .map(|e| backend(e))
-            .collect();
+        out.has_any |= family().any(|e| ready(e) || serving_terminating(e));
+        out.local = select(&|e, b| b.local && ready(e));
         if out.local.is_empty() {
-            out.local = eps
-                .iter()
-                .filter(|e| is_local(e) && serving_terminating(e))
-                .map(|e| backend(e))
-                .collect();
+            out.local = select(&|e, b| b.local && serving_terminating(e));
         }
     }
+    out.all = all;
     out
 }
 
 /// The hints to honour, if any: zone (or node) hints are used only when
 /// every ready endpoint carries them and one is meant for this zone (node);
 /// otherwise traffic goes everywhere, like kube-proxy.
-fn topology_mode(eps: &[&PortEndpoint], wanted: Topology, node: &NodeInfo) -> Topology {
+fn topology_mode<'a>(
+    eps: impl Iterator<Item = &'a PortEndpoint<'a>>,
+    wanted: Topology,
+    node: &NodeInfo,
+) -> Topology {
     if wanted == Topology::None {
         return Topology::None;
     }
-    let ready: Vec<&&PortEndpoint> = eps.iter().filter(|e| e.info.state.ready).collect();
+    let ready: Vec<&PortEndpoint<'_>> = eps.filter(|e| e.info.state.ready).collect();
     if ready.is_empty() {
         return Topology::None;
     }
@@ -125,7 +123,7 @@ fn topology_mode(eps: &[&PortEndpoint], wanted: Topology, node: &NodeInfo) -> To
     Topology::None
 }
 
-fn available_for_topology(e: &PortEndpoint, mode: Topology, node: &NodeInfo) -> bool {
+fn available_for_topology(e: &PortEndpoint<'_>, mode: Topology, node: &NodeInfo) -> bool {
     match mode {
         Topology::None => true,
         Topology::SameZone => node
@@ -139,7 +137,7 @@ fn available_for_topology(e: &PortEndpoint, mode: Topology, node: &NodeInfo) -> 
 /// Distinct local ready endpoint addresses, as kube-proxy's health check
 /// server counts them.
 pub fn local_ready_addresses<'a>(
-    eps: impl Iterator<Item = &'a PortEndpoint>,
+    eps: impl Iterator<Item = &'a PortEndpoint<'a>>,
     node: &NodeInfo,
     into: &mut BTreeSet<IpAddr>,
 ) {

@@ -7,9 +7,11 @@ mod endpoints;
 
 pub use endpoints::{categorize_endpoints, Categorized, PortPolicy};
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use crate::model::FastMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use crate::model::{
     Action, Algorithm, BackendInfo, DesiredFrontend, FrontendKey, FrontendPolicy, HealthCheck,
@@ -44,12 +46,20 @@ pub fn translate_service(
     let mut out = ServiceDesired::default();
     let mut local_ready = BTreeSet::new();
     let external_local = svc.external_policy == TrafficPolicy::Local;
+    let source_ranges: Arc<[ipnet::IpNet]> = svc.source_ranges.clone().into();
+    let no_ranges: Arc<[ipnet::IpNet]> = NO_RANGES.clone();
     for port in &svc.ports {
         let eps = cache.endpoints(&svc.name, &port.name, port.protocol);
-        endpoints::local_ready_addresses(eps.iter(), node, &mut local_ready);
+        if external_local && svc.health_check_node_port != 0 {
+            endpoints::local_ready_addresses(eps.iter(), node, &mut local_ready);
+        }
         for v4 in [true, false] {
+            let keys = frontend_keys(svc, port, node, v4);
+            if keys.is_empty() {
+                continue;
+            }
             let sets = SetsForFamily::new(svc, &eps, port.protocol, v4, node);
-            for (key, scope) in frontend_keys(svc, port, node, v4) {
+            for (key, scope) in keys {
                 let policy = if scope.is_external() {
                     svc.external_policy
                 } else {
@@ -84,9 +94,9 @@ pub fn translate_service(
                         affinity_timeout: svc.affinity_timeout,
                         preserve_source: scope.is_external() && external_local,
                         source_ranges: if scope == Scope::LoadBalancer {
-                            svc.source_ranges.clone().into()
+                            source_ranges.clone()
                         } else {
-                            Arc::from([])
+                            no_ranges.clone()
                         },
                     },
                     backends,
@@ -116,7 +126,7 @@ struct SetsForFamily {
 impl SetsForFamily {
     fn new(
         svc: &ServiceInfo,
-        eps: &[crate::track::PortEndpoint],
+        eps: &[crate::track::PortEndpoint<'_>],
         protocol: Protocol,
         v4: bool,
         node: &NodeInfo,
@@ -131,8 +141,8 @@ impl SetsForFamily {
         };
         let c = categorize_endpoints(eps, protocol, v4, policy, node);
         SetsForFamily {
-            cluster: c.cluster.into(),
-            local: c.local.into(),
+            cluster: shared(c.cluster),
+            local: shared(c.local),
             has_any: c.has_any,
             all: c.all,
         }
@@ -154,11 +164,28 @@ impl SetsForFamily {
     }
 
     fn draining(&self, selected: &[BackendInfo]) -> Arc<[BackendInfo]> {
+        if self.all.len() == selected.len() {
+            // Every endpoint is selected (the common case): share one empty.
+            return NO_BACKENDS.clone();
+        }
         self.all
             .iter()
             .filter(|b| !selected.iter().any(|s| s.addr == b.addr))
             .copied()
             .collect()
+    }
+}
+
+/// Shared empty sets: most frontends have no source ranges and nothing
+/// draining, and an empty `Arc<[T]>` still costs an allocation.
+static NO_BACKENDS: LazyLock<Arc<[BackendInfo]>> = LazyLock::new(|| Arc::from([]));
+static NO_RANGES: LazyLock<Arc<[ipnet::IpNet]>> = LazyLock::new(|| Arc::from([]));
+
+fn shared(v: Vec<BackendInfo>) -> Arc<[BackendInfo]> {
+    if v.is_empty() {
+        NO_BACKENDS.clone()
+    } else {
+        v.into()
     }
 }
 
@@ -203,11 +230,11 @@ fn frontend_keys(
 /// settles clashes and counts who still uses each backend address.
 #[derive(Debug, Default)]
 pub struct DesiredState {
-    frontends: HashMap<FrontendKey, DesiredFrontend>,
-    services: HashMap<ServiceName, ServiceEntry>,
-    node_ports: HashMap<(u16, Protocol), ServiceName>,
+    frontends: FastMap<FrontendKey, DesiredFrontend>,
+    services: FastMap<ServiceName, ServiceEntry>,
+    node_ports: FastMap<(u16, Protocol), ServiceName>,
     /// Who names each backend address (as a backend or draining).
-    backend_refs: HashMap<L4Addr, BackendUse>,
+    backend_refs: FastMap<L4Addr, BackendUse>,
 }
 
 /// How the desired frontends see one backend address. Two Services may see
@@ -255,17 +282,28 @@ impl DesiredState {
         self.frontends.get(key)
     }
 
-    pub fn frontends(&self) -> &HashMap<FrontendKey, DesiredFrontend> {
+    pub fn frontends(&self) -> &FastMap<FrontendKey, DesiredFrontend> {
         &self.frontends
     }
 
-    pub fn services(&self) -> &HashMap<ServiceName, ServiceEntry> {
+    pub fn services(&self) -> &FastMap<ServiceName, ServiceEntry> {
         &self.services
     }
 
     /// True while some desired frontend names `addr`.
     pub fn uses_backend(&self, addr: &L4Addr) -> bool {
         self.backend_refs.contains_key(addr)
+    }
+
+    /// Number of distinct backend addresses named by desired frontends.
+    pub fn backend_count(&self) -> usize {
+        self.backend_refs.len()
+    }
+
+    /// Room for `services` more Services (a full translation).
+    pub fn reserve(&mut self, services: usize) {
+        self.services.reserve(services);
+        self.frontends.reserve(services);
     }
 
     /// How the desired frontends see `addr`, if any names it.
@@ -282,9 +320,9 @@ impl DesiredState {
         &mut self,
         name: &ServiceName,
         desired: Option<ServiceDesired>,
-        touched: &mut Touched,
+        mut touched: Option<&mut Touched>,
     ) -> Result<(), InvalidObject> {
-        self.release(name, touched);
+        self.release(name, touched.as_deref_mut());
         let Some(desired) = desired else {
             return Ok(());
         };
@@ -300,9 +338,12 @@ impl DesiredState {
             }
             for b in f.backends.iter().chain(f.draining.iter()) {
                 self.backend_refs.entry(b.addr).or_default().add(b, 1);
-                touched.backends.push(b.addr);
             }
-            touched.frontends.push(f.key);
+            if let Some(t) = touched.as_deref_mut() {
+                t.backends
+                    .extend(f.backends.iter().chain(f.draining.iter()).map(|b| b.addr));
+                t.frontends.push(f.key);
+            }
             entry.frontends.push(f.key);
             self.frontends.insert(f.key, f);
         }
@@ -339,7 +380,7 @@ impl DesiredState {
         Ok(())
     }
 
-    fn release(&mut self, name: &ServiceName, touched: &mut Touched) {
+    fn release(&mut self, name: &ServiceName, mut touched: Option<&mut Touched>) {
         let Some(old) = self.services.remove(name) else {
             return;
         };
@@ -351,7 +392,9 @@ impl DesiredState {
                 self.node_ports.remove(&(key.port, key.protocol));
             }
             for b in f.backends.iter().chain(f.draining.iter()) {
-                touched.backends.push(b.addr);
+                if let Some(t) = touched.as_deref_mut() {
+                    t.backends.push(b.addr);
+                }
                 if let Some(u) = self.backend_refs.get_mut(&b.addr) {
                     u.add(b, -1);
                     if u.users == 0 {
@@ -360,7 +403,9 @@ impl DesiredState {
                 }
             }
         }
-        touched.frontends.extend(old.frontends);
+        if let Some(t) = touched {
+            t.frontends.extend(old.frontends);
+        }
     }
 }
 
@@ -400,9 +445,8 @@ pub fn translate_all<'a>(
     let mut state = DesiredState::default();
     let mut errors = Vec::new();
     for svc in ordered {
-        let mut touched = Touched::default();
         let result = translate_service(svc, cache, node, cfg)
-            .and_then(|d| state.set(&svc.name, Some(d), &mut touched));
+            .and_then(|d| state.set(&svc.name, Some(d), None));
         if let Err(e) = result {
             errors.push(e);
         }

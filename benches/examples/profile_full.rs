@@ -1,0 +1,65 @@
+//! Runs one full translate + plan at 10,000 Services for profilers
+//! (`perf record`); prints the phase times.
+
+use std::time::Instant;
+
+use ferry_benches::{cluster, Shape};
+use ferry_proxy::core::Core;
+use ferry_proxy::model::NodeInfo;
+use ferry_proxy::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
+use ferry_proxy::translate::TranslateConfig;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    let services = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10_000);
+    let shape = Shape {
+        services,
+        endpoints: 10,
+        nodeport_every: 0,
+    };
+    let (svcs, slices) = cluster(shape);
+    let node = NodeInfo {
+        name: "node-0".into(),
+        zone: None,
+        nodeport_addresses: vec![std::net::IpAddr::from([198, 18, 0, 10])],
+    };
+    let cfg = PlanConfig {
+        max_backends: 1 << 20,
+        max_frontends: 1 << 18,
+        ..PlanConfig::default()
+    };
+    for round in 0..3 {
+        let t0 = Instant::now();
+        let mut core = Core::new("ferry", node.clone(), TranslateConfig::default());
+        for s in &svcs {
+            core.upsert_service(s);
+        }
+        for s in &slices {
+            core.upsert_slice(s);
+        }
+        let t1 = Instant::now();
+        core.translate_changes();
+        let t2 = Instant::now();
+        let mut alloc = Allocators::new(&cfg);
+        let plan = plan_sync(
+            &AppliedState::default(),
+            core.desired(),
+            PlanScope::Full,
+            &mut alloc,
+            &cfg,
+        );
+        let t3 = Instant::now();
+        println!(
+            "round {round}: parse+track {:?}, translate {:?}, plan {:?} ({} ops)",
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+            plan.ops.len()
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! Load-balancing maps shared by the eBPF programs and the agent (IPv4).
+//! IPv6 gets maps of its own (`*6`) beside these; a layout never changes in
+//! place: a new layout is a new map name. Fields in network byte order use
+//! the [`Be16`] / [`Be32`] wrappers; everything else is host order.
+
+/// A u16 in network byte order.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Be16(pub u16);
+
+/// A u32 in network byte order (IPv4 addresses).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Be32(pub u32);
+
+impl Be16 {
+    #[inline(always)]
+    pub fn from_host(v: u16) -> Be16 {
+        Be16(v.to_be())
+    }
+    #[inline(always)]
+    pub fn to_host(self) -> u16 {
+        u16::from_be(self.0)
+    }
+}
+
+impl Be32 {
+    #[inline(always)]
+    pub fn from_host(v: u32) -> Be32 {
+        Be32(v.to_be())
+    }
+    #[inline(always)]
+    pub fn to_host(self) -> u32 {
+        u32::from_be(self.0)
+    }
+}
+
+/// Frontends: master entry at slot 0, backend slots 1..=count.
+pub const SERVICES4_MAP: &str = "ferry_svc4";
+/// Backend ID -> address.
+pub const BACKENDS4_MAP: &str = "ferry_be4";
+/// Frontend ID -> frontend address (reverse NAT).
+pub const REVNAT4_MAP: &str = "ferry_revnat4";
+/// Frontend ID -> Maglev table (one value, replaced atomically).
+pub const MAGLEV4_MAP: &str = "ferry_maglev4";
+/// (client, frontend ID) -> backend, for sessionAffinity ClientIP.
+pub const AFFINITY4_MAP: &str = "ferry_aff4";
+/// (frontend ID, source prefix) -> allowed, for loadBalancerSourceRanges.
+pub const SOURCE_RANGES4_MAP: &str = "ferry_srcrng4";
+/// (socket cookie, backend) -> frontend, so getpeername() and UDP replies
+/// show the Service address.
+pub const SOCK_REVNAT4_MAP: &str = "ferry_sknat4";
+/// Per-CPU datapath counters, indexed by [`LbCounter`].
+pub const LB_COUNTERS_MAP: &str = "ferry_lbstat";
+
+/// Maglev table size compiled into the programs (prime).
+pub const MAGLEV_TABLE_SIZE: u32 = 16381;
+
+/// Key of the services map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Service4Key {
+    pub addr: Be32,
+    pub port: Be16,
+    /// 0: the master entry; 1..=count: backend slots.
+    pub slot: u16,
+    /// IP protocol number (6, 17, 132).
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// Value of the services map. In the master entry `count`, `flags`,
+/// `affinity_timeout` and `frontend_id` are set; in a slot, `backend_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Service4Value {
+    pub backend_id: u32,
+    pub frontend_id: u32,
+    pub count: u16,
+    pub flags: u16,
+    /// sessionAffinity ClientIP timeout in seconds (0: none).
+    pub affinity_timeout: u32,
+}
+
+/// No backend can take the flow: refuse it at once.
+pub const SVC_FLAG_REJECT: u16 = 1 << 0;
+/// Local traffic policy without a local backend: drop.
+pub const SVC_FLAG_DROP: u16 = 1 << 1;
+/// Pick by the Maglev table (else at random over the slots).
+pub const SVC_FLAG_MAGLEV: u16 = 1 << 2;
+/// externalTrafficPolicy Local: keep the client source address.
+pub const SVC_FLAG_PRESERVE_SOURCE: u16 = 1 << 3;
+/// loadBalancerSourceRanges apply.
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 4;
+/// Bits 8..=9: the scope.
+pub const SVC_SCOPE_SHIFT: u16 = 8;
+pub const SVC_SCOPE_MASK: u16 = 0b11 << SVC_SCOPE_SHIFT;
+pub const SCOPE_CLUSTER_IP: u16 = 0;
+pub const SCOPE_NODE_PORT: u16 = 1;
+pub const SCOPE_LOAD_BALANCER: u16 = 2;
+pub const SCOPE_EXTERNAL_IP: u16 = 3;
+
+/// Value of the backends map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend4 {
+    pub addr: Be32,
+    pub port: Be16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+/// The backend runs on this node.
+pub const BACKEND_FLAG_LOCAL: u8 = 1 << 0;
+/// The backend is terminating (takes no new flows; existing ones drain).
+pub const BACKEND_FLAG_TERMINATING: u8 = 1 << 1;
+
+/// Value of the reverse-NAT map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNat4 {
+    pub addr: Be32,
+    pub port: Be16,
+    pub pad: u16,
+}
+
+/// A Maglev table: backend IDs.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MaglevTable {
+    pub backends: [u32; MAGLEV_TABLE_SIZE as usize],
+}
+
+impl core::fmt::Debug for MaglevTable {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "MaglevTable({} entries)", self.backends.len())
+    }
+}
+
+/// Key of the affinity map. `client` is the client's netns cookie for
+/// socket-level balancing, its IPv4 address (host order) for TC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Affinity4Key {
+    pub client: u64,
+    pub frontend_id: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub pad: u32,
+    /// bpf_ktime_get_ns() of the last use.
+    pub last_used_ns: u64,
+}
+
+/// Data of the source-ranges LPM trie key (the trie adds the prefix
+/// length, which counts the 32 bits of `frontend_id` plus the prefix of
+/// `addr`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceRange4 {
+    /// Big-endian, so the trie matches it first.
+    pub frontend_id: Be32,
+    pub addr: Be32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNat4Key {
+    pub cookie: u64,
+    pub backend_addr: Be32,
+    pub backend_port: Be16,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNat4Value {
+    pub frontend_addr: Be32,
+    pub frontend_port: Be16,
+    pub pad: u16,
+    pub frontend_id: u32,
+}
+
+/// Slots of the per-CPU LB counters map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LbCounter {
+    /// connect()/sendmsg() translated to a backend.
+    SockTranslated = 0,
+    /// Refused because the Service has no usable backend.
+    SockRejected = 1,
+    /// Refused because of a Local traffic policy without a local backend.
+    SockDropped = 2,
+    /// A slot or backend was missing mid-update; the flow was refused.
+    SockLookupMiss = 3,
+    /// Session affinity reused a backend.
+    SockAffinityHit = 4,
+}
+
+pub const LB_COUNTERS: u32 = 5;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY (all): repr(C) plain integers, no implicit padding (checked by
+    // the size tests), every bit pattern valid.
+    unsafe impl aya::Pod for Service4Key {}
+    unsafe impl aya::Pod for Service4Value {}
+    unsafe impl aya::Pod for Backend4 {}
+    unsafe impl aya::Pod for RevNat4 {}
+    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for Affinity4Key {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SourceRange4 {}
+    unsafe impl aya::Pod for SockRevNat4Key {}
+    unsafe impl aya::Pod for SockRevNat4Value {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Service4Key>(), 12);
+        assert_eq!(size_of::<Service4Value>(), 16);
+        assert_eq!(size_of::<Backend4>(), 8);
+        assert_eq!(size_of::<RevNat4>(), 8);
+        assert_eq!(size_of::<Affinity4Key>(), 16);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<SourceRange4>(), 8);
+        assert_eq!(size_of::<SockRevNat4Key>(), 16);
+        assert_eq!(size_of::<SockRevNat4Value>(), 12);
+        assert_eq!(size_of::<MaglevTable>(), 4 * MAGLEV_TABLE_SIZE as usize);
+    }
+
+    #[test]
+    fn byte_order_wrappers_round_trip() {
+        assert_eq!(Be16::from_host(0x1234).to_host(), 0x1234);
+        assert_eq!(Be16::from_host(0x1234).0.to_ne_bytes(), [0x12, 0x34]);
+        assert_eq!(Be32::from_host(0x0a00_0001).0.to_ne_bytes(), [10, 0, 0, 1]);
+    }
+}

@@ -1,0 +1,203 @@
+//! Socket-level load balancing on a cgroup v2: connect4 and sendmsg4
+//! rewrite a Service address to a backend once, before any packet exists;
+//! recvmsg4 and getpeername4 rewrite the backend back to the Service address
+//! so applications only ever see the address they asked for.
+
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use ferry_common::lb::{
+    Affinity4Key, AffinityValue, Backend4, Be16, Be32, LbCounter, Service4Key, Service4Value,
+    SockRevNat4Key, SockRevNat4Value, BACKEND_FLAG_TERMINATING, SVC_FLAG_DROP, SVC_FLAG_REJECT,
+};
+
+use crate::maps::{count, AFFINITY4, BACKENDS4, SERVICES4, SOCK_REVNAT4};
+
+/// Verdicts of cgroup sock_addr programs.
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+/// Unconnected UDP: datagrams of one socket to one Service keep going to
+/// the same backend while it lives, for this long after the last one.
+const UDP_STICKY_SECS: u32 = 30;
+/// Marks a socket cookie used as an affinity client (netns cookies, the
+/// other kind of client, come from another counter).
+const SOCKET_CLIENT: u64 = 1 << 63;
+
+#[cgroup_sock_addr(connect4)]
+pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
+    try_translate(&ctx, false).unwrap_or(ALLOW)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn ferry_sendmsg4(ctx: SockAddrContext) -> i32 {
+    try_translate(&ctx, true).unwrap_or(ALLOW)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn ferry_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let _ = try_reverse(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn ferry_getpeer4(ctx: SockAddrContext) -> i32 {
+    let _ = try_reverse(&ctx);
+    ALLOW
+}
+
+/// Rewrites a Service destination to a backend. Ok(DENY) refuses the
+/// connect()/sendmsg() at once (no backend, or a Local policy without a
+/// local one); an address that is no Service is left alone.
+#[inline(always)]
+fn try_translate(ctx: &SockAddrContext, datagram: bool) -> Result<i32, i64> {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let mut key = Service4Key {
+        addr: Be32(sa.user_ip4),
+        // user_port holds the port in network order in its low 16 bits.
+        port: Be16(sa.user_port as u16),
+        slot: 0,
+        proto: sa.protocol as u8,
+        pad: [0; 3],
+    };
+    let mut svc: Service4Value = match SERVICES4.get_ptr(key) {
+        // SAFETY: a pointer from a successful lookup.
+        Some(v) => unsafe { *v },
+        None => return Ok(ALLOW),
+    };
+    // The client whose choice is remembered: its netns for ClientIP
+    // affinity, else the socket itself for unconnected UDP.
+    let client = if svc.affinity_timeout != 0 {
+        // SAFETY: plain helper call on our context.
+        unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }
+    } else if datagram {
+        svc.affinity_timeout = UDP_STICKY_SECS;
+        // SAFETY: plain helper call on our context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+        cookie | SOCKET_CLIENT
+    } else {
+        0
+    };
+    if svc.flags & SVC_FLAG_DROP != 0 {
+        count(LbCounter::SockDropped);
+        return Ok(DENY);
+    }
+    if svc.flags & SVC_FLAG_REJECT != 0 || svc.count == 0 {
+        count(LbCounter::SockRejected);
+        return Ok(DENY);
+    }
+    let (backend_id, backend) = match affinity_backend(client, &svc) {
+        Some(hit) => {
+            count(LbCounter::SockAffinityHit);
+            hit
+        }
+        None => {
+            // SAFETY: plain helper call.
+            let pick = unsafe { bpf_get_prandom_u32() } % u32::from(svc.count);
+            key.slot = pick as u16 + 1;
+            let Some(slot) = SERVICES4.get_ptr(key) else {
+                count(LbCounter::SockLookupMiss);
+                return Ok(DENY);
+            };
+            // SAFETY: a pointer from a successful lookup.
+            let id = unsafe { (*slot).backend_id };
+            let Some(be) = BACKENDS4.get_ptr(id) else {
+                count(LbCounter::SockLookupMiss);
+                return Ok(DENY);
+            };
+            // SAFETY: as above.
+            (id, unsafe { *be })
+        }
+    };
+    if svc.affinity_timeout != 0 {
+        remember_affinity(client, &svc, backend_id);
+    }
+    // SAFETY: plain helper call on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let rev_key = SockRevNat4Key {
+        cookie,
+        backend_addr: backend.addr,
+        backend_port: backend.port,
+        pad: 0,
+    };
+    let rev = SockRevNat4Value {
+        frontend_addr: Be32(sa.user_ip4),
+        frontend_port: Be16(sa.user_port as u16),
+        pad: 0,
+        frontend_id: svc.frontend_id,
+    };
+    let _ = SOCK_REVNAT4.insert(rev_key, rev, 0);
+    sa.user_ip4 = backend.addr.0;
+    sa.user_port = u32::from(backend.port.0);
+    count(LbCounter::SockTranslated);
+    Ok(ALLOW)
+}
+
+/// The backend this client used within the affinity timeout, if it still
+/// exists and is not terminating.
+#[inline(always)]
+fn affinity_backend(client: u64, svc: &Service4Value) -> Option<(u32, Backend4)> {
+    if svc.affinity_timeout == 0 {
+        return None;
+    }
+    let key = Affinity4Key {
+        client,
+        frontend_id: svc.frontend_id,
+        pad: 0,
+    };
+    let hit = AFFINITY4.get_ptr(key)?;
+    // SAFETY: a pointer from a successful lookup.
+    let hit = unsafe { *hit };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(hit.last_used_ns) > u64::from(svc.affinity_timeout) * 1_000_000_000 {
+        return None;
+    }
+    let be = BACKENDS4.get_ptr(hit.backend_id)?;
+    // SAFETY: as above.
+    let be = unsafe { *be };
+    if be.flags & BACKEND_FLAG_TERMINATING != 0 {
+        return None;
+    }
+    Some((hit.backend_id, be))
+}
+
+#[inline(always)]
+fn remember_affinity(client: u64, svc: &Service4Value, backend_id: u32) {
+    let key = Affinity4Key {
+        client,
+        frontend_id: svc.frontend_id,
+        pad: 0,
+    };
+    let value = AffinityValue {
+        backend_id,
+        pad: 0,
+        // SAFETY: plain helper call.
+        last_used_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = AFFINITY4.insert(key, value, 0);
+}
+
+/// Shows the Service address instead of the backend (UDP replies,
+/// getpeername()).
+#[inline(always)]
+fn try_reverse(ctx: &SockAddrContext) -> Result<(), i64> {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let key = SockRevNat4Key {
+        // SAFETY: plain helper call on our context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
+        backend_addr: Be32(sa.user_ip4),
+        backend_port: Be16(sa.user_port as u16),
+        pad: 0,
+    };
+    let rev = SOCK_REVNAT4.get_ptr(key).ok_or(0i64)?;
+    // SAFETY: a pointer from a successful lookup.
+    let rev = unsafe { *rev };
+    sa.user_ip4 = rev.frontend_addr.0;
+    sa.user_port = u32::from(rev.frontend_port.0);
+    Ok(())
+}

@@ -1,0 +1,442 @@
+//! [`BpfMaps`]: the map-operation interface on the pinned eBPF maps of
+//! ferry-common's layouts (IPv4). IPv6 frontends and backends are accepted
+//! and not programmed until the IPv6 maps exist (counted in
+//! `skipped_ipv6`).
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::{HashMap, Map, MapData, MapError};
+use ferry_common::lb::{
+    Backend4, Be16, Be32, MaglevTable, RevNat4, Service4Key, Service4Value, SourceRange4,
+    BACKENDS4_MAP, BACKEND_FLAG_LOCAL, BACKEND_FLAG_TERMINATING, MAGLEV4_MAP, MAGLEV_TABLE_SIZE,
+    REVNAT4_MAP, SCOPE_CLUSTER_IP, SCOPE_EXTERNAL_IP, SCOPE_LOAD_BALANCER, SCOPE_NODE_PORT,
+    SERVICES4_MAP, SOURCE_RANGES4_MAP, SVC_FLAG_DROP, SVC_FLAG_MAGLEV, SVC_FLAG_PRESERVE_SOURCE,
+    SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES, SVC_SCOPE_MASK, SVC_SCOPE_SHIFT,
+};
+use ipnet::{IpNet, Ipv4Net};
+
+use super::{DatapathError, LbMaps};
+use crate::model::{Action, Algorithm, L4Addr, Protocol, Scope};
+use crate::plan::{BackendEntry, BackendId, FrontendEntry, FrontendId, MapOp};
+
+/// Sizes of the maps, set when the programs are loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapCapacities {
+    /// Master entries plus backend slots.
+    pub services: u32,
+    pub backends: u32,
+    pub frontends: u32,
+    pub affinity: u32,
+    pub sock_revnat: u32,
+    pub source_ranges: u32,
+}
+
+impl Default for MapCapacities {
+    fn default() -> Self {
+        MapCapacities {
+            services: 262_144,
+            backends: 65_536,
+            frontends: 65_536,
+            affinity: 65_536,
+            sock_revnat: 262_144,
+            source_ranges: 16_384,
+        }
+    }
+}
+
+/// The pinned load-balancing maps.
+#[derive(Debug)]
+pub struct BpfMaps {
+    services: HashMap<MapData, Service4Key, Service4Value>,
+    backends: HashMap<MapData, u32, Backend4>,
+    revnat: HashMap<MapData, u32, RevNat4>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
+    ranges: LpmTrie<MapData, SourceRange4, u8>,
+    caps: MapCapacities,
+    /// IPv6 ops accepted without programming (no IPv6 maps yet).
+    pub skipped_ipv6: u64,
+}
+
+fn open_map(dir: &Path, name: &str) -> Result<Map, DatapathError> {
+    let path: PathBuf = dir.join(name);
+    let open_err = |e: MapError| DatapathError::Open {
+        path: path.display().to_string(),
+        cause: e.to_string(),
+    };
+    let data = MapData::from_pin(&path).map_err(open_err)?;
+    Map::from_map_data(data).map_err(open_err)
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<T, DatapathError> {
+    let map = open_map(dir, name)?;
+    T::try_from(map).map_err(|e| DatapathError::Open {
+        path: dir.join(name).display().to_string(),
+        cause: e.to_string(),
+    })
+}
+
+impl BpfMaps {
+    /// Opens the maps pinned under `dir` (created by loading the programs).
+    pub fn open(dir: &Path, caps: MapCapacities) -> Result<BpfMaps, DatapathError> {
+        Ok(BpfMaps {
+            services: typed(dir, SERVICES4_MAP)?,
+            backends: typed(dir, BACKENDS4_MAP)?,
+            revnat: typed(dir, REVNAT4_MAP)?,
+            maglev: typed(dir, MAGLEV4_MAP)?,
+            ranges: typed(dir, SOURCE_RANGES4_MAP)?,
+            caps,
+            skipped_ipv6: 0,
+        })
+    }
+}
+
+/// Maps an aya error on `map` to ours; E2BIG from an insert is a full map.
+fn map_err(
+    map: &'static str,
+    op: &'static str,
+    capacity: u32,
+) -> impl Fn(MapError) -> DatapathError {
+    move |e| match &e {
+        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc_e2big()) => {
+            DatapathError::MapFull { map, capacity }
+        }
+        _ => DatapathError::Map {
+            map,
+            op,
+            cause: e.to_string(),
+        },
+    }
+}
+
+const fn libc_e2big() -> i32 {
+    7
+}
+
+/// Deleting a missing key is success.
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
+        Err(MapError::SyscallError(s)) if s.io_error.kind() == std::io::ErrorKind::NotFound => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn v4(addr: &L4Addr) -> Option<(Be32, Be16, u8)> {
+    match addr.ip {
+        IpAddr::V4(ip) => Some((
+            Be32::from_host(ip.to_bits()),
+            Be16::from_host(addr.port),
+            addr.protocol.number(),
+        )),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn svc_key(frontend: &L4Addr, slot: u16) -> Option<Service4Key> {
+    let (addr, port, proto) = v4(frontend)?;
+    Some(Service4Key {
+        addr,
+        port,
+        slot,
+        proto,
+        pad: [0; 3],
+    })
+}
+
+fn scope_bits(scope: Scope) -> u16 {
+    let s = match scope {
+        Scope::ClusterIp => SCOPE_CLUSTER_IP,
+        Scope::NodePort => SCOPE_NODE_PORT,
+        Scope::LoadBalancer => SCOPE_LOAD_BALANCER,
+        Scope::ExternalIp => SCOPE_EXTERNAL_IP,
+    };
+    s << SVC_SCOPE_SHIFT
+}
+
+/// The master entry's value.
+pub fn encode_frontend(e: &FrontendEntry) -> Service4Value {
+    let mut flags = scope_bits(e.scope);
+    flags |= match e.action {
+        Action::Forward => 0,
+        Action::Reject => SVC_FLAG_REJECT,
+        Action::Drop => SVC_FLAG_DROP,
+    };
+    if e.algorithm == Algorithm::Maglev {
+        flags |= SVC_FLAG_MAGLEV;
+    }
+    if e.preserve_source {
+        flags |= SVC_FLAG_PRESERVE_SOURCE;
+    }
+    if e.source_ranges {
+        flags |= SVC_FLAG_SOURCE_RANGES;
+    }
+    Service4Value {
+        backend_id: 0,
+        frontend_id: e.id.0,
+        count: e.count,
+        flags,
+        affinity_timeout: e.affinity_timeout,
+    }
+}
+
+/// The inverse of [`encode_frontend`].
+pub fn decode_frontend(v: &Service4Value) -> FrontendEntry {
+    let scope = match (v.flags & SVC_SCOPE_MASK) >> SVC_SCOPE_SHIFT {
+        SCOPE_NODE_PORT => Scope::NodePort,
+        SCOPE_LOAD_BALANCER => Scope::LoadBalancer,
+        SCOPE_EXTERNAL_IP => Scope::ExternalIp,
+        _ => Scope::ClusterIp,
+    };
+    let action = if v.flags & SVC_FLAG_REJECT != 0 {
+        Action::Reject
+    } else if v.flags & SVC_FLAG_DROP != 0 {
+        Action::Drop
+    } else {
+        Action::Forward
+    };
+    FrontendEntry {
+        id: FrontendId(v.frontend_id),
+        count: v.count,
+        scope,
+        action,
+        algorithm: if v.flags & SVC_FLAG_MAGLEV != 0 {
+            Algorithm::Maglev
+        } else {
+            Algorithm::Random
+        },
+        affinity_timeout: v.affinity_timeout,
+        preserve_source: v.flags & SVC_FLAG_PRESERVE_SOURCE != 0,
+        source_ranges: v.flags & SVC_FLAG_SOURCE_RANGES != 0,
+    }
+}
+
+fn l4(addr: Be32, port: Be16, proto: u8) -> Option<L4Addr> {
+    Some(L4Addr {
+        ip: IpAddr::from(std::net::Ipv4Addr::from_bits(addr.to_host())),
+        port: port.to_host(),
+        protocol: Protocol::from_number(proto)?,
+    })
+}
+
+fn range_key(id: FrontendId, range: &Ipv4Net) -> LpmKey<SourceRange4> {
+    LpmKey::new(
+        32 + u32::from(range.prefix_len()),
+        SourceRange4 {
+            frontend_id: Be32::from_host(id.0),
+            addr: Be32::from_host(range.network().to_bits()),
+        },
+    )
+}
+
+impl LbMaps for BpfMaps {
+    fn apply(&mut self, op: &MapOp) -> Result<(), DatapathError> {
+        let caps = self.caps;
+        match op {
+            MapOp::UpsertBackend { id, entry } => {
+                let Some((addr, port, proto)) = v4(&entry.addr) else {
+                    self.skipped_ipv6 += 1;
+                    return Ok(());
+                };
+                let mut flags = 0;
+                if entry.local {
+                    flags |= BACKEND_FLAG_LOCAL;
+                }
+                if entry.terminating {
+                    flags |= BACKEND_FLAG_TERMINATING;
+                }
+                let value = Backend4 {
+                    addr,
+                    port,
+                    proto,
+                    flags,
+                };
+                self.backends.insert(id.0, value, 0).map_err(map_err(
+                    BACKENDS4_MAP,
+                    "insert",
+                    caps.backends,
+                ))
+            }
+            MapOp::DeleteBackend { id } => ignore_missing(self.backends.remove(&id.0))
+                .map_err(map_err(BACKENDS4_MAP, "delete", caps.backends)),
+            MapOp::UpsertRevNat { id, frontend } => {
+                let Some((addr, port, _)) = v4(frontend) else {
+                    self.skipped_ipv6 += 1;
+                    return Ok(());
+                };
+                self.revnat
+                    .insert(id.0, RevNat4 { addr, port, pad: 0 }, 0)
+                    .map_err(map_err(REVNAT4_MAP, "insert", caps.frontends))
+            }
+            MapOp::DeleteRevNat { id } => ignore_missing(self.revnat.remove(&id.0))
+                .map_err(map_err(REVNAT4_MAP, "delete", caps.frontends)),
+            MapOp::UpsertSlot {
+                frontend,
+                slot,
+                backend,
+            } => {
+                let Some(key) = svc_key(frontend, *slot) else {
+                    self.skipped_ipv6 += 1;
+                    return Ok(());
+                };
+                let value = Service4Value {
+                    backend_id: backend.0,
+                    ..Service4Value::default()
+                };
+                self.services.insert(key, value, 0).map_err(map_err(
+                    SERVICES4_MAP,
+                    "insert",
+                    caps.services,
+                ))
+            }
+            MapOp::DeleteSlot { frontend, slot } => match svc_key(frontend, *slot) {
+                Some(key) => ignore_missing(self.services.remove(&key)).map_err(map_err(
+                    SERVICES4_MAP,
+                    "delete",
+                    caps.services,
+                )),
+                None => Ok(()),
+            },
+            MapOp::UpsertFrontend { frontend, entry } => {
+                let Some(key) = svc_key(frontend, 0) else {
+                    self.skipped_ipv6 += 1;
+                    return Ok(());
+                };
+                self.services
+                    .insert(key, encode_frontend(entry), 0)
+                    .map_err(map_err(SERVICES4_MAP, "insert", caps.services))
+            }
+            MapOp::DeleteFrontend { frontend } => match svc_key(frontend, 0) {
+                Some(key) => ignore_missing(self.services.remove(&key)).map_err(map_err(
+                    SERVICES4_MAP,
+                    "delete",
+                    caps.services,
+                )),
+                None => Ok(()),
+            },
+            MapOp::UpsertMaglev { id, table } => {
+                if table.len() != MAGLEV_TABLE_SIZE as usize {
+                    return Err(DatapathError::Unsupported(format!(
+                        "maglev table of {} entries: the eBPF programs are built for {}",
+                        table.len(),
+                        MAGLEV_TABLE_SIZE
+                    )));
+                }
+                let mut value = Box::new(MaglevTable {
+                    backends: [0; MAGLEV_TABLE_SIZE as usize],
+                });
+                for (slot, b) in value.backends.iter_mut().zip(table.iter()) {
+                    *slot = b.0;
+                }
+                self.maglev.insert(id.0, value.as_ref(), 0).map_err(map_err(
+                    MAGLEV4_MAP,
+                    "insert",
+                    caps.frontends,
+                ))
+            }
+            MapOp::DeleteMaglev { id } => ignore_missing(self.maglev.remove(&id.0))
+                .map_err(map_err(MAGLEV4_MAP, "delete", caps.frontends)),
+            MapOp::UpsertSourceRange { id, range } => match range {
+                IpNet::V4(net) => self
+                    .ranges
+                    .insert(&range_key(*id, net), 1, 0)
+                    .map_err(map_err(SOURCE_RANGES4_MAP, "insert", caps.source_ranges)),
+                IpNet::V6(_) => {
+                    self.skipped_ipv6 += 1;
+                    Ok(())
+                }
+            },
+            MapOp::DeleteSourceRange { id, range } => match range {
+                IpNet::V4(net) => ignore_missing(self.ranges.remove(&range_key(*id, net)))
+                    .map_err(map_err(SOURCE_RANGES4_MAP, "delete", caps.source_ranges)),
+                IpNet::V6(_) => Ok(()),
+            },
+        }
+    }
+
+    fn dump(&self) -> Result<Vec<MapOp>, DatapathError> {
+        let mut ops = Vec::new();
+        let read = |map: &'static str| map_err(map, "iterate", 0);
+        for item in self.backends.iter() {
+            let (id, b) = item.map_err(read(BACKENDS4_MAP))?;
+            if let Some(addr) = l4(b.addr, b.port, b.proto) {
+                ops.push(MapOp::UpsertBackend {
+                    id: BackendId(id),
+                    entry: BackendEntry {
+                        addr,
+                        local: b.flags & BACKEND_FLAG_LOCAL != 0,
+                        terminating: b.flags & BACKEND_FLAG_TERMINATING != 0,
+                    },
+                });
+            }
+        }
+        for item in self.revnat.iter() {
+            let (id, r) = item.map_err(read(REVNAT4_MAP))?;
+            // Reverse NAT keeps no protocol: the services map has it.
+            ops.push(MapOp::UpsertRevNat {
+                id: FrontendId(id),
+                frontend: L4Addr {
+                    ip: IpAddr::from(std::net::Ipv4Addr::from_bits(r.addr.to_host())),
+                    port: r.port.to_host(),
+                    protocol: Protocol::Tcp,
+                },
+            });
+        }
+        let mut masters = Vec::new();
+        for item in self.services.iter() {
+            let (k, v) = item.map_err(read(SERVICES4_MAP))?;
+            let Some(frontend) = l4(k.addr, k.port, k.proto) else {
+                continue;
+            };
+            if k.slot == 0 {
+                masters.push((frontend, decode_frontend(&v)));
+            } else {
+                ops.push(MapOp::UpsertSlot {
+                    frontend,
+                    slot: k.slot,
+                    backend: BackendId(v.backend_id),
+                });
+            }
+        }
+        // The reverse-NAT entries get their protocol from the master entry.
+        for op in &mut ops {
+            if let MapOp::UpsertRevNat { id, frontend } = op {
+                if let Some((key, _)) = masters
+                    .iter()
+                    .find(|(k, e)| e.id == *id && k.ip == frontend.ip && k.port == frontend.port)
+                {
+                    frontend.protocol = key.protocol;
+                }
+            }
+        }
+        for item in self.maglev.iter() {
+            let (id, t) = item.map_err(read(MAGLEV4_MAP))?;
+            ops.push(MapOp::UpsertMaglev {
+                id: FrontendId(id),
+                table: t.backends.iter().map(|b| BackendId(*b)).collect(),
+            });
+        }
+        for item in self.ranges.iter() {
+            let (k, _) = item.map_err(read(SOURCE_RANGES4_MAP))?;
+            let data = k.data();
+            let prefix = k.prefix_len().saturating_sub(32) as u8;
+            let addr = std::net::Ipv4Addr::from_bits(data.addr.to_host());
+            if let Ok(net) = Ipv4Net::new(addr, prefix) {
+                ops.push(MapOp::UpsertSourceRange {
+                    id: FrontendId(data.frontend_id.to_host()),
+                    range: IpNet::V4(net),
+                });
+            }
+        }
+        for (frontend, entry) in masters {
+            ops.push(MapOp::UpsertFrontend { frontend, entry });
+        }
+        Ok(ops)
+    }
+}

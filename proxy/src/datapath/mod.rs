@@ -1,0 +1,67 @@
+//! The datapath edge: the map-operation interface the sync loop drives, and
+//! its implementations: pinned eBPF maps ([`BpfMaps`]), an in-memory one
+//! ([`FakeMaps`]) and a fault injector ([`FaultyMaps`]). Applying a plan
+//! stops at the first failed op, so the ordering guarantees of the plan hold
+//! for what did get applied.
+
+mod bpf;
+mod fake;
+
+pub use bpf::{BpfMaps, MapCapacities};
+pub use fake::{FakeMaps, FaultyMaps};
+
+use crate::plan::{AppliedState, MapOp};
+
+/// Errors of the datapath edge; each names the map and the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("map {map} is full ({capacity} entries)")]
+    MapFull { map: &'static str, capacity: u32 },
+    #[error("map {map}: {op}: {cause}")]
+    Map {
+        map: &'static str,
+        op: &'static str,
+        cause: String,
+    },
+    #[error("opening pinned map {path}: {cause}")]
+    Open { path: String, cause: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("injected fault on {0}")]
+    Injected(String),
+}
+
+/// The map-operation interface of a datapath.
+pub trait LbMaps {
+    /// Applies one op. Idempotent; deleting a missing key succeeds.
+    fn apply(&mut self, op: &MapOp) -> Result<(), DatapathError>;
+    /// Every entry the maps hold, as the upserts that would recreate them.
+    fn dump(&self) -> Result<Vec<MapOp>, DatapathError>;
+}
+
+/// What [`apply_ops`] did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub done: usize,
+    /// The op that failed, if any; later ops were not tried.
+    pub failed: Option<(MapOp, DatapathError)>,
+}
+
+/// Applies `ops` in order, committing each to `applied` after it succeeded;
+/// stops at the first failure.
+pub fn apply_ops(maps: &mut dyn LbMaps, applied: &mut AppliedState, ops: &[MapOp]) -> Applied {
+    let mut out = Applied::default();
+    for op in ops {
+        match maps.apply(op) {
+            Ok(()) => {
+                applied.apply(op);
+                out.done += 1;
+            }
+            Err(e) => {
+                out.failed = Some((op.clone(), e));
+                break;
+            }
+        }
+    }
+    out
+}

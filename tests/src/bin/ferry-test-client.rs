@@ -1,0 +1,78 @@
+//! Test client run as a child process: joins a cgroup (where the socket-LB
+//! programs are attached), enters a network namespace, then talks to an
+//! address and prints what happened, one line per attempt:
+//!   ok <peer seen by getpeername/recvfrom> <reply>
+//!   err <error kind> <millis>
+//! usage: ferry-test-client CGROUP NETNS tcp|udp ADDR COUNT
+//! Bounded: COUNT attempts, 2 s timeout each.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 6 {
+        eprintln!("usage: ferry-test-client CGROUP NETNS tcp|udp ADDR COUNT");
+        std::process::exit(2);
+    }
+    let (cgroup, netns, proto, addr, count) = (&args[1], &args[2], &args[3], &args[4], &args[5]);
+    if let Err(e) = std::fs::write(
+        format!("{cgroup}/cgroup.procs"),
+        std::process::id().to_string(),
+    ) {
+        eprintln!("joining cgroup {cgroup}: {e}");
+        std::process::exit(1);
+    }
+    let ns = match std::fs::File::open(format!("/var/run/netns/{netns}")) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("opening netns {netns}: {e}");
+            std::process::exit(1);
+        }
+    };
+    // SAFETY: setns on a valid namespace fd; single-threaded process.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        eprintln!("setns {netns}: {}", std::io::Error::last_os_error());
+        std::process::exit(1);
+    }
+    let addr: SocketAddr = match addr.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bad address {addr}: {e}");
+            std::process::exit(2);
+        }
+    };
+    let count: u32 = count.parse().unwrap_or(1).min(1000);
+    for _ in 0..count {
+        let start = Instant::now();
+        let result = match proto.as_str() {
+            "tcp" => tcp(addr),
+            _ => udp(addr),
+        };
+        match result {
+            Ok((peer, reply)) => println!("ok {peer} {reply}"),
+            Err(e) => println!("err {:?} {}", e.kind(), start.elapsed().as_millis()),
+        }
+    }
+}
+
+fn tcp(addr: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let peer = s.peer_addr()?;
+    s.write_all(b"hello\n")?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    Ok((peer, reply.trim().to_string()))
+}
+
+fn udp(addr: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.send_to(b"hello\n", addr)?;
+    let mut buf = [0u8; 256];
+    let (n, from) = s.recv_from(&mut buf)?;
+    Ok((from, String::from_utf8_lossy(&buf[..n]).trim().to_string()))
+}

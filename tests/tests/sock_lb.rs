@@ -1,0 +1,332 @@
+//! Privileged: socket-level load balancing end to end. Services go through
+//! the real pipeline (parse, translate, plan) into pinned eBPF maps; a client
+//! process in a test cgroup and namespace connects to ClusterIPs and gets
+//! backends in another namespace, sees the Service address as its peer,
+//! is refused at once by a Service without endpoints, and follows an
+//! endpoint change.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{TcpListener, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_proxy::core::Core;
+use ferry_proxy::datapath::{apply_ops, BpfMaps, MapCapacities};
+use ferry_proxy::model::NodeInfo;
+use ferry_proxy::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
+use ferry_proxy::translate::TranslateConfig;
+use ferry_tests::bpf::{PinDir, TestCgroup};
+use ferry_tests::netns::VethLink;
+use ferry_tests::{require_privileged, Netns};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+fn object_present() -> Result<(), String> {
+    ferry_proxy::ebpf::object()
+        .map(|_| ())
+        .ok_or_else(|| "ferry was built without its eBPF object".into())
+}
+
+fn service(name: &str, ip: &str, port: i32, proto: &str) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(ip.into()),
+            ports: Some(vec![ServicePort {
+                port,
+                protocol: Some(proto.into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn slice(service: &str, ips: &[&str], port: i32, proto: &str) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{service}-1")),
+            namespace: Some("default".into()),
+            labels: Some(BTreeMap::from([(
+                "kubernetes.io/service-name".to_string(),
+                service.to_string(),
+            )])),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: ips
+            .iter()
+            .map(|ip| Endpoint {
+                addresses: vec![ip.to_string()],
+                ..Default::default()
+            })
+            .collect(),
+        ports: Some(vec![EndpointPort {
+            port: Some(port),
+            protocol: Some(proto.into()),
+            ..Default::default()
+        }]),
+    }
+}
+
+/// Servers that answer with their own address, until stopped (bounded by
+/// a deadline either way).
+struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Servers {
+    fn start(tcp: Vec<TcpListener>, udp: Vec<UdpSocket>) -> Servers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut threads = Vec::new();
+        for l in tcp {
+            l.set_nonblocking(true).unwrap();
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let me = l.local_addr().unwrap().to_string();
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match l.accept() {
+                        Ok((mut s, _)) => {
+                            // Read the request first: closing with unread
+                            // data would reset the connection.
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                            let mut buf = [0u8; 64];
+                            let _ = std::io::Read::read(&mut s, &mut buf);
+                            let _ = s.write_all(me.as_bytes());
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            }));
+        }
+        for u in udp {
+            u.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let me = u.local_addr().unwrap().to_string();
+                let mut buf = [0u8; 256];
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    if let Ok((_, from)) = u.recv_from(&mut buf) {
+                        let _ = u.send_to(me.as_bytes(), from);
+                    }
+                }
+            }));
+        }
+        Servers { stop, threads }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs the test client; returns its output lines.
+fn client(cg: &TestCgroup, ns: &Netns, proto: &str, addr: &str, count: u32) -> Vec<String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-test-client"))
+        .args([
+            cg.path().to_str().unwrap(),
+            ns.name(),
+            proto,
+            addr,
+            &count.to_string(),
+        ])
+        .output()
+        .expect("running ferry-test-client");
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+struct Agent {
+    core: Core,
+    applied: AppliedState,
+    alloc: Allocators,
+    cfg: PlanConfig,
+    maps: BpfMaps,
+}
+
+impl Agent {
+    fn sync(&mut self) {
+        let t = self.core.translate_changes();
+        let scope = if t.full {
+            PlanScope::Full
+        } else {
+            PlanScope::Changes(&t.touched)
+        };
+        let plan = plan_sync(
+            &self.applied,
+            self.core.desired(),
+            scope,
+            &mut self.alloc,
+            &self.cfg,
+        );
+        assert!(plan.errors.is_empty(), "{:?}", plan.errors);
+        let done = apply_ops(&mut self.maps, &mut self.applied, &plan.ops);
+        assert!(done.failed.is_none(), "{:?}", done.failed);
+    }
+}
+
+#[test]
+fn clusterip_tcp_udp_reject_and_endpoint_change() {
+    if !require_privileged(
+        "clusterip_tcp_udp_reject_and_endpoint_change",
+        object_present(),
+    ) {
+        return;
+    }
+    let srv = Netns::new("slsrv").unwrap();
+    let cli = Netns::new("slcli").unwrap();
+    srv.veth_to(
+        &cli,
+        VethLink {
+            local: "fs0",
+            local_cidr: "198.18.1.2/24",
+            remote: "fs1",
+            remote_cidr: "198.18.1.1/24",
+        },
+    )
+    .unwrap();
+    srv.ip(&["addr", "add", "198.18.1.3/24", "dev", "fs0"])
+        .unwrap();
+    let (tcp, udp) = srv
+        .run(|| {
+            Ok((
+                vec![
+                    TcpListener::bind("198.18.1.2:8080")?,
+                    TcpListener::bind("198.18.1.3:8080")?,
+                ],
+                vec![UdpSocket::bind("198.18.1.2:5353")?],
+            ))
+        })
+        .unwrap();
+    let _servers = Servers::start(tcp, udp);
+
+    let pins = PinDir::new("sock").unwrap();
+    let cg = TestCgroup::new("sock").unwrap();
+    let caps = MapCapacities::default();
+    let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &caps).unwrap();
+    let attached =
+        ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, pins.path(), cg.path()).unwrap();
+    assert_eq!(attached.len(), 4);
+
+    let node = NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        nodeport_addresses: vec![],
+    };
+    let mut agent = Agent {
+        core: Core::new("ferry", node, TranslateConfig::default()),
+        applied: AppliedState::default(),
+        alloc: Allocators::new(&PlanConfig::default()),
+        cfg: PlanConfig::default(),
+        maps: BpfMaps::open(pins.path(), caps).unwrap(),
+    };
+    agent
+        .core
+        .upsert_service(&service("web", "198.19.0.10", 80, "TCP"));
+    agent
+        .core
+        .upsert_slice(&slice("web", &["198.18.1.2", "198.18.1.3"], 8080, "TCP"));
+    agent
+        .core
+        .upsert_service(&service("dns", "198.19.0.53", 53, "UDP"));
+    agent
+        .core
+        .upsert_slice(&slice("dns", &["198.18.1.2"], 5353, "UDP"));
+    agent
+        .core
+        .upsert_service(&service("empty", "198.19.0.99", 80, "TCP"));
+    agent.sync();
+
+    // TCP through the ClusterIP reaches both backends; the peer is the VIP.
+    let lines = client(&cg, &cli, "tcp", "198.19.0.10:80", 24);
+    let mut seen = BTreeMap::new();
+    for l in &lines {
+        let parts: Vec<&str> = l.split_whitespace().collect();
+        assert_eq!(parts.first(), Some(&"ok"), "{lines:?}");
+        assert_eq!(parts[1], "198.19.0.10:80", "getpeername shows the Service");
+        *seen.entry(parts[2].to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        vec!["198.18.1.2:8080", "198.18.1.3:8080"],
+        "both backends used: {seen:?}"
+    );
+
+    // UDP: the reply appears to come from the Service address.
+    let lines = client(&cg, &cli, "udp", "198.19.0.53:53", 5);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l == "ok 198.19.0.53:53 198.18.1.2:5353"),
+        "{lines:?}"
+    );
+
+    // No endpoints: refused at once, never a hang.
+    let lines = client(&cg, &cli, "tcp", "198.19.0.99:80", 3);
+    for l in &lines {
+        let parts: Vec<&str> = l.split_whitespace().collect();
+        assert_eq!(parts[..2], ["err", "PermissionDenied"], "{lines:?}");
+        let ms: u64 = parts[2].parse().unwrap();
+        assert!(ms < 1000, "refusal took {ms} ms");
+    }
+
+    // Addresses that are no Service are left alone.
+    let lines = client(&cg, &cli, "tcp", "198.18.1.3:8080", 1);
+    assert_eq!(lines, vec!["ok 198.18.1.3:8080 198.18.1.3:8080"]);
+
+    // An endpoint goes away: new connections only reach the remaining one.
+    agent
+        .core
+        .upsert_slice(&slice("web", &["198.18.1.3"], 8080, "TCP"));
+    agent.sync();
+    let lines = client(&cg, &cli, "tcp", "198.19.0.10:80", 12);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l == "ok 198.19.0.10:80 198.18.1.3:8080"),
+        "{lines:?}"
+    );
+
+    // What the maps hold reads back to what was applied.
+    let restored = AppliedState::restore(ferry_proxy::datapath::LbMaps::dump(&agent.maps).unwrap());
+    let mut alloc = Allocators::restore(&agent.cfg, &restored);
+    let replan = plan_sync(
+        &restored,
+        agent.core.desired(),
+        PlanScope::Full,
+        &mut alloc,
+        &agent.cfg,
+    );
+    assert!(
+        replan.ops.is_empty(),
+        "maps differ from the applied state: {:?}",
+        replan.ops
+    );
+    drop(ebpf);
+}

@@ -1,0 +1,80 @@
+//! `cargo xtask bench core`: runs the criterion control-plane benches and
+//! prints their medians as a markdown table (the one in docs/BENCHMARKS.md).
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::process::Command;
+
+use crate::deps;
+
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("core") | None => core(root, args.iter().any(|a| a == "--quick")),
+        Some(other) => bail!(
+            "unknown benchmark set {other:?}: `cargo xtask bench core [--quick]` \
+             (dataplane and control-plane end to end arrive with the dataplanes)"
+        ),
+    }
+}
+
+fn core(root: &Path, quick: bool) -> Result<()> {
+    let mut cmd = Command::new(deps::cargo());
+    cmd.current_dir(root).args([
+        "bench",
+        "--locked",
+        "-p",
+        "ferry-benches",
+        "--bench",
+        "control_plane",
+        "--",
+    ]);
+    if quick {
+        cmd.args(["--warm-up-time", "0.5", "--measurement-time", "2"]);
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    crate::run(&mut cmd)?;
+    let criterion = root.join("target/criterion");
+    println!("\n| benchmark | median | min-max of the estimate |");
+    println!("|---|---|---|");
+    for group in [
+        "translate_plan_full",
+        "endpoint_change_10k",
+        "maglev_build_16381",
+    ] {
+        let dir = criterion.join(group);
+        let mut benches: Vec<_> = std::fs::read_dir(&dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.join("new/estimates.json").exists())
+            .collect();
+        benches.sort();
+        for b in benches {
+            let text = std::fs::read_to_string(b.join("new/estimates.json"))?;
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            let med = &v["median"];
+            let get = |p: &str| med.pointer(p).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
+            println!(
+                "| {group}/{} | {} | {} - {} |",
+                b.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                human(get("/point_estimate")),
+                human(get("/confidence_interval/lower_bound")),
+                human(get("/confidence_interval/upper_bound")),
+            );
+        }
+    }
+    println!("\nload average before the run: {}", load.trim());
+    Ok(())
+}
+
+fn human(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.1} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.1} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
