@@ -1,6 +1,8 @@
 //! Ferry's agent library: the pipeline stages, the dataplanes and the CLI
 //! share this crate; the `ferry` binary is a thin front-end.
 
+pub mod agent;
+pub mod cli;
 pub mod core;
 pub mod datapath;
 pub mod dump;
@@ -9,5 +11,6 @@ pub mod model;
 pub mod objects;
 pub mod parse;
 pub mod plan;
+pub mod source;
 pub mod track;
 pub mod translate;

@@ -1,12 +1,22 @@
 //! `ferry`: the agent and its CLI.
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_proxy::agent::{Agent, AgentConfig};
+use ferry_proxy::cli;
+use ferry_proxy::datapath::{BpfMaps, LbMaps, MapCapacities};
+use ferry_proxy::plan::{AppliedState, PlanConfig};
+use ferry_proxy::translate::TranslateConfig;
 
 /// mimalloc: the pipeline allocates many small objects; glibc malloc was a
 /// quarter of a full sync's instructions (see docs/BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,8 +29,64 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Dataplane {
+    Ebpf,
+    Userspace,
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the agent: watch the source, program the dataplane, until
+    /// SIGINT/SIGTERM (which leave the dataplane in place).
+    Run {
+        /// Where Services and EndpointSlices come from: `kube` or
+        /// `file:PATH` (a YAML file or a directory of them).
+        #[arg(long, default_value = "kube")]
+        source: String,
+        /// This node's name (default: $NODE_NAME, then the hostname).
+        #[arg(long)]
+        hostname_override: Option<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        dataplane: Dataplane,
+        /// NodePort frontends only on node addresses in these CIDRs
+        /// (comma-separated; default: every node address).
+        #[arg(long, default_value = "")]
+        nodeport_addresses: String,
+        /// bpffs directory for Ferry's pinned maps and links.
+        #[arg(long, default_value = "/sys/fs/bpf/ferry")]
+        bpffs_path: PathBuf,
+        /// cgroup v2 the socket-level programs attach to (default: the
+        /// cgroup2 mount, i.e. the root cgroup).
+        #[arg(long)]
+        cgroup_path: Option<PathBuf>,
+        /// Shortest time between two syncs (bursts coalesce).
+        #[arg(long, default_value = "1s")]
+        min_sync_period: String,
+        /// Longest time between two full syncs.
+        #[arg(long, default_value = "30s")]
+        sync_period: String,
+    },
+    /// List every frontend in the pinned maps with its backends.
+    Services {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        #[arg(long, default_value = "/sys/fs/bpf/ferry")]
+        bpffs_path: PathBuf,
+    },
+    /// Remove everything Ferry pinned (links, which detaches the programs,
+    /// and maps).
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf/ferry")]
+        bpffs_path: PathBuf,
+    },
     /// Print the version and the eBPF programs embedded in this binary.
     Version,
     /// Load every embedded eBPF program into the kernel (runs the verifier
@@ -28,13 +94,118 @@ enum Command {
     Verify {
         /// bpffs mount where scratch maps are pinned (and removed again).
         #[arg(long, default_value = "/sys/fs/bpf")]
-        bpffs: std::path::PathBuf,
+        bpffs: PathBuf,
     },
+}
+
+/// A configuration error: one line naming the setting, exit code 2.
+fn usage_error(setting: &str, why: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ferry: invalid {setting}: {why}");
+    ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match cli.command {
+        Command::Run {
+            source,
+            hostname_override,
+            dataplane,
+            nodeport_addresses,
+            bpffs_path,
+            cgroup_path,
+            min_sync_period,
+            sync_period,
+        } => {
+            let Some(path) = source.strip_prefix("file:") else {
+                return usage_error(
+                    "--source",
+                    format!("{source:?}: the Kubernetes source is not built yet; use file:PATH"),
+                );
+            };
+            if dataplane == Dataplane::Userspace {
+                return usage_error(
+                    "--dataplane",
+                    "the userspace dataplane is not built yet; use ebpf",
+                );
+            }
+            let cidrs = match cli::parse_cidrs(&nodeport_addresses) {
+                Ok(c) => c,
+                Err(e) => return usage_error("--nodeport-addresses", e),
+            };
+            let (min, max) = match (
+                cli::parse_duration(&min_sync_period),
+                cli::parse_duration(&sync_period),
+            ) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(e), _) => return usage_error("--min-sync-period", e),
+                (_, Err(e)) => return usage_error("--sync-period", e),
+            };
+            let Some(cgroup) = cgroup_path.or_else(cli::cgroup2_root) else {
+                return usage_error("--cgroup-path", "no cgroup2 filesystem is mounted");
+            };
+            let cfg = AgentConfig {
+                node_name: cli::node_name(hostname_override.as_deref()),
+                nodeport_cidrs: cidrs,
+                min_sync_period: min,
+                sync_period: max,
+                retry_period: Duration::from_secs(1),
+                sources: vec![ferry_proxy::source::file::NAME],
+                translate: TranslateConfig::default(),
+                plan: PlanConfig::default(),
+            };
+            run(cfg, PathBuf::from(path), &bpffs_path, &cgroup)
+        }
+        Command::Services { output, bpffs_path } => {
+            let maps = match BpfMaps::open(&bpffs_path, MapCapacities::default()) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!(
+                        "ferry services: {e} (is the agent running with --bpffs-path {}?)",
+                        bpffs_path.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            let applied = match maps.dump() {
+                Ok(ops) => AppliedState::restore(ops),
+                Err(e) => {
+                    eprintln!("ferry services: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let rows = cli::service_rows(&applied);
+            match output {
+                Output::Table => print!("{}", cli::format_table(&rows)),
+                Output::Json => match serde_json::to_string_pretty(&rows) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("ferry services: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Cleanup { bpffs_path } => {
+            ferry_proxy::ebpf::lb::remove_pins(&bpffs_path);
+            if bpffs_path.exists() {
+                eprintln!(
+                    "ferry cleanup: {} could not be removed entirely",
+                    bpffs_path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            println!("removed {}", bpffs_path.display());
+            ExitCode::SUCCESS
+        }
         Command::Version => {
             println!("ferry {}", env!("CARGO_PKG_VERSION"));
             match ferry_proxy::ebpf::embedded_programs() {
@@ -56,4 +227,70 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn run(
+    cfg: AgentConfig,
+    source: PathBuf,
+    bpffs: &std::path::Path,
+    cgroup: &std::path::Path,
+) -> ExitCode {
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let caps = MapCapacities::default();
+    let mut ebpf = match ferry_proxy::ebpf::open(bpffs, &caps) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot load the eBPF programs");
+            return ExitCode::FAILURE;
+        }
+    };
+    match ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, bpffs, cgroup) {
+        Ok(new) if new.is_empty() => {
+            tracing::info!(cgroup = %cgroup.display(), "socket-level programs already attached (restart)")
+        }
+        Ok(new) => tracing::info!(cgroup = %cgroup.display(), programs = ?new, "attached"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot attach the socket-level programs");
+            return ExitCode::FAILURE;
+        }
+    }
+    let maps = match BpfMaps::open(bpffs, caps) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open the pinned maps");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut agent = match Agent::new(cfg, Box::new(maps)) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the pinned maps back");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stop_source = Arc::new(AtomicBool::new(false));
+    let source_thread = ferry_proxy::source::file::spawn(
+        source.clone(),
+        Duration::from_millis(500),
+        tx,
+        stop_source.clone(),
+    );
+    tracing::info!(source = %source.display(), "running");
+    agent.run(&rx, &STOP);
+    stop_source.store(true, Ordering::Relaxed);
+    let _ = source_thread.join();
+    tracing::info!("stopped; the dataplane stays programmed (ferry cleanup removes it)");
+    drop(ebpf);
+    ExitCode::SUCCESS
 }

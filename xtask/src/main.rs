@@ -2,6 +2,7 @@
 //! every check and test; the README's commands all start here.
 
 mod bench;
+mod demo;
 mod deps;
 mod ebpf;
 mod test;
@@ -13,6 +14,8 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
+  demo         a namespace cluster, ferry run from YAML files, live traffic
+               through a ClusterIP and a NodePort, one endpoint removed (root)
   build-ebpf   build the eBPF programs into target/ebpf/ferry-ebpf.o
   test         install what is missing, build the eBPF programs, run fmt,
                clippy, unit tests and privileged integration tests
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
         Some("build-ebpf") => ebpf::build(&workspace_root()).map(|_| ()),
         Some("test") => test::run(&workspace_root()),
         Some("bench") => bench::run(&workspace_root(), &args[1..]),
+        Some("demo") => demo::run(&workspace_root()),
         Some("help" | "-h" | "--help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

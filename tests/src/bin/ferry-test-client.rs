@@ -4,7 +4,10 @@
 //!   ok <peer seen by getpeername/recvfrom> <reply>
 //!   err <error kind> <millis>
 //! usage: ferry-test-client CGROUP NETNS tcp|udp ADDR COUNT
-//! Bounded: COUNT attempts, 2 s timeout each.
+//!        ferry-test-client CGROUP NETNS stream ADDR SECONDS
+//! Bounded: COUNT attempts, 2 s timeout each. `stream` keeps one TCP
+//! connection, sends a line every 20 ms and expects it echoed, for SECONDS
+//! (at most 60); it prints `ok <lines>` or `err <kind> <lines>`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -45,6 +48,13 @@ fn main() {
         }
     };
     let count: u32 = count.parse().unwrap_or(1).min(1000);
+    if proto == "stream" {
+        match stream(addr, Duration::from_secs(u64::from(count.min(60)))) {
+            Ok(n) => println!("ok {n}"),
+            Err((e, n)) => println!("err {:?} {n}", e.kind()),
+        }
+        return;
+    }
     for _ in 0..count {
         let start = Instant::now();
         let result = match proto.as_str() {
@@ -75,4 +85,24 @@ fn udp(addr: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
     let mut buf = [0u8; 256];
     let (n, from) = s.recv_from(&mut buf)?;
     Ok((from, String::from_utf8_lossy(&buf[..n]).trim().to_string()))
+}
+
+fn stream(addr: SocketAddr, duration: Duration) -> Result<u64, (std::io::Error, u64)> {
+    let mut lines = 0u64;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| (e, 0))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| (e, 0))?;
+    let end = Instant::now() + duration;
+    while Instant::now() < end {
+        let msg = format!("line {lines}\n");
+        s.write_all(msg.as_bytes()).map_err(|e| (e, lines))?;
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).map_err(|e| (e, lines))?;
+        if buf != msg.as_bytes() {
+            return Err((std::io::Error::other("echo mismatch"), lines));
+        }
+        lines += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(lines)
 }

@@ -1,0 +1,269 @@
+//! The sync loop: one owning thread takes source events, keeps the pure
+//! pipeline (track, translate, plan) and drives the datapath edge through
+//! the bounded-frequency runner. On start it reads the maps back, so a
+//! restart reconciles instead of flushing; nothing is pruned before every
+//! source has delivered its first snapshot.
+
+pub mod runner;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use crate::core::Core;
+use crate::datapath::{apply_ops, DatapathError, LbMaps};
+use crate::model::NodeInfo;
+use crate::parse::parse_node;
+use crate::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
+use crate::source::SourceEvent;
+use crate::track::SyncedGate;
+use crate::translate::TranslateConfig;
+use runner::{Runner, SyncKind};
+
+/// Settings of the sync loop.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_name: String,
+    /// --nodeport-addresses; empty: every node address.
+    pub nodeport_cidrs: Vec<IpNet>,
+    pub min_sync_period: Duration,
+    pub sync_period: Duration,
+    pub retry_period: Duration,
+    pub sources: Vec<&'static str>,
+    pub translate: TranslateConfig,
+    pub plan: PlanConfig,
+}
+
+/// What one sync did, for logs and metrics.
+#[derive(Debug, Default, Clone)]
+pub struct SyncReport {
+    pub full: bool,
+    pub services: usize,
+    pub ops: usize,
+    pub plan_errors: usize,
+    pub took: Duration,
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    core: Core,
+    applied: AppliedState,
+    alloc: Allocators,
+    maps: Box<dyn LbMaps + Send>,
+    runner: Runner,
+    synced: SyncedGate,
+    /// This node as seen on the local interfaces (used when no source
+    /// delivers a Node object of our name).
+    local_node: NodeInfo,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// An agent on `maps`, with the applied state read back from them (a
+    /// restart keeps every entry and ID).
+    pub fn new(cfg: AgentConfig, maps: Box<dyn LbMaps + Send>) -> Result<Agent, DatapathError> {
+        let applied = AppliedState::restore(maps.dump()?);
+        let alloc = Allocators::restore(&cfg.plan, &applied);
+        let local_node = NodeInfo {
+            name: cfg.node_name.clone(),
+            zone: None,
+            nodeport_addresses: local_addresses(&cfg.nodeport_cidrs),
+        };
+        tracing::info!(
+            frontends = applied.frontends().len(),
+            backends = applied.backends().len(),
+            node = %cfg.node_name,
+            nodeport_addresses = ?local_node.nodeport_addresses,
+            "restored the applied state from the maps"
+        );
+        Ok(Agent {
+            core: Core::new(
+                crate::core::DEFAULT_PROXY_NAME,
+                local_node.clone(),
+                cfg.translate.clone(),
+            ),
+            runner: Runner::new(cfg.min_sync_period, cfg.sync_period, cfg.retry_period),
+            synced: SyncedGate::new(&cfg.sources),
+            applied,
+            alloc,
+            maps,
+            local_node,
+            cfg,
+        })
+    }
+
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    pub fn applied(&self) -> &AppliedState {
+        &self.applied
+    }
+
+    pub fn handle(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Snapshot {
+                source,
+                services,
+                slices,
+                nodes,
+            } => {
+                self.core.replace_services(&services);
+                self.core.replace_slices(&slices);
+                let node = nodes
+                    .iter()
+                    .find(|n| n.metadata.name.as_deref() == Some(self.cfg.node_name.as_str()))
+                    .map(|n| parse_node(n, &self.cfg.nodeport_cidrs))
+                    .unwrap_or_else(|| self.local_node.clone());
+                self.core.set_node(node);
+                self.synced.mark_synced(source);
+            }
+        }
+        self.runner.request();
+    }
+
+    /// Runs a sync now. Before every source synced nothing is done.
+    pub fn sync(&mut self, kind: SyncKind) -> Result<SyncReport, String> {
+        if !self.synced.all_synced() {
+            return Ok(SyncReport::default());
+        }
+        let start = Instant::now();
+        let t = self.core.translate_changes();
+        for e in self.core.invalid() {
+            tracing::debug!(error = %e, "invalid object skipped");
+        }
+        let full = kind == SyncKind::Full || t.full;
+        let scope = if full {
+            PlanScope::Full
+        } else {
+            PlanScope::Changes(&t.touched)
+        };
+        let plan = plan_sync(
+            &self.applied,
+            self.core.desired(),
+            scope,
+            &mut self.alloc,
+            &self.cfg.plan,
+        );
+        for e in &plan.errors {
+            tracing::warn!(error = %e, "frontend not programmed");
+        }
+        let done = apply_ops(self.maps.as_mut(), &mut self.applied, &plan.ops);
+        let report = SyncReport {
+            full,
+            services: t.services,
+            ops: done.done,
+            plan_errors: plan.errors.len(),
+            took: start.elapsed(),
+        };
+        match done.failed {
+            None => Ok(report),
+            Some((op, e)) => Err(format!(
+                "{} (after {} of {} ops)",
+                e,
+                done.done,
+                plan.ops.len()
+            ))
+            .inspect_err(|_| tracing::debug!(op = %crate::dump::format_op(&op), "failed op")),
+        }
+    }
+
+    /// The loop: events from `rx`, syncs when the runner says so, until
+    /// `stop` is set or every source is gone.
+    pub fn run(&mut self, rx: &Receiver<SourceEvent>, stop: &AtomicBool) {
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if let Some(kind) = self.runner.due(now) {
+                let result = self.sync(kind);
+                let ok = result.is_ok();
+                match result {
+                    Ok(r) if r.ops > 0 || r.plan_errors > 0 => tracing::info!(
+                        full = r.full,
+                        services = r.services,
+                        ops = r.ops,
+                        plan_errors = r.plan_errors,
+                        took_us = r.took.as_micros() as u64,
+                        "synced"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "sync failed; retrying with a full sync"),
+                }
+                self.runner.done(kind, Instant::now(), ok);
+                continue;
+            }
+            // Wake up for the runner or for events, at least every 200 ms to
+            // notice `stop`.
+            let wait = self.runner.wait(now).min(Duration::from_millis(200));
+            match rx.recv_timeout(wait) {
+                Ok(event) => {
+                    self.handle(event);
+                    // Take whatever else is queued before syncing.
+                    while let Ok(more) = rx.try_recv() {
+                        self.handle(more);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    tracing::warn!("every source stopped");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The addresses of this network namespace's interfaces (no loopback, no
+/// IPv6 link-local), within `cidrs` when given.
+pub fn local_addresses(cidrs: &[IpNet]) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr of the family it names.
+        let ip = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    IpAddr::from(sin6.sin6_addr.s6_addr)
+                }
+                _ => continue,
+            }
+        };
+        let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+        if ip.is_loopback() || link_local {
+            continue;
+        }
+        if cidrs.is_empty() || cidrs.iter().any(|c| c.contains(&ip)) {
+            out.push(ip);
+        }
+    }
+    // SAFETY: the list from getifaddrs above.
+    unsafe { libc::freeifaddrs(ifap) };
+    out.sort();
+    out.dedup();
+    out
+}

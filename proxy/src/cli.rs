@@ -1,0 +1,193 @@
+//! Helpers of the `ferry` command line: duration and CIDR list parsing, the
+//! defaults that depend on the machine, and `ferry services` output.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::plan::AppliedState;
+
+/// Parses "500ms", "1s", "2m", "1h" (as kube-proxy's flags take them).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 1s or 500ms"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    if !(0.0..=86_400.0).contains(&secs) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses "10.0.0.0/8,192.168.1.0/24" (bare addresses are /32 or /128).
+pub fn parse_cidrs(s: &str) -> Result<Vec<IpNet>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse::<IpNet>()
+                .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| format!("{c:?} is not a CIDR"))
+        })
+        .collect()
+}
+
+/// The node name: --hostname-override, else $NODE_NAME, else the hostname.
+pub fn node_name(flag: Option<&str>) -> String {
+    if let Some(n) = flag.filter(|n| !n.is_empty()) {
+        return n.to_lowercase();
+    }
+    if let Ok(n) = std::env::var("NODE_NAME") {
+        if !n.is_empty() {
+            return n.to_lowercase();
+        }
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// The cgroup v2 mount point (the root cgroup the programs attach to by
+/// default).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+/// One row per frontend: what `ferry services` prints.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServiceRow {
+    pub frontend: String,
+    pub id: u32,
+    pub scope: &'static str,
+    pub action: &'static str,
+    pub algorithm: &'static str,
+    pub affinity_timeout: u32,
+    pub backends: Vec<BackendRow>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendRow {
+    pub id: u32,
+    pub address: String,
+    pub state: &'static str,
+    pub local: bool,
+}
+
+/// The rows of the maps' contents, sorted by frontend.
+pub fn service_rows(applied: &AppliedState) -> Vec<ServiceRow> {
+    let fronts: BTreeMap<_, _> = applied.frontends().iter().collect();
+    fronts
+        .into_iter()
+        .filter_map(|(key, f)| {
+            let e = f.entry?;
+            Some(ServiceRow {
+                frontend: key.to_string(),
+                id: e.id.0,
+                scope: e.scope.name(),
+                action: e.action.name(),
+                algorithm: e.algorithm.name(),
+                affinity_timeout: e.affinity_timeout,
+                backends: f
+                    .slots
+                    .iter()
+                    .map(|b| match applied.backends().get(b) {
+                        Some(be) => BackendRow {
+                            id: b.0,
+                            address: be.addr.to_string(),
+                            state: if be.terminating {
+                                "terminating"
+                            } else {
+                                "active"
+                            },
+                            local: be.local,
+                        },
+                        None => BackendRow {
+                            id: b.0,
+                            address: "?".into(),
+                            state: "missing",
+                            local: false,
+                        },
+                    })
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+/// The table form of [`service_rows`].
+pub fn format_table(rows: &[ServiceRow]) -> String {
+    let mut out = format!(
+        "{:<4} {:<26} {:<12} {:<8} {:<7} {}\n",
+        "ID", "FRONTEND", "SCOPE", "ACTION", "ALGO", "BACKENDS"
+    );
+    for r in rows {
+        let backends: Vec<String> = r
+            .backends
+            .iter()
+            .map(|b| {
+                format!(
+                    "{}#{} ({}{})",
+                    b.address,
+                    b.id,
+                    b.state,
+                    if b.local { ", local" } else { "" }
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "{:<4} {:<26} {:<12} {:<8} {:<7} {}\n",
+            r.id,
+            r.frontend,
+            r.scope,
+            r.action,
+            r.algorithm,
+            if backends.is_empty() {
+                "-".to_string()
+            } else {
+                backends.join(", ")
+            }
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("3d").is_err());
+    }
+
+    #[test]
+    fn cidr_lists() {
+        let v = parse_cidrs("198.18.0.0/15, 10.0.0.1").unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[1].to_string(), "10.0.0.1/32");
+        assert!(parse_cidrs("10.0.0.0/33").is_err());
+    }
+}

@@ -1,0 +1,484 @@
+//! `cargo xtask demo`: a small "cluster" in network namespaces (a node with
+//! a bridge, three backend pods running a tiny HTTP server), Service and
+//! EndpointSlice YAML for a ClusterIP and a NodePort Service, `ferry run
+//! --source file:...` with the eBPF dataplane, bounded traffic with a live
+//! per-backend table, then one endpoint removed while traffic flows. Every
+//! namespace, cgroup, pin and process is removed at the end, also on error
+//! or Ctrl-C.
+
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::{deps, ebpf};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+const PODS: [&str; 3] = ["198.18.0.11", "198.18.0.12", "198.18.0.13"];
+const NODE_IP: &str = "198.18.0.1";
+const CLUSTER_IP: &str = "198.19.0.10";
+const NODE_PORT: u16 = 30080;
+const TOTAL_REQUESTS: u32 = 800;
+
+pub fn run(root: &Path) -> Result<()> {
+    if !deps::is_root() {
+        bail!(
+            "the demo needs root: it creates network namespaces and loads eBPF programs \
+             (the userspace dataplane, which will run it unprivileged, is not built yet)"
+        );
+    }
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    deps::ensure()?;
+    ebpf::build(root)?;
+    crate::run(
+        Command::new(deps::cargo())
+            .current_dir(root)
+            .args(["build", "--locked", "-p", "ferry-proxy", "--bin", "ferry"])
+            .env("FERRY_EBPF_OBJECT", ebpf::object_path(root)),
+    )?;
+    let ferry = root.join("target/debug/ferry");
+    let tag = format!("ferry-demo-{}", std::process::id());
+    let mut demo = Demo::new(&tag)?;
+    let result = demo.play(&ferry);
+    demo.cleanup(&ferry);
+    result
+}
+
+/// Everything the demo created, removed by `cleanup` (or on drop).
+struct Demo {
+    tag: String,
+    namespaces: Vec<String>,
+    dir: PathBuf,
+    pins: PathBuf,
+    cgroup: Option<PathBuf>,
+    cgroup_root: PathBuf,
+    agent: Option<Child>,
+    stop_servers: Arc<AtomicBool>,
+    cleaned: bool,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .context("no cgroup2 filesystem is mounted")
+}
+
+/// Runs `f` on a thread inside network namespace `ns`.
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        // SAFETY: setns on a valid namespace fd changes only this thread.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {path}: {}", std::io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
+}
+
+impl Demo {
+    fn new(tag: &str) -> Result<Demo> {
+        let dir = std::env::temp_dir().join(tag);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Demo {
+            tag: tag.into(),
+            namespaces: Vec::new(),
+            pins: PathBuf::from("/sys/fs/bpf").join(tag),
+            cgroup: None,
+            cgroup_root: cgroup2_root()?,
+            dir,
+            agent: None,
+            stop_servers: Arc::new(AtomicBool::new(false)),
+            cleaned: false,
+        })
+    }
+
+    fn netns(&mut self, name: &str) -> Result<String> {
+        let full = format!("{}-{name}", self.tag);
+        ip(&["netns", "add", &full])?;
+        self.namespaces.push(full.clone());
+        ip(&["-n", &full, "link", "set", "lo", "up"])?;
+        Ok(full)
+    }
+
+    fn play(&mut self, ferry: &Path) -> Result<()> {
+        println!("== building the cluster: node {NODE_IP} (bridge), pods {PODS:?}");
+        let node = self.netns("node")?;
+        ip(&["-n", &node, "link", "add", "br0", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/24"),
+            "dev",
+            "br0",
+        ])?;
+        ip(&["-n", &node, "link", "set", "br0", "up"])?;
+        for (i, pod_ip) in PODS.iter().enumerate() {
+            let pod = self.netns(&format!("pod{}", i + 1))?;
+            let host_if = format!("veth{}", i + 1);
+            ip(&[
+                "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
+                "netns", &pod,
+            ])?;
+            ip(&["-n", &node, "link", "set", &host_if, "master", "br0", "up"])?;
+            ip(&[
+                "-n",
+                &pod,
+                "addr",
+                "add",
+                &format!("{pod_ip}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &pod, "link", "set", "eth0", "up"])?;
+            let name = format!("pod-{}", i + 1);
+            let listener = in_netns(&pod, || Ok(TcpListener::bind("0.0.0.0:8080")?))?;
+            serve_http(listener, name, self.stop_servers.clone());
+        }
+
+        let cgroup = self.cgroup_root.join(&self.tag);
+        std::fs::create_dir(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+        self.cgroup = Some(cgroup.clone());
+        self.write_yaml(&PODS)?;
+
+        println!("== starting ferry run --source file:{}", self.dir.display());
+        let log = File::create(self.dir.join("ferry.log"))?;
+        let child = Command::new(ferry)
+            .args([
+                "run",
+                "--dataplane",
+                "ebpf",
+                "--hostname-override",
+                "node-demo",
+            ])
+            .arg(format!("--source=file:{}", self.dir.display()))
+            .arg(format!("--bpffs-path={}", self.pins.display()))
+            .arg(format!("--cgroup-path={}", cgroup.display()))
+            .args(["--min-sync-period", "100ms"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting ferry")?;
+        self.agent = Some(child);
+
+        // This process becomes the client: it joins the cgroup the
+        // socket-level programs are attached to and talks from the node.
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())?;
+        self.wait_for_backends(ferry, 3)?;
+        println!("{}", self.services(ferry)?);
+
+        println!("== {TOTAL_REQUESTS} requests, a new connection each, alternating ClusterIP {CLUSTER_IP}:80 and NodePort {NODE_IP}:{NODE_PORT}");
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let client = traffic(&node, TOTAL_REQUESTS, tally.clone());
+        // Halfway through, while traffic flows, pod-3 leaves the Service.
+        while tally_done(&tally) < TOTAL_REQUESTS / 2 && !client.is_finished() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        println!("\n== removing pod-3's endpoint from the EndpointSlice while traffic flows (pod-3 keeps running)");
+        self.write_yaml(&PODS[..2])?;
+        self.wait_for_backends(ferry, 2)?;
+        let pod3_at_switch = pod3(&tally);
+        println!("== ferry programmed the change; pod-3 had served {pod3_at_switch} requests");
+        client
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        println!("\n\n{}", self.services(ferry)?);
+
+        let t = lock(&tally);
+        let pod3_total = t.per_backend.get("pod-3").copied().unwrap_or(0);
+        println!(
+            "== result: {} requests, {} failed; pod-3 got {} new connections after the change was programmed",
+            t.done,
+            t.failed,
+            pod3_total - pod3_at_switch
+        );
+        if t.failed > 0 || pod3_total != pod3_at_switch || t.per_backend.len() != 3 {
+            bail!(
+                "the demo did not behave as expected; ferry's log: {}",
+                self.dir.join("ferry.log").display()
+            );
+        }
+        Ok(())
+    }
+
+    fn write_yaml(&self, pods: &[&str]) -> Result<()> {
+        let services = format!(
+            r#"apiVersion: v1
+kind: Node
+metadata:
+  name: node-demo
+status:
+  addresses:
+  - {{type: InternalIP, address: {NODE_IP}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  clusterIP: {CLUSTER_IP}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web-nodeport, namespace: demo}}
+spec:
+  type: NodePort
+  clusterIP: 198.19.0.11
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}]
+"#
+        );
+        let mut slices = String::new();
+        for svc in ["web", "web-nodeport"] {
+            let endpoints: Vec<String> = pods
+                .iter()
+                .map(|ip| {
+                    format!(
+                        "- {{addresses: [{ip}], conditions: {{ready: true}}, nodeName: node-demo}}"
+                    )
+                })
+                .collect();
+            slices.push_str(&format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{}\n",
+                endpoints.join("\n")
+            ));
+        }
+        std::fs::write(self.dir.join("services.yaml"), services)?;
+        // Write then rename: the agent never reads half a file.
+        let tmp = self.dir.join(".slices.yaml.tmp");
+        std::fs::write(&tmp, slices)?;
+        std::fs::rename(&tmp, self.dir.join("slices.yaml"))?;
+        Ok(())
+    }
+
+    fn services(&self, ferry: &Path) -> Result<String> {
+        let out = Command::new(ferry)
+            .args(["services", "--bpffs-path"])
+            .arg(&self.pins)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits (at most 15 s) until the ClusterIP has `n` backends in the maps.
+    fn wait_for_backends(&mut self, ferry: &Path, n: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline && !INTERRUPTED.load(Ordering::Relaxed) {
+            if let Some(agent) = self.agent.as_mut() {
+                if let Some(status) = agent.try_wait()? {
+                    bail!(
+                        "ferry exited ({status}); its log: {}",
+                        self.dir.join("ferry.log").display()
+                    );
+                }
+            }
+            let out = Command::new(ferry)
+                .args(["services", "-o", "json", "--bpffs-path"])
+                .arg(&self.pins)
+                .output()?;
+            if let Ok(rows) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                let count = rows.as_array().and_then(|rows| {
+                    rows.iter()
+                        .find(|r| r["frontend"] == format!("{CLUSTER_IP}:80/TCP"))
+                        .and_then(|r| r["backends"].as_array().map(|b| b.len()))
+                });
+                if count == Some(n) {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "ferry did not program {n} backends in time; its log: {}",
+            self.dir.join("ferry.log").display()
+        )
+    }
+
+    fn cleanup(&mut self, ferry: &Path) {
+        if self.cleaned {
+            return;
+        }
+        self.cleaned = true;
+        self.stop_servers.store(true, Ordering::Relaxed);
+        if let Some(mut agent) = self.agent.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if matches!(agent.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        let _ = Command::new(ferry)
+            .args(["cleanup", "--bpffs-path"])
+            .arg(&self.pins)
+            .output();
+        if let Some(cg) = self.cgroup.take() {
+            let _ = std::fs::write(
+                self.cgroup_root.join("cgroup.procs"),
+                std::process::id().to_string(),
+            );
+            let _ = std::fs::remove_dir(&cg);
+        }
+        for ns in self.namespaces.drain(..) {
+            let _ = ip(&["netns", "del", &ns]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        println!("== cleaned up: namespaces, cgroup, pinned maps and links, ferry");
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let ferry = PathBuf::from("ferry");
+        self.cleanup(&ferry);
+    }
+}
+
+/// A tiny HTTP server answering with its pod name (bounded: stops with the
+/// demo, at most 10 minutes).
+fn serve_http(listener: TcpListener, name: String, stop: Arc<AtomicBool>) {
+    let _ = listener.set_nonblocking(true);
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf);
+                    let body = format!("{name}\n");
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    });
+}
+
+#[derive(Default)]
+struct Tally {
+    per_backend: BTreeMap<String, u32>,
+    failed: u32,
+    done: u32,
+}
+
+fn lock(t: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
+    t.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn tally_done(t: &Mutex<Tally>) -> u32 {
+    lock(t).done
+}
+
+fn pod3(t: &Mutex<Tally>) -> u32 {
+    lock(t).per_backend.get("pod-3").copied().unwrap_or(0)
+}
+
+/// `count` HTTP requests from the node namespace on a thread, a new
+/// connection each, alternating ClusterIP and NodePort, with a live table.
+fn traffic(
+    node_ns: &str,
+    count: u32,
+    tally: Arc<Mutex<Tally>>,
+) -> std::thread::JoinHandle<Result<()>> {
+    let path = format!("/var/run/netns/{node_ns}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        // SAFETY: setns on a valid namespace fd changes only this thread.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {path}: {}", std::io::Error::last_os_error());
+        }
+        let targets: [SocketAddr; 2] = [
+            format!("{CLUSTER_IP}:80").parse()?,
+            format!("{NODE_IP}:{NODE_PORT}").parse()?,
+        ];
+        for i in 0..count {
+            if INTERRUPTED.load(Ordering::Relaxed) {
+                bail!("interrupted");
+            }
+            let result = get(targets[i as usize % 2]);
+            let mut t = lock(&tally);
+            match result {
+                Ok(pod) => *t.per_backend.entry(pod).or_insert(0) += 1,
+                Err(_) => t.failed += 1,
+            }
+            t.done += 1;
+            if t.done.is_multiple_of(20) || t.done == count {
+                let cells: Vec<String> = t
+                    .per_backend
+                    .iter()
+                    .map(|(p, n)| format!("{p}: {n:>4}"))
+                    .collect();
+                print!(
+                    "\r  [{:>3}/{count}] {}   failed: {}",
+                    t.done,
+                    cells.join("  "),
+                    t.failed
+                );
+                let _ = std::io::stdout().flush();
+            }
+            drop(t);
+            // Pace the requests so the change lands mid-stream.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    })
+}
+
+fn get(addr: SocketAddr) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let body = resp.split("\r\n\r\n").nth(1).context("no HTTP body")?;
+    Ok(body.trim().to_string())
+}
