@@ -110,6 +110,11 @@ impl Agent {
         &self.applied
     }
 
+    /// What the datapath's maps hold now.
+    pub fn maps_dump(&self) -> Result<Vec<crate::plan::MapOp>, DatapathError> {
+        self.maps.dump()
+    }
+
     pub fn handle(&mut self, event: SourceEvent) {
         match event {
             SourceEvent::Snapshot {

@@ -30,6 +30,9 @@ impl fmt::Display for FrontendId {
 pub struct IdAllocator {
     next: u32,
     max: u32,
+    /// IDs stepped over since [`IdAllocator::start_round`]: until it reaches
+    /// `max`, no ID can come round twice in one round.
+    round_walk: u64,
 }
 
 impl IdAllocator {
@@ -37,6 +40,7 @@ impl IdAllocator {
         IdAllocator {
             next: 1,
             max: max.max(1),
+            round_walk: 0,
         }
     }
 
@@ -51,6 +55,20 @@ impl IdAllocator {
 
     /// The next ID that is not live, or None when all `max` are.
     pub fn allocate(&mut self, is_live: impl Fn(u32) -> bool) -> Option<u32> {
+        self.allocate_in_round(|id, _| is_live(id))
+    }
+
+    /// Starts a round (one plan): IDs handed out from now on are not live
+    /// yet, so the caller tracks them; see [`IdAllocator::allocate_in_round`].
+    pub fn start_round(&mut self) {
+        self.round_walk = 0;
+    }
+
+    /// Like [`IdAllocator::allocate`]; `is_live(id, may_repeat)` gets
+    /// `may_repeat == true` only once the round has stepped over every ID,
+    /// i.e. when `id` may already have been handed out this round. Until
+    /// then the caller need not look that up.
+    pub fn allocate_in_round(&mut self, is_live: impl Fn(u32, bool) -> bool) -> Option<u32> {
         for _ in 0..self.max {
             let id = self.next;
             self.next = if self.next >= self.max {
@@ -58,7 +76,9 @@ impl IdAllocator {
             } else {
                 self.next + 1
             };
-            if !is_live(id) {
+            let may_repeat = self.round_walk >= u64::from(self.max);
+            self.round_walk += 1;
+            if !is_live(id, may_repeat) {
                 return Some(id);
             }
         }
@@ -80,6 +100,26 @@ mod tests {
         assert_eq!(a.allocate(|i| live.contains(&i)), Some(3));
         assert_eq!(a.allocate(|i| live.contains(&i)), Some(1));
         assert_eq!(a.allocate(|_| true), None);
+    }
+
+    #[test]
+    fn repeats_are_flagged_only_after_a_full_walk() {
+        let mut a = IdAllocator::new(3);
+        a.start_round();
+        let mut handed = Vec::new();
+        for _ in 0..3 {
+            let id = a
+                .allocate_in_round(|i, may_repeat| {
+                    assert!(!may_repeat, "no repeat is possible in the first walk");
+                    handed.contains(&i)
+                })
+                .unwrap();
+            handed.push(id);
+        }
+        assert_eq!(handed, vec![1, 2, 3]);
+        // The round has walked every ID: now they are flagged, and taken.
+        let next = a.allocate_in_round(|i, may_repeat| may_repeat && handed.contains(&i));
+        assert_eq!(next, None);
     }
 
     #[test]

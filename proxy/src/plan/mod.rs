@@ -189,16 +189,16 @@ pub fn plan_sync(
             k
         }
     };
+    alloc.backends.start_round();
+    alloc.frontends.start_round();
     let mut p = Planner {
         applied,
         desired,
         alloc,
         cfg,
         new_backends: FastMap::default(),
-        new_backend_ids: FastSet::default(),
         emitted_backends: FastSet::default(),
         new_frontends: FastMap::default(),
-        new_frontend_ids: FastSet::default(),
         emitted_frontends: FastSet::default(),
         upserts: Upserts::default(),
         deletes: Deletes::default(),
@@ -303,11 +303,9 @@ struct Planner<'a> {
     alloc: &'a mut Allocators,
     cfg: &'a PlanConfig,
     new_backends: FastMap<BackendAddr, BackendId>,
-    new_backend_ids: FastSet<u32>,
     /// Backends whose upsert is already in the plan.
     emitted_backends: FastSet<BackendId>,
     new_frontends: FastMap<FrontendKey, FrontendId>,
-    new_frontend_ids: FastSet<u32>,
     /// New frontends whose reverse-NAT upsert is already in the plan.
     emitted_frontends: FastSet<FrontendId>,
     upserts: Upserts,
@@ -486,9 +484,7 @@ impl Planner<'_> {
         self.upserts.slots.reserve(slots);
         self.upserts.frontends.reserve(frontends);
         self.new_backends.reserve(backends);
-        self.new_backend_ids.reserve(backends);
         self.new_frontends.reserve(frontends);
-        self.new_frontend_ids.reserve(frontends);
     }
 
     /// Each backend ID comes with whether this call allocated it.
@@ -511,14 +507,10 @@ impl Planner<'_> {
             Ok(r) => Some(r),
             Err(map) => {
                 for addr in fresh_backends {
-                    if let Some(id) = self.new_backends.remove(&addr) {
-                        self.new_backend_ids.remove(&id.0);
-                    }
+                    self.new_backends.remove(&addr);
                 }
                 if fresh_frontend {
-                    if let Some(id) = self.new_frontends.remove(&f.key) {
-                        self.new_frontend_ids.remove(&id.0);
-                    }
+                    self.new_frontends.remove(&f.key);
                 }
                 let max = if map == "frontends" {
                     self.cfg.max_frontends
@@ -542,13 +534,14 @@ impl Planner<'_> {
             return Some(*id);
         }
         let applied = self.applied;
-        let taken = &self.new_frontend_ids;
-        let id =
-            FrontendId(self.alloc.frontends.allocate(|i| {
-                applied.rev_nat.contains_key(&FrontendId(i)) || taken.contains(&i)
-            })?);
+        let new = &self.new_frontends;
+        // IDs handed out this plan are looked up (linearly) only once the
+        // allocator has gone round every ID: the map is nearly full.
+        let id = FrontendId(self.alloc.frontends.allocate_in_round(|i, may_repeat| {
+            applied.rev_nat.contains_key(&FrontendId(i))
+                || (may_repeat && new.values().any(|f| f.0 == i))
+        })?);
         self.new_frontends.insert(*key, id);
-        self.new_frontend_ids.insert(id.0);
         Some(id)
     }
 
@@ -566,13 +559,12 @@ impl Planner<'_> {
             return Some((id, false));
         }
         let applied = self.applied;
-        let taken = &self.new_backend_ids;
-        let id =
-            BackendId(self.alloc.backends.allocate(|i| {
-                applied.backends.contains_key(&BackendId(i)) || taken.contains(&i)
-            })?);
+        let new = &self.new_backends;
+        let id = BackendId(self.alloc.backends.allocate_in_round(|i, may_repeat| {
+            applied.backends.contains_key(&BackendId(i))
+                || (may_repeat && new.values().any(|b| b.0 == i))
+        })?);
         self.new_backends.insert(*addr, id);
-        self.new_backend_ids.insert(id.0);
         Some((id, true))
     }
 
