@@ -33,6 +33,8 @@ pub struct Translated {
     pub services: usize,
     /// Services whose endpoints changed.
     pub endpoint_changes: usize,
+    /// Services that changed (added, updated, deleted).
+    pub service_changes: usize,
     /// Everything was translated (node change or first run).
     pub full: bool,
 }
@@ -172,6 +174,7 @@ impl Core {
         out.endpoint_changes = todo.len();
         let service_changes = self.services.take();
         let any_service_change = !service_changes.is_empty();
+        out.service_changes = service_changes.len();
         todo.extend(service_changes.into_iter().map(|c| c.key));
         if std::mem::take(&mut self.node_changed) {
             out.full = true;

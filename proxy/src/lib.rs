@@ -7,6 +7,8 @@ pub mod core;
 pub mod datapath;
 pub mod dump;
 pub mod ebpf;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod objects;
 pub mod parse;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ferry_proxy::agent::{Agent, AgentConfig};
 use ferry_proxy::cli;
 use ferry_proxy::datapath::{BpfMaps, LbMaps, MapCapacities};
+use ferry_proxy::http::Endpoints;
 use ferry_proxy::plan::{AppliedState, PlanConfig};
 use ferry_proxy::translate::TranslateConfig;
 
@@ -73,6 +74,12 @@ enum Command {
         /// Longest time between two full syncs.
         #[arg(long, default_value = "30s")]
         sync_period: String,
+        /// /healthz and /livez (empty: off).
+        #[arg(long, default_value = "0.0.0.0:10256")]
+        healthz_bind_address: String,
+        /// /metrics and /proxyMode (empty: off).
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_bind_address: String,
     },
     /// List every frontend in the pinned maps with its backends.
     Services {
@@ -112,6 +119,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Run {
@@ -123,6 +131,8 @@ fn main() -> ExitCode {
             cgroup_path,
             min_sync_period,
             sync_period,
+            healthz_bind_address,
+            metrics_bind_address,
         } => {
             let Some(path) = source.strip_prefix("file:") else {
                 return usage_error(
@@ -148,6 +158,27 @@ fn main() -> ExitCode {
                 (Err(e), _) => return usage_error("--min-sync-period", e),
                 (_, Err(e)) => return usage_error("--sync-period", e),
             };
+            let mut listen = Vec::new();
+            for (flag, value, what) in [
+                (
+                    "--healthz-bind-address",
+                    &healthz_bind_address,
+                    Endpoints::Health,
+                ),
+                (
+                    "--metrics-bind-address",
+                    &metrics_bind_address,
+                    Endpoints::Metrics,
+                ),
+            ] {
+                if value.is_empty() {
+                    continue;
+                }
+                match value.parse::<std::net::SocketAddr>() {
+                    Ok(a) => listen.push((a, what)),
+                    Err(_) => return usage_error(flag, format!("{value:?} is not ADDRESS:PORT")),
+                }
+            }
             let Some(cgroup) = cgroup_path.or_else(cli::cgroup2_root) else {
                 return usage_error("--cgroup-path", "no cgroup2 filesystem is mounted");
             };
@@ -161,7 +192,7 @@ fn main() -> ExitCode {
                 translate: TranslateConfig::default(),
                 plan: PlanConfig::default(),
             };
-            run(cfg, PathBuf::from(path), &bpffs_path, &cgroup)
+            run(cfg, PathBuf::from(path), &bpffs_path, &cgroup, &listen)
         }
         Command::Services { output, bpffs_path } => {
             let maps = match BpfMaps::open(&bpffs_path, MapCapacities::default()) {
@@ -240,7 +271,9 @@ fn run(
     source: PathBuf,
     bpffs: &std::path::Path,
     cgroup: &std::path::Path,
+    listen: &[(std::net::SocketAddr, Endpoints)],
 ) -> ExitCode {
+    let health_timeout = 2 * cfg.sync_period;
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -278,8 +311,23 @@ fn run(
             return ExitCode::FAILURE;
         }
     };
-    let (tx, rx) = std::sync::mpsc::channel();
     let stop_source = Arc::new(AtomicBool::new(false));
+    for (addr, what) in listen {
+        match ferry_proxy::http::serve(
+            *addr,
+            *what,
+            agent.metrics(),
+            health_timeout,
+            stop_source.clone(),
+        ) {
+            Ok(bound) => tracing::info!(address = %bound, endpoints = ?what, "serving"),
+            Err(e) => {
+                tracing::error!(address = %addr, error = %e, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
     let source_thread = ferry_proxy::source::file::spawn(
         source.clone(),
         Duration::from_millis(500),

@@ -77,6 +77,10 @@ impl AgentProc {
                 "node-a",
                 "--min-sync-period",
                 "50ms",
+                "--healthz-bind-address",
+                "127.0.0.1:0",
+                "--metrics-bind-address",
+                "127.0.0.1:0",
             ])
             .stdout(Stdio::null())
             .stderr(log)
@@ -123,6 +127,27 @@ fn services(bin: &Path, pins: &Path) -> Vec<(String, u64, Vec<String>)> {
             )
         })
         .collect()
+}
+
+/// The last address the agent logged for `endpoints` ("Health"/"Metrics").
+fn served(log: &Path, endpoints: &str) -> String {
+    let text = std::fs::read_to_string(log).unwrap();
+    text.lines()
+        .rev()
+        .find(|l| l.contains("serving") && l.contains(&format!("endpoints={endpoints}")))
+        .and_then(|l| l.split("address=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {endpoints} address in the log: {text}"))
+        .to_string()
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
@@ -250,6 +275,18 @@ fn established_stream_survives_sigkill_and_restart() {
         text.contains("already attached"),
         "second start re-attached: {text}"
     );
+
+    // kube-proxy's endpoints answer on the addresses the agent logged.
+    let health = http_get(&served(&log, "Health"), "/healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("\"lastUpdated\": \"20"), "{health}");
+    let metrics = http_get(&served(&log, "Metrics"), "/metrics");
+    assert!(metrics.contains("ferry_frontends 1"), "{metrics}");
+    assert!(
+        metrics.contains("kubeproxy_sync_proxy_rules_duration_seconds_count"),
+        "{metrics}"
+    );
+    assert!(http_get(&served(&log, "Metrics"), "/proxyMode").ends_with("ebpf"));
 
     // New connections work, and a change is picked up.
     write_yaml(&dir, &["198.18.2.3"]);

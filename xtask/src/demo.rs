@@ -195,6 +195,12 @@ impl Demo {
             .arg(format!("--bpffs-path={}", self.pins.display()))
             .arg(format!("--cgroup-path={}", cgroup.display()))
             .args(["--min-sync-period", "100ms"])
+            .args([
+                "--healthz-bind-address",
+                "127.0.0.1:0",
+                "--metrics-bind-address",
+                "127.0.0.1:0",
+            ])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -9,12 +9,15 @@ pub mod runner;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::SystemTime;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
 use crate::core::Core;
 use crate::datapath::{apply_ops, DatapathError, LbMaps};
+use crate::metrics::{Gauges, Metrics, SyncRecord};
 use crate::model::NodeInfo;
 use crate::parse::parse_node;
 use crate::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
@@ -42,6 +45,8 @@ pub struct AgentConfig {
 pub struct SyncReport {
     pub full: bool,
     pub services: usize,
+    pub service_changes: usize,
+    pub endpoint_changes: usize,
     pub ops: usize,
     pub plan_errors: usize,
     pub took: Duration,
@@ -58,6 +63,7 @@ pub struct Agent {
     /// This node as seen on the local interfaces (used when no source
     /// delivers a Node object of our name).
     local_node: NodeInfo,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -98,8 +104,14 @@ impl Agent {
             alloc,
             maps,
             local_node,
+            metrics: Arc::new(Metrics::default()),
             cfg,
         })
+    }
+
+    /// The metrics this agent records (shared with the HTTP endpoints).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     pub fn core(&self) -> &Core {
@@ -135,6 +147,7 @@ impl Agent {
             }
         }
         self.runner.request();
+        self.metrics.pending(SystemTime::now());
     }
 
     /// Runs a sync now. Before every source synced nothing is done.
@@ -167,10 +180,25 @@ impl Agent {
         let report = SyncReport {
             full,
             services: t.services,
+            service_changes: t.service_changes,
+            endpoint_changes: t.endpoint_changes,
             ops: done.done,
             plan_errors: plan.errors.len(),
             took: start.elapsed(),
         };
+        self.metrics.record_sync(
+            SyncRecord {
+                ok: done.failed.is_none(),
+                took: report.took,
+                ops_ok: report.ops as u64,
+                ops_failed: u64::from(done.failed.is_some()),
+                plan_errors: report.plan_errors as u64,
+                service_changes: report.service_changes as u64,
+                endpoint_changes: report.endpoint_changes as u64,
+            },
+            SystemTime::now(),
+        );
+        self.metrics.set_gauges(self.gauges());
         match done.failed {
             None => Ok(report),
             Some((op, e)) => Err(format!(
@@ -180,6 +208,26 @@ impl Agent {
                 plan.ops.len()
             ))
             .inspect_err(|_| tracing::debug!(op = %crate::dump::format_op(&op), "failed op")),
+        }
+    }
+
+    fn gauges(&self) -> Gauges {
+        let (services, slices) = self.core.object_counts();
+        let (mut invalid_services, mut invalid_slices) = (0, 0);
+        for e in self.core.invalid() {
+            if e.kind == "Service" {
+                invalid_services += 1;
+            } else {
+                invalid_slices += 1;
+            }
+        }
+        Gauges {
+            frontends: self.applied.frontends().len() as u64,
+            backends: self.applied.backends().len() as u64,
+            invalid_services,
+            invalid_slices,
+            services: services as u64,
+            slices: slices as u64,
         }
     }
 

@@ -1,0 +1,311 @@
+//! Metrics and health of the agent, shared between the sync loop (which
+//! records) and the HTTP endpoints (which render). Prometheus text format;
+//! kube-proxy's `kubeproxy_*` names where one exists, `ferry_*` otherwise;
+//! labels are bounded (never a Service name).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Histogram buckets (seconds) of kube-proxy's sync duration metric.
+const BUCKETS: [f64; 14] = [
+    0.0001, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024,
+    2.048,
+];
+
+#[derive(Debug, Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i]);
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+/// Gauges set after each sync.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Gauges {
+    pub frontends: u64,
+    pub backends: u64,
+    pub invalid_services: u64,
+    pub invalid_slices: u64,
+    pub services: u64,
+    pub slices: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    sync_duration: Mutex<Histogram>,
+    service_changes: AtomicU64,
+    endpoint_changes: AtomicU64,
+    last_sync_unix_ms: AtomicU64,
+    syncs_ok: AtomicU64,
+    syncs_failed: AtomicU64,
+    ops_ok: AtomicU64,
+    ops_failed: AtomicU64,
+    plan_errors: AtomicU64,
+    gauges: Mutex<Gauges>,
+    /// Unix ms since when a sync has been wanted without a successful one
+    /// (0: none pending).
+    pending_since_ms: AtomicU64,
+    /// Set when the node is being deleted (not reported by the file source).
+    node_deleting: AtomicU64,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One sync, as the loop reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncRecord {
+    pub ok: bool,
+    pub took: Duration,
+    pub ops_ok: u64,
+    pub ops_failed: u64,
+    pub plan_errors: u64,
+    pub service_changes: u64,
+    pub endpoint_changes: u64,
+}
+
+impl Metrics {
+    /// A change arrived at `now`: the agent owes a sync.
+    pub fn pending(&self, now: SystemTime) {
+        let _ = self.pending_since_ms.compare_exchange(
+            0,
+            unix_ms(now).max(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn record_sync(&self, r: SyncRecord, now: SystemTime) {
+        if let Ok(mut h) = self.sync_duration.lock() {
+            h.observe(r.took.as_secs_f64());
+        }
+        self.ops_ok.fetch_add(r.ops_ok, Ordering::Relaxed);
+        self.ops_failed.fetch_add(r.ops_failed, Ordering::Relaxed);
+        self.plan_errors.fetch_add(r.plan_errors, Ordering::Relaxed);
+        self.service_changes
+            .fetch_add(r.service_changes, Ordering::Relaxed);
+        self.endpoint_changes
+            .fetch_add(r.endpoint_changes, Ordering::Relaxed);
+        if r.ok {
+            self.syncs_ok.fetch_add(1, Ordering::Relaxed);
+            self.last_sync_unix_ms
+                .store(unix_ms(now), Ordering::Relaxed);
+            self.pending_since_ms.store(0, Ordering::Relaxed);
+        } else {
+            self.syncs_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn set_gauges(&self, g: Gauges) {
+        if let Ok(mut have) = self.gauges.lock() {
+            *have = g;
+        }
+    }
+
+    pub fn set_node_deleting(&self, deleting: bool) {
+        self.node_deleting
+            .store(u64::from(deleting), Ordering::Relaxed);
+    }
+
+    /// kube-proxy's health rule: unhealthy when a sync has been owed for
+    /// longer than `timeout` (two sync periods), or the node is being
+    /// deleted (`/healthz` only). Returns (healthy, JSON body).
+    pub fn health(&self, now: SystemTime, timeout: Duration, healthz: bool) -> (bool, String) {
+        let now_ms = unix_ms(now);
+        let pending = self.pending_since_ms.load(Ordering::Relaxed);
+        let stale = pending != 0 && now_ms.saturating_sub(pending) > timeout.as_millis() as u64;
+        let deleting = healthz && self.node_deleting.load(Ordering::Relaxed) != 0;
+        let last = self.last_sync_unix_ms.load(Ordering::Relaxed);
+        let body = format!(
+            "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\"{}}}",
+            rfc3339(last),
+            rfc3339(now_ms),
+            if deleting {
+                ",\"nodeEligible\": false"
+            } else {
+                ""
+            }
+        );
+        (!stale && !deleting, body)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Ok(h) = self.sync_duration.lock() {
+            h.render(
+                &mut out,
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds",
+            );
+        }
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        counter(
+            &mut out,
+            "kubeproxy_sync_proxy_rules_service_changes_total",
+            "Cumulative proxy rules Service changes",
+            self.service_changes.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+            "Cumulative proxy rules Endpoint changes",
+            self.endpoint_changes.load(Ordering::Relaxed),
+        );
+        let last = self.last_sync_unix_ms.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds The last time proxy rules were successfully synced\n# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge\nkubeproxy_sync_proxy_rules_last_timestamp_seconds {}",
+            last as f64 / 1000.0
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ferry_syncs_total Syncs of the dataplane by result\n# TYPE ferry_syncs_total counter\nferry_syncs_total{{result=\"ok\"}} {}\nferry_syncs_total{{result=\"error\"}} {}",
+            self.syncs_ok.load(Ordering::Relaxed),
+            self.syncs_failed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ferry_map_operations_total Map operations by result\n# TYPE ferry_map_operations_total counter\nferry_map_operations_total{{result=\"ok\"}} {}\nferry_map_operations_total{{result=\"error\"}} {}",
+            self.ops_ok.load(Ordering::Relaxed),
+            self.ops_failed.load(Ordering::Relaxed)
+        );
+        counter(
+            &mut out,
+            "ferry_plan_errors_total",
+            "Frontends left out of a sync because a map was full",
+            self.plan_errors.load(Ordering::Relaxed),
+        );
+        let g = self.gauges.lock().map(|g| *g).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "# HELP ferry_invalid_objects Objects skipped as invalid, by kind\n# TYPE ferry_invalid_objects gauge\nferry_invalid_objects{{kind=\"Service\"}} {}\nferry_invalid_objects{{kind=\"EndpointSlice\"}} {}",
+            g.invalid_services, g.invalid_slices
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ferry_objects Objects known to the agent, by kind\n# TYPE ferry_objects gauge\nferry_objects{{kind=\"Service\"}} {}\nferry_objects{{kind=\"EndpointSlice\"}} {}",
+            g.services, g.slices
+        );
+        gauge(
+            &mut out,
+            "ferry_frontends",
+            "Frontends in the maps",
+            g.frontends,
+        );
+        gauge(
+            &mut out,
+            "ferry_backends",
+            "Backends in the maps",
+            g.backends,
+        );
+        out
+    }
+}
+
+/// RFC 3339 UTC with milliseconds, from unix milliseconds.
+fn rfc3339(ms: u64) -> String {
+    let ts = k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64)
+        .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+    format!("{ts:.3}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn health_turns_bad_when_a_sync_is_owed_too_long() {
+        let m = Metrics::default();
+        let timeout = Duration::from_secs(60);
+        assert!(m.health(at(1_000), timeout, true).0, "nothing owed");
+        m.pending(at(1_000));
+        assert!(m.health(at(30_000), timeout, true).0);
+        assert!(!m.health(at(62_000), timeout, true).0, "owed for 61 s");
+        m.record_sync(
+            SyncRecord {
+                ok: true,
+                took: Duration::from_millis(3),
+                ops_ok: 5,
+                ops_failed: 0,
+                plan_errors: 0,
+                service_changes: 1,
+                endpoint_changes: 2,
+            },
+            at(62_500),
+        );
+        let (ok, body) = m.health(at(63_000), timeout, true);
+        assert!(ok);
+        assert_eq!(
+            body,
+            "{\"lastUpdated\": \"1970-01-01T00:01:02.500Z\",\"currentTime\": \"1970-01-01T00:01:03.000Z\"}"
+        );
+        m.set_node_deleting(true);
+        assert!(
+            !m.health(at(63_000), timeout, true).0,
+            "/healthz fails while the node goes"
+        );
+        assert!(m.health(at(63_000), timeout, false).0, "/livez does not");
+    }
+
+    #[test]
+    fn renders_kube_proxy_names() {
+        let m = Metrics::default();
+        m.record_sync(
+            SyncRecord {
+                ok: true,
+                took: Duration::from_millis(3),
+                ops_ok: 5,
+                ops_failed: 1,
+                plan_errors: 0,
+                service_changes: 1,
+                endpoint_changes: 2,
+            },
+            at(5_000),
+        );
+        let text = m.render();
+        assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1"));
+        assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 1"));
+        assert!(text.contains("kubeproxy_sync_proxy_rules_endpoint_changes_total 2"));
+        assert!(text.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds 5"));
+        assert!(text.contains("ferry_map_operations_total{result=\"error\"} 1"));
+    }
+}
