@@ -35,6 +35,8 @@ pub struct Translated {
     pub endpoint_changes: usize,
     /// Services that changed (added, updated, deleted).
     pub service_changes: usize,
+    /// Trigger times (unix ms) of the EndpointSlice changes taken in.
+    pub trigger_times_ms: Vec<i64>,
     /// Everything was translated (node change or first run).
     pub full: bool,
 }
@@ -162,6 +164,9 @@ impl Core {
                 Ok(ParsedSlice::Serve(s)) => Some(s.clone()),
                 _ => None,
             });
+            if let Some(t) = slice.as_ref().and_then(|s| s.trigger_time_ms) {
+                out.trigger_times_ms.push(t);
+            }
             if !self.invalid.is_empty() {
                 self.invalid.remove(&("EndpointSlice", change.key.clone()));
             }

@@ -189,6 +189,7 @@ fn main() -> ExitCode {
                 sync_period: max,
                 retry_period: Duration::from_secs(1),
                 sources: vec![ferry_proxy::source::file::NAME],
+                health_check_servers: true,
                 translate: TranslateConfig::default(),
                 plan: PlanConfig::default(),
             };

@@ -14,16 +14,31 @@ const BUCKETS: [f64; 14] = [
     2.048,
 ];
 
-#[derive(Debug, Default)]
+/// Buckets (seconds) of the network programming latency, as kube-proxy's.
+const PROGRAMMING_BUCKETS: [f64; 14] = [
+    0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 16.0, 32.0, 64.0, 128.0,
+];
+
+#[derive(Debug)]
 struct Histogram {
-    counts: [u64; BUCKETS.len()],
+    buckets: &'static [f64; 14],
+    counts: [u64; 14],
     sum: f64,
     count: u64,
 }
 
 impl Histogram {
+    const fn new(buckets: &'static [f64; 14]) -> Histogram {
+        Histogram {
+            buckets,
+            counts: [0; 14],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
     fn observe(&mut self, v: f64) {
-        for (i, b) in BUCKETS.iter().enumerate() {
+        for (i, b) in self.buckets.iter().enumerate() {
             if v <= *b {
                 self.counts[i] += 1;
             }
@@ -34,7 +49,7 @@ impl Histogram {
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, b) in BUCKETS.iter().enumerate() {
+        for (i, b) in self.buckets.iter().enumerate() {
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i]);
         }
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
@@ -54,9 +69,10 @@ pub struct Gauges {
     pub slices: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     sync_duration: Mutex<Histogram>,
+    programming: Mutex<Histogram>,
     service_changes: AtomicU64,
     endpoint_changes: AtomicU64,
     last_sync_unix_ms: AtomicU64,
@@ -71,6 +87,26 @@ pub struct Metrics {
     pending_since_ms: AtomicU64,
     /// Set when the node is being deleted (not reported by the file source).
     node_deleting: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            sync_duration: Mutex::new(Histogram::new(&BUCKETS)),
+            programming: Mutex::new(Histogram::new(&PROGRAMMING_BUCKETS)),
+            service_changes: AtomicU64::default(),
+            endpoint_changes: AtomicU64::default(),
+            last_sync_unix_ms: AtomicU64::default(),
+            syncs_ok: AtomicU64::default(),
+            syncs_failed: AtomicU64::default(),
+            ops_ok: AtomicU64::default(),
+            ops_failed: AtomicU64::default(),
+            plan_errors: AtomicU64::default(),
+            gauges: Mutex::default(),
+            pending_since_ms: AtomicU64::default(),
+            node_deleting: AtomicU64::default(),
+        }
+    }
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -122,6 +158,15 @@ impl Metrics {
         }
     }
 
+    /// An endpoint change that happened at `trigger_ms` (unix ms) is in the
+    /// dataplane at `now`.
+    pub fn programmed(&self, trigger_ms: i64, now: SystemTime) {
+        let latency = (unix_ms(now) as i64 - trigger_ms).max(0) as f64 / 1000.0;
+        if let Ok(mut h) = self.programming.lock() {
+            h.observe(latency);
+        }
+    }
+
     pub fn set_gauges(&self, g: Gauges) {
         if let Ok(mut have) = self.gauges.lock() {
             *have = g;
@@ -163,6 +208,13 @@ impl Metrics {
                 &mut out,
                 "kubeproxy_sync_proxy_rules_duration_seconds",
                 "SyncProxyRules latency in seconds",
+            );
+        }
+        if let Ok(h) = self.programming.lock() {
+            h.render(
+                &mut out,
+                "kubeproxy_network_programming_duration_seconds",
+                "In Cluster Network Programming Latency in seconds",
             );
         }
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
@@ -307,5 +359,9 @@ mod tests {
         assert!(text.contains("kubeproxy_sync_proxy_rules_endpoint_changes_total 2"));
         assert!(text.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds 5"));
         assert!(text.contains("ferry_map_operations_total{result=\"error\"} 1"));
+        m.programmed(3_000, at(5_000));
+        let text = m.render();
+        assert!(text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"2\"} 1"));
+        assert!(text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 0"));
     }
 }

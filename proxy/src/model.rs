@@ -292,6 +292,10 @@ pub struct SliceInfo {
     pub service: ServiceName,
     pub ports: Vec<SlicePort>,
     pub endpoints: Vec<EndpointInfo>,
+    /// endpoints.kubernetes.io/last-change-trigger-time, unix ms: when the
+    /// change that produced this slice happened (for the network
+    /// programming latency metric).
+    pub trigger_time_ms: Option<i64>,
 }
 
 /// This node, as translate needs it.

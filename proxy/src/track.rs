@@ -290,6 +290,7 @@ mod tests {
                 port: 8080,
             }],
             endpoints: eps,
+            trigger_time_ms: None,
         })
     }
 

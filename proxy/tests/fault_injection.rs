@@ -23,6 +23,7 @@ fn config() -> AgentConfig {
         sync_period: Duration::from_secs(30),
         retry_period: Duration::ZERO,
         sources: vec!["file"],
+        health_check_servers: false,
         translate: TranslateConfig::default(),
         plan: PlanConfig {
             maglev_size: 31,

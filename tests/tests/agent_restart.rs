@@ -43,7 +43,14 @@ fn yaml(endpoints: &[&str]) -> String {
         .map(|ip| format!("- {{addresses: [{ip}]}}"))
         .collect();
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: t}}\nspec:\n  clusterIP: 198.19.0.20\n  ports: [{{port: 80, targetPort: 7000}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: echo-1, namespace: t, labels: {{kubernetes.io/service-name: echo}}}}\naddressType: IPv4\nports: [{{port: 7000}}]\nendpoints:\n{}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: t}}\nspec:\n  clusterIP: 198.19.0.20\n  ports: [{{port: 80, targetPort: 7000}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: echo-1, namespace: t, labels: {{kubernetes.io/service-name: echo}}, annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{}\"}}}}\naddressType: IPv4\nports: [{{port: 7000}}]\nendpoints:\n{}\n",
+        k8s_openapi::jiff::Timestamp::from_millisecond(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64
+        )
+        .unwrap(),
         eps.join("\n")
     )
 }

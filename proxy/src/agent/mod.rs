@@ -17,6 +17,7 @@ use ipnet::IpNet;
 
 use crate::core::Core;
 use crate::datapath::{apply_ops, DatapathError, LbMaps};
+use crate::health_check::{HealthCheckServers, Report};
 use crate::metrics::{Gauges, Metrics, SyncRecord};
 use crate::model::NodeInfo;
 use crate::parse::parse_node;
@@ -36,6 +37,8 @@ pub struct AgentConfig {
     pub sync_period: Duration,
     pub retry_period: Duration,
     pub sources: Vec<&'static str>,
+    /// Serve healthCheckNodePorts on the node addresses.
+    pub health_check_servers: bool,
     pub translate: TranslateConfig,
     pub plan: PlanConfig,
 }
@@ -64,6 +67,7 @@ pub struct Agent {
     /// delivers a Node object of our name).
     local_node: NodeInfo,
     metrics: Arc<Metrics>,
+    health_checks: HealthCheckServers,
 }
 
 impl std::fmt::Debug for Agent {
@@ -105,6 +109,7 @@ impl Agent {
             maps,
             local_node,
             metrics: Arc::new(Metrics::default()),
+            health_checks: HealthCheckServers::default(),
             cfg,
         })
     }
@@ -198,7 +203,16 @@ impl Agent {
             },
             SystemTime::now(),
         );
+        if done.failed.is_none() {
+            let now = SystemTime::now();
+            for t in &t.trigger_times_ms {
+                self.metrics.programmed(*t, now);
+            }
+        }
         self.metrics.set_gauges(self.gauges());
+        if self.cfg.health_check_servers {
+            self.update_health_checks();
+        }
         match done.failed {
             None => Ok(report),
             Some((op, e)) => Err(format!(
@@ -209,6 +223,31 @@ impl Agent {
             ))
             .inspect_err(|_| tracing::debug!(op = %crate::dump::format_op(&op), "failed op")),
         }
+    }
+
+    fn update_health_checks(&mut self) {
+        let (healthy, _) = self
+            .metrics
+            .health(SystemTime::now(), 2 * self.cfg.sync_period, true);
+        let wanted = self
+            .core
+            .desired()
+            .services()
+            .iter()
+            .filter_map(|(name, e)| {
+                let h = e.health_check?;
+                Some((
+                    h.node_port,
+                    Report {
+                        service: name.clone(),
+                        local_endpoints: h.local_endpoints,
+                        proxy_healthy: healthy,
+                    },
+                ))
+            })
+            .collect();
+        let addresses = self.core.node().nodeport_addresses.clone();
+        self.health_checks.update(wanted, &addresses);
     }
 
     fn gauges(&self) -> Gauges {

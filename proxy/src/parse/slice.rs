@@ -11,6 +11,8 @@ use crate::model::{EndpointInfo, EndpointState, Protocol, SliceInfo, SlicePort};
 
 /// The label that ties a slice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// When the change behind a slice happened (set by the controller).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ParsedSlice {
@@ -126,5 +128,13 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<ParsedSlice, InvalidObject> 
         name,
         ports,
         endpoints,
+        // A malformed timestamp only loses the latency sample.
+        trigger_time_ms: slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            .map(|t| t.as_millisecond()),
     })))
 }
