@@ -8,10 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use ferry_benches::{cluster, slice, Shape};
+use ferry_benches::{bench_node, cluster, loaded_core, plan_config, plan_from_empty, slice, Shape};
 use ferry_proxy::core::Core;
-use ferry_proxy::model::NodeInfo;
-use ferry_proxy::plan::{maglev, plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
+use ferry_proxy::plan::{maglev, plan_sync, Allocators, AppliedState, PlanScope};
 use ferry_proxy::translate::TranslateConfig;
 
 /// Counts heap allocations so the bench can report them per Service; the
@@ -42,40 +41,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn node() -> NodeInfo {
-    NodeInfo {
-        name: "node-0".into(),
-        zone: None,
-        nodeport_addresses: vec![std::net::IpAddr::from([198, 18, 0, 10])],
-    }
-}
-
-fn loaded_core(shape: Shape) -> Core {
-    let (svcs, slices) = cluster(shape);
-    let mut core = Core::new("ferry", node(), TranslateConfig::default());
-    for s in &svcs {
-        core.upsert_service(s);
-    }
-    for s in &slices {
-        core.upsert_slice(s);
-    }
-    core
-}
-
-fn plan_cfg() -> PlanConfig {
-    PlanConfig {
-        max_backends: 1 << 20,
-        max_frontends: 1 << 18,
-        ..PlanConfig::default()
-    }
-}
-
 /// translate + plan of every Service from empty maps (objects already
 /// parsed by the track stage, as they are when a source delivers them).
 fn full_sync(c: &mut Criterion) {
     let mut g = c.benchmark_group("translate_plan_full");
     g.sample_size(10).measurement_time(Duration::from_secs(8));
-    let cfg = plan_cfg();
+    let cfg = plan_config();
     for (label, services, nodeport_every) in [
         ("1k_clusterip", 1_000, 0),
         ("10k_clusterip", 10_000, 0),
@@ -92,15 +63,7 @@ fn full_sync(c: &mut Criterion) {
                 || loaded_core(shape),
                 |mut core| {
                     core.translate_changes();
-                    let mut alloc = Allocators::new(&cfg);
-                    let plan = plan_sync(
-                        &AppliedState::default(),
-                        core.desired(),
-                        PlanScope::Full,
-                        &mut alloc,
-                        &cfg,
-                    );
-                    black_box(plan.ops.len());
+                    black_box(plan_from_empty(&core, &cfg).ops.len());
                     core
                 },
                 BatchSize::PerIteration,
@@ -113,7 +76,7 @@ fn full_sync(c: &mut Criterion) {
 /// One EndpointSlice change (a pod replaced) at 10,000 Services: parse,
 /// track, translate that Service and plan its ops.
 fn endpoint_change(c: &mut Criterion) {
-    let cfg = plan_cfg();
+    let cfg = plan_config();
     let shape = Shape {
         services: 10_000,
         endpoints: 10,
@@ -179,9 +142,9 @@ fn allocations(_c: &mut Criterion) {
         nodeport_every: 0,
     };
     let (svcs, slices) = cluster(shape);
-    let cfg = plan_cfg();
+    let cfg = plan_config();
     let before = ALLOCATIONS.load(Ordering::Relaxed);
-    let mut core = Core::new("ferry", node(), TranslateConfig::default());
+    let mut core = Core::new("ferry", bench_node(), TranslateConfig::default());
     for s in &svcs {
         core.upsert_service(s);
     }
@@ -191,14 +154,7 @@ fn allocations(_c: &mut Criterion) {
     let parsed = ALLOCATIONS.load(Ordering::Relaxed);
     core.translate_changes();
     let translated = ALLOCATIONS.load(Ordering::Relaxed);
-    let mut alloc = Allocators::new(&cfg);
-    let plan = plan_sync(
-        &AppliedState::default(),
-        core.desired(),
-        PlanScope::Full,
-        &mut alloc,
-        &cfg,
-    );
+    let plan = plan_from_empty(&core, &cfg);
     let planned = ALLOCATIONS.load(Ordering::Relaxed);
     let per = |a: u64, b: u64| (b - a) as f64 / shape.services as f64;
     println!(

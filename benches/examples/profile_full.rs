@@ -3,10 +3,8 @@
 
 use std::time::Instant;
 
-use ferry_benches::{cluster, Shape};
+use ferry_benches::{bench_node, cluster, plan_config, plan_from_empty, Shape};
 use ferry_proxy::core::Core;
-use ferry_proxy::model::NodeInfo;
-use ferry_proxy::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
 use ferry_proxy::translate::TranslateConfig;
 
 #[global_allocator]
@@ -23,19 +21,10 @@ fn main() {
         nodeport_every: 0,
     };
     let (svcs, slices) = cluster(shape);
-    let node = NodeInfo {
-        name: "node-0".into(),
-        zone: None,
-        nodeport_addresses: vec![std::net::IpAddr::from([198, 18, 0, 10])],
-    };
-    let cfg = PlanConfig {
-        max_backends: 1 << 20,
-        max_frontends: 1 << 18,
-        ..PlanConfig::default()
-    };
+    let cfg = plan_config();
     for round in 0..3 {
         let t0 = Instant::now();
-        let mut core = Core::new("ferry", node.clone(), TranslateConfig::default());
+        let mut core = Core::new("ferry", bench_node(), TranslateConfig::default());
         for s in &svcs {
             core.upsert_service(s);
         }
@@ -45,14 +34,7 @@ fn main() {
         let t1 = Instant::now();
         core.translate_changes();
         let t2 = Instant::now();
-        let mut alloc = Allocators::new(&cfg);
-        let plan = plan_sync(
-            &AppliedState::default(),
-            core.desired(),
-            PlanScope::Full,
-            &mut alloc,
-            &cfg,
-        );
+        let plan = plan_from_empty(&core, &cfg);
         let t3 = Instant::now();
         println!(
             "round {round}: parse+track {:?}, translate {:?}, plan {:?} ({} ops)",

@@ -3,6 +3,11 @@
 
 use std::collections::BTreeMap;
 
+use ferry_proxy::core::Core;
+use ferry_proxy::model::NodeInfo;
+use ferry_proxy::plan::{plan_sync, Allocators, AppliedState, Plan, PlanConfig, PlanScope};
+use ferry_proxy::translate::TranslateConfig;
+
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -104,5 +109,49 @@ pub fn cluster(shape: Shape) -> (Vec<Service>, Vec<EndpointSlice>) {
     (
         (0..shape.services).map(|i| service(i, shape)).collect(),
         (0..shape.services).map(|i| slice(i, shape, 0)).collect(),
+    )
+}
+
+/// The node the benchmarks translate for.
+pub fn bench_node() -> NodeInfo {
+    NodeInfo {
+        name: "node-0".into(),
+        zone: None,
+        nodeport_addresses: vec![std::net::IpAddr::from([198, 18, 0, 10])],
+    }
+}
+
+/// Map capacities large enough for 50,000 Services.
+pub fn plan_config() -> PlanConfig {
+    PlanConfig {
+        max_backends: 1 << 20,
+        max_frontends: 1 << 18,
+        ..PlanConfig::default()
+    }
+}
+
+/// A core with every object of the cluster parsed and tracked (not yet
+/// translated).
+pub fn loaded_core(shape: Shape) -> Core {
+    let (svcs, slices) = cluster(shape);
+    let mut core = Core::new("ferry", bench_node(), TranslateConfig::default());
+    for s in &svcs {
+        core.upsert_service(s);
+    }
+    for s in &slices {
+        core.upsert_slice(s);
+    }
+    core
+}
+
+/// The plan that programs `core`'s desired state into empty maps.
+pub fn plan_from_empty(core: &Core, cfg: &PlanConfig) -> Plan {
+    let mut alloc = Allocators::new(cfg);
+    plan_sync(
+        &AppliedState::default(),
+        core.desired(),
+        PlanScope::Full,
+        &mut alloc,
+        cfg,
     )
 }

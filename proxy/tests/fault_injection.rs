@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -94,13 +96,7 @@ fn resolve(text: &str, state: &AppliedState) -> String {
 
 #[test]
 fn faulty_datapath_converges_to_the_fault_free_maps() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("input.yaml").exists())
-        .collect();
-    dirs.sort();
+    let dirs = common::scenario_dirs();
     let mut failed_syncs = 0;
     for dir in dirs {
         // The capacity scenario depends on a small backends map; it has its

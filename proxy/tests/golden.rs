@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
+mod common;
+
 use std::fmt::Write;
 use std::path::Path;
 
@@ -140,14 +142,8 @@ fn run_scenario(dir: &Path) -> String {
 
 #[test]
 fn golden_scenarios() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
     let update = std::env::var("FERRY_UPDATE_GOLDEN").as_deref() == Ok("1");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("input.yaml").exists())
-        .collect();
-    dirs.sort();
+    let dirs = common::scenario_dirs();
     assert!(
         dirs.len() >= 20,
         "expected the full scenario set, found {}",

@@ -15,10 +15,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_proxy::core::Core;
-use ferry_proxy::datapath::{apply_ops, BpfMaps, MapCapacities};
-use ferry_proxy::model::NodeInfo;
+use std::path::Path;
+
+use ferry_proxy::agent::runner::SyncKind;
+use ferry_proxy::agent::{Agent, AgentConfig};
+use ferry_proxy::datapath::{BpfMaps, MapCapacities};
 use ferry_proxy::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
+use ferry_proxy::source::SourceEvent;
 use ferry_proxy::translate::TranslateConfig;
 use ferry_tests::bpf::{PinDir, TestCgroup};
 use ferry_tests::netns::VethLink;
@@ -162,33 +165,31 @@ fn client(cg: &TestCgroup, ns: &Netns, proto: &str, addr: &str, count: u32) -> V
         .collect()
 }
 
-struct Agent {
-    core: Core,
-    applied: AppliedState,
-    alloc: Allocators,
-    cfg: PlanConfig,
-    maps: BpfMaps,
+fn agent(pins: &Path, caps: MapCapacities) -> Agent {
+    let cfg = AgentConfig {
+        node_name: "node-a".into(),
+        nodeport_cidrs: vec![],
+        min_sync_period: Duration::ZERO,
+        sync_period: Duration::from_secs(30),
+        retry_period: Duration::from_secs(1),
+        sources: vec!["test"],
+        health_check_servers: false,
+        translate: TranslateConfig::default(),
+        plan: PlanConfig::default(),
+    };
+    Agent::new(cfg, Box::new(BpfMaps::open(pins, caps).unwrap())).unwrap()
 }
 
-impl Agent {
-    fn sync(&mut self) {
-        let t = self.core.translate_changes();
-        let scope = if t.full {
-            PlanScope::Full
-        } else {
-            PlanScope::Changes(&t.touched)
-        };
-        let plan = plan_sync(
-            &self.applied,
-            self.core.desired(),
-            scope,
-            &mut self.alloc,
-            &self.cfg,
-        );
-        assert!(plan.errors.is_empty(), "{:?}", plan.errors);
-        let done = apply_ops(&mut self.maps, &mut self.applied, &plan.ops);
-        assert!(done.failed.is_none(), "{:?}", done.failed);
-    }
+/// Hands the agent every object (as a source's snapshot) and syncs.
+fn sync(agent: &mut Agent, services: &[Service], slices: &[EndpointSlice]) {
+    agent.handle(SourceEvent::Snapshot {
+        source: "test",
+        services: services.to_vec(),
+        slices: slices.to_vec(),
+        nodes: vec![],
+    });
+    let report = agent.sync(SyncKind::Incremental).unwrap();
+    assert_eq!(report.plan_errors, 0);
 }
 
 #[test]
@@ -234,34 +235,17 @@ fn clusterip_tcp_udp_reject_and_endpoint_change() {
         ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, pins.path(), cg.path()).unwrap();
     assert_eq!(attached.len(), 4);
 
-    let node = NodeInfo {
-        name: "node-a".into(),
-        zone: None,
-        nodeport_addresses: vec![],
-    };
-    let mut agent = Agent {
-        core: Core::new("ferry", node, TranslateConfig::default()),
-        applied: AppliedState::default(),
-        alloc: Allocators::new(&PlanConfig::default()),
-        cfg: PlanConfig::default(),
-        maps: BpfMaps::open(pins.path(), caps).unwrap(),
-    };
-    agent
-        .core
-        .upsert_service(&service("web", "198.19.0.10", 80, "TCP"));
-    agent
-        .core
-        .upsert_slice(&slice("web", &["198.18.1.2", "198.18.1.3"], 8080, "TCP"));
-    agent
-        .core
-        .upsert_service(&service("dns", "198.19.0.53", 53, "UDP"));
-    agent
-        .core
-        .upsert_slice(&slice("dns", &["198.18.1.2"], 5353, "UDP"));
-    agent
-        .core
-        .upsert_service(&service("empty", "198.19.0.99", 80, "TCP"));
-    agent.sync();
+    let mut agent = agent(pins.path(), caps);
+    let services = [
+        service("web", "198.19.0.10", 80, "TCP"),
+        service("dns", "198.19.0.53", 53, "UDP"),
+        service("empty", "198.19.0.99", 80, "TCP"),
+    ];
+    let mut slices = vec![
+        slice("web", &["198.18.1.2", "198.18.1.3"], 8080, "TCP"),
+        slice("dns", &["198.18.1.2"], 5353, "UDP"),
+    ];
+    sync(&mut agent, &services, &slices);
 
     // TCP through the ClusterIP reaches both backends; the peer is the VIP.
     let lines = client(&cg, &cli, "tcp", "198.19.0.10:80", 24);
@@ -301,10 +285,8 @@ fn clusterip_tcp_udp_reject_and_endpoint_change() {
     assert_eq!(lines, vec!["ok 198.18.1.3:8080 198.18.1.3:8080"]);
 
     // An endpoint goes away: new connections only reach the remaining one.
-    agent
-        .core
-        .upsert_slice(&slice("web", &["198.18.1.3"], 8080, "TCP"));
-    agent.sync();
+    slices[0] = slice("web", &["198.18.1.3"], 8080, "TCP");
+    sync(&mut agent, &services, &slices);
     let lines = client(&cg, &cli, "tcp", "198.19.0.10:80", 12);
     assert!(
         lines
@@ -314,14 +296,15 @@ fn clusterip_tcp_udp_reject_and_endpoint_change() {
     );
 
     // What the maps hold reads back to what was applied.
-    let restored = AppliedState::restore(ferry_proxy::datapath::LbMaps::dump(&agent.maps).unwrap());
-    let mut alloc = Allocators::restore(&agent.cfg, &restored);
+    let cfg = PlanConfig::default();
+    let restored = AppliedState::restore(agent.maps_dump().unwrap());
+    let mut alloc = Allocators::restore(&cfg, &restored);
     let replan = plan_sync(
         &restored,
-        agent.core.desired(),
+        agent.core().desired(),
         PlanScope::Full,
         &mut alloc,
-        &agent.cfg,
+        &cfg,
     );
     assert!(
         replan.ops.is_empty(),
