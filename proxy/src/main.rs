@@ -43,6 +43,8 @@ enum Output {
     Json,
 }
 
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent: watch the source, program the dataplane, until
@@ -52,6 +54,10 @@ enum Command {
         /// `file:PATH` (a YAML file or a directory of them).
         #[arg(long, default_value = "kube")]
         source: String,
+        /// kubeconfig for `--source kube` (default: in-cluster, then
+        /// $KUBECONFIG or ~/.kube/config).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
         /// This node's name (default: $NODE_NAME, then the hostname).
         #[arg(long)]
         hostname_override: Option<String>,
@@ -124,6 +130,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run {
             source,
+            kubeconfig,
             hostname_override,
             dataplane,
             nodeport_addresses,
@@ -134,11 +141,12 @@ fn main() -> ExitCode {
             healthz_bind_address,
             metrics_bind_address,
         } => {
-            let Some(path) = source.strip_prefix("file:") else {
-                return usage_error(
-                    "--source",
-                    format!("{source:?}: the Kubernetes source is not built yet; use file:PATH"),
-                );
+            let source = match (source.as_str(), source.strip_prefix("file:")) {
+                ("kube", _) => Source::Kube(kubeconfig),
+                (_, Some(path)) if !path.is_empty() => Source::File(PathBuf::from(path)),
+                _ => {
+                    return usage_error("--source", format!("{source:?} is not kube or file:PATH"))
+                }
             };
             if dataplane == Dataplane::Userspace {
                 return usage_error(
@@ -188,12 +196,15 @@ fn main() -> ExitCode {
                 min_sync_period: min,
                 sync_period: max,
                 retry_period: Duration::from_secs(1),
-                sources: vec![ferry_proxy::source::file::NAME],
+                sources: match &source {
+                    Source::File(_) => vec![ferry_proxy::source::file::NAME],
+                    Source::Kube(_) => ferry_proxy::source::kube::SOURCES.to_vec(),
+                },
                 health_check_servers: true,
                 translate: TranslateConfig::default(),
                 plan: PlanConfig::default(),
             };
-            run(cfg, PathBuf::from(path), &bpffs_path, &cgroup, &listen)
+            run(cfg, source, &bpffs_path, &cgroup, &listen)
         }
         Command::Services { output, bpffs_path } => {
             let maps = match BpfMaps::open(&bpffs_path, MapCapacities::default()) {
@@ -267,14 +278,22 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
 }
 
+/// Where the agent's objects come from.
+#[derive(Debug)]
+enum Source {
+    File(PathBuf),
+    Kube(Option<PathBuf>),
+}
+
 fn run(
     cfg: AgentConfig,
-    source: PathBuf,
+    source: Source,
     bpffs: &std::path::Path,
     cgroup: &std::path::Path,
     listen: &[(std::net::SocketAddr, Endpoints)],
 ) -> ExitCode {
     let health_timeout = 2 * cfg.sync_period;
+    let cfg_node_name = cfg.node_name.clone();
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -329,13 +348,25 @@ fn run(
         }
     }
     let (tx, rx) = std::sync::mpsc::channel();
-    let source_thread = ferry_proxy::source::file::spawn(
-        source.clone(),
-        Duration::from_millis(500),
-        tx,
-        stop_source.clone(),
-    );
-    tracing::info!(source = %source.display(), "running");
+    tracing::info!(source = ?source, "running");
+    let node_name = cfg_node_name.clone();
+    let source_thread = match source {
+        Source::File(path) => ferry_proxy::source::file::spawn(
+            path,
+            Duration::from_millis(500),
+            tx,
+            stop_source.clone(),
+        ),
+        Source::Kube(kubeconfig) => {
+            match ferry_proxy::source::kube::spawn(kubeconfig, node_name, tx, stop_source.clone()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the Kubernetes source");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
     agent.run(&rx, &STOP);
     stop_source.store(true, Ordering::Relaxed);
     let _ = source_thread.join();

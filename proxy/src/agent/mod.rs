@@ -20,9 +20,11 @@ use crate::datapath::{apply_ops, DatapathError, LbMaps};
 use crate::health_check::{HealthCheckServers, Report};
 use crate::metrics::{Gauges, Metrics, SyncRecord};
 use crate::model::NodeInfo;
+use crate::objects::Object;
+use crate::parse::object_name;
 use crate::parse::parse_node;
 use crate::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
-use crate::source::SourceEvent;
+use crate::source::{Relist, SourceEvent};
 use crate::track::SyncedGate;
 use crate::translate::TranslateConfig;
 use runner::{Runner, SyncKind};
@@ -142,17 +144,52 @@ impl Agent {
             } => {
                 self.core.replace_services(&services);
                 self.core.replace_slices(&slices);
-                let node = nodes
-                    .iter()
-                    .find(|n| n.metadata.name.as_deref() == Some(self.cfg.node_name.as_str()))
-                    .map(|n| parse_node(n, &self.cfg.nodeport_cidrs))
-                    .unwrap_or_else(|| self.local_node.clone());
-                self.core.set_node(node);
+                self.set_node_from(&nodes);
                 self.synced.mark_synced(source);
+            }
+            SourceEvent::Relist(Relist::Services(v)) => {
+                self.core.replace_services(&v);
+                self.synced.mark_synced("services");
+            }
+            SourceEvent::Relist(Relist::Slices(v)) => {
+                self.core.replace_slices(&v);
+                self.synced.mark_synced("endpointslices");
+            }
+            SourceEvent::Relist(Relist::Nodes(v)) => {
+                self.set_node_from(&v);
+                self.synced.mark_synced("node");
+            }
+            SourceEvent::Apply(Object::Service(s)) => self.core.upsert_service(&s),
+            SourceEvent::Apply(Object::EndpointSlice(s)) => self.core.upsert_slice(&s),
+            SourceEvent::Apply(Object::Node(n)) => self.set_node_from(std::slice::from_ref(&n)),
+            SourceEvent::Delete(Object::Service(s)) => {
+                self.core.delete_service(&object_name(&s.metadata))
+            }
+            SourceEvent::Delete(Object::EndpointSlice(s)) => {
+                self.core.delete_slice(&object_name(&s.metadata))
+            }
+            SourceEvent::Delete(Object::Node(_)) => {
+                // This node is going away: /healthz says so (kube-proxy does
+                // the same) and the dataplane is left as it is.
+                self.metrics.set_node_deleting(true);
             }
         }
         self.runner.request();
         self.metrics.pending(SystemTime::now());
+    }
+
+    /// This node from the Node objects a source delivered (ours by name),
+    /// else from the local interfaces.
+    fn set_node_from(&mut self, nodes: &[k8s_openapi::api::core::v1::Node]) {
+        let ours = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.cfg.node_name.as_str()));
+        self.metrics
+            .set_node_deleting(ours.is_some_and(|n| n.metadata.deletion_timestamp.is_some()));
+        let node = ours
+            .map(|n| parse_node(n, &self.cfg.nodeport_cidrs))
+            .unwrap_or_else(|| self.local_node.clone());
+        self.core.set_node(node);
     }
 
     /// Runs a sync now. Before every source synced nothing is done.

@@ -1,0 +1,166 @@
+//! The Kubernetes source: kube-rs watchers (with backoff) for Services,
+//! EndpointSlices and this Node, on their own thread and tokio runtime,
+//! turned into [`SourceEvent`]s. A (re)list — the initial one, or after a
+//! watch expired with 410 Gone — arrives as one [`Relist`] per kind, so the
+//! sync loop replaces that kind atomically. An API server outage only delays
+//! events: the dataplane stays as it is.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Config};
+
+use super::{Relist, SourceEvent};
+use crate::objects::Object;
+
+/// Names of the kinds, as the synced gate knows them.
+pub const SOURCES: [&str; 3] = ["services", "endpointslices", "node"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    #[error("reading kubeconfig {path}: {cause}")]
+    Kubeconfig { path: String, cause: String },
+    #[error("Kubernetes client configuration: {0}")]
+    Config(String),
+    #[error("starting the tokio runtime: {0}")]
+    Runtime(String),
+}
+
+async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(&path).map_err(|e| {
+                KubeSourceError::Kubeconfig {
+                    path: path.display().to_string(),
+                    cause: e.to_string(),
+                }
+            })?;
+            Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| KubeSourceError::Config(e.to_string()))?
+        }
+        None => Config::infer()
+            .await
+            .map_err(|e| KubeSourceError::Config(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(|e| KubeSourceError::Config(e.to_string()))
+}
+
+/// Forwards one watcher's events; buffers an initial (re)list until done.
+async fn forward<K, S>(
+    stream: S,
+    relist: fn(Vec<K>) -> Relist,
+    wrap: fn(K) -> Object,
+    tx: Sender<SourceEvent>,
+    what: &'static str,
+) where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut buffer: Vec<K> = Vec::new();
+    while let Some(item) = stream.next().await {
+        let event = match item {
+            Ok(watcher::Event::Init) => {
+                buffer.clear();
+                continue;
+            }
+            Ok(watcher::Event::InitApply(o)) => {
+                buffer.push(o);
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => {
+                SourceEvent::Relist(relist(std::mem::take(&mut buffer)))
+            }
+            Ok(watcher::Event::Apply(o)) => SourceEvent::Apply(wrap(o)),
+            Ok(watcher::Event::Delete(o)) => SourceEvent::Delete(wrap(o)),
+            Err(e) => {
+                tracing::warn!(kind = what, error = %e, "watch failed; retrying with backoff");
+                continue;
+            }
+        };
+        if tx.send(event).is_err() {
+            return;
+        }
+    }
+}
+
+/// Starts the watchers on a thread of their own; they stop when `stop` is
+/// set or the receiver is gone.
+pub fn spawn(
+    kubeconfig: Option<PathBuf>,
+    node_name: String,
+    tx: Sender<SourceEvent>,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, KubeSourceError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| KubeSourceError::Runtime(e.to_string()))?;
+    Ok(std::thread::spawn(move || {
+        rt.block_on(async move {
+            let client = match client(kubeconfig).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "no Kubernetes client");
+                    return;
+                }
+            };
+            let services = watcher(
+                Api::<Service>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff();
+            let slices = watcher(
+                Api::<EndpointSlice>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff();
+            let nodes = watcher(
+                Api::<Node>::all(client),
+                watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+            )
+            .default_backoff();
+            let watch = async {
+                tokio::join!(
+                    forward(
+                        services,
+                        Relist::Services,
+                        |o| Object::Service(Box::new(o)),
+                        tx.clone(),
+                        "Service"
+                    ),
+                    forward(
+                        slices,
+                        Relist::Slices,
+                        |o| Object::EndpointSlice(Box::new(o)),
+                        tx.clone(),
+                        "EndpointSlice"
+                    ),
+                    forward(
+                        nodes,
+                        Relist::Nodes,
+                        |o| Object::Node(Box::new(o)),
+                        tx.clone(),
+                        "Node"
+                    ),
+                )
+            };
+            let stopped = async {
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            tokio::select! {
+                _ = watch => {}
+                _ = stopped => {}
+            }
+        });
+    }))
+}

@@ -1,0 +1,580 @@
+//! A fake Kubernetes API server for tests, speaking the real list/watch
+//! protocol over HTTP/1.1 on 127.0.0.1:0: resourceVersion on every object
+//! and list, limit/continue paging, label and field selectors, watch from a
+//! resourceVersion with BOOKMARK events, an ERROR event with code 410 for a
+//! resourceVersion that was compacted away, a switch that cuts every watch,
+//! and a request log. Serves Services, EndpointSlices and Nodes.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// The kinds served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    fn from_value(v: &Value) -> Option<Kind> {
+        match v["kind"].as_str()? {
+            "Service" => Some(Kind::Service),
+            "EndpointSlice" => Some(Kind::EndpointSlice),
+            "Node" => Some(Kind::Node),
+            _ => None,
+        }
+    }
+
+    fn list_kind(self) -> &'static str {
+        match self {
+            Kind::Service => "ServiceList",
+            Kind::EndpointSlice => "EndpointSliceList",
+            Kind::Node => "NodeList",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Event {
+    rv: u64,
+    kind: Kind,
+    type_: &'static str,
+    object: Value,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    rv: u64,
+    objects: BTreeMap<(Kind, String, String), Value>,
+    events: Vec<Event>,
+    /// Watches from a resourceVersion below this get 410 Gone.
+    compacted_below: u64,
+    /// Bumped to end every open watch.
+    cut: u64,
+    log: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// A running fake API server; stops on drop.
+#[derive(Debug)]
+pub struct FakeApi {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+fn lock(s: &Shared) -> MutexGuard<'_, State> {
+    s.state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn key_of(kind: Kind, v: &Value) -> (Kind, String, String) {
+    let ns = if kind == Kind::Node {
+        String::new()
+    } else {
+        v["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string()
+    };
+    (
+        kind,
+        ns,
+        v["metadata"]["name"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+impl FakeApi {
+    pub fn start() -> std::io::Result<FakeApi> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let shared = Arc::new(Shared::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sh, st) = (shared.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (sh, st) = (sh.clone(), st.clone());
+                        std::thread::spawn(move || {
+                            let _ = serve(conn, &sh, &st);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(FakeApi { shared, addr, stop })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig for this server.
+    pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::write(
+            path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{token: fake}}\n",
+                self.url()
+            ),
+        )
+    }
+
+    /// Creates or replaces an object (its `kind` says which); returns its
+    /// new resourceVersion.
+    pub fn apply(&self, mut object: Value) -> u64 {
+        let kind = Kind::from_value(&object).expect("a Service, EndpointSlice or Node");
+        let mut st = lock(&self.shared);
+        st.rv += 1;
+        let rv = st.rv;
+        object["apiVersion"] = json!(kind.api_version());
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = key_of(kind, &object);
+        if kind != Kind::Node && object["metadata"]["namespace"].is_null() {
+            object["metadata"]["namespace"] = json!("default");
+        }
+        if object["metadata"]["uid"].is_null() {
+            object["metadata"]["uid"] = json!(format!("uid-{}-{}-{}", kind.name(), key.1, key.2));
+        }
+        let type_ = if st.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        st.objects.insert(key, object.clone());
+        st.events.push(Event {
+            rv,
+            kind,
+            type_,
+            object,
+        });
+        drop(st);
+        self.shared.changed.notify_all();
+        rv
+    }
+
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> bool {
+        let mut st = lock(&self.shared);
+        let ns = if kind == Kind::Node { "" } else { namespace };
+        let Some(mut object) = st.objects.remove(&(kind, ns.to_string(), name.to_string())) else {
+            return false;
+        };
+        st.rv += 1;
+        let rv = st.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.events.push(Event {
+            rv,
+            kind,
+            type_: "DELETED",
+            object,
+        });
+        drop(st);
+        self.shared.changed.notify_all();
+        true
+    }
+
+    /// Forgets the event history: a watch resuming from an older
+    /// resourceVersion gets 410 Gone and must list again.
+    pub fn compact(&self) {
+        let mut st = lock(&self.shared);
+        st.compacted_below = st.rv + 1;
+        st.events.clear();
+    }
+
+    /// Ends every open watch (clients reconnect).
+    pub fn cut_watches(&self) {
+        lock(&self.shared).cut += 1;
+        self.shared.changed.notify_all();
+    }
+
+    /// Every request so far: "METHOD path?query".
+    pub fn requests(&self) -> Vec<String> {
+        lock(&self.shared).log.clone()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.shared.changed.notify_all();
+    }
+}
+
+fn query_map(query: &str) -> BTreeMap<String, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (k.to_string(), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Equality-based label selectors: `a=b`, `a==b`, `a!=b`, `a`, `!a`.
+fn labels_match(selector: &str, labels: &Value) -> bool {
+    selector.split(',').filter(|s| !s.is_empty()).all(|term| {
+        let get = |k: &str| labels.get(k.trim()).and_then(|v| v.as_str());
+        if let Some((k, v)) = term.split_once("!=") {
+            get(k) != Some(v.trim())
+        } else if let Some((k, v)) = term.split_once('=') {
+            get(k.trim_end_matches('=')) == Some(v.trim_start_matches('=').trim())
+        } else if let Some(k) = term.strip_prefix('!') {
+            get(k).is_none()
+        } else {
+            get(term).is_some()
+        }
+    })
+}
+
+fn fields_match(selector: &str, object: &Value) -> bool {
+    selector.split(',').filter(|s| !s.is_empty()).all(|term| {
+        let (k, v) = term.split_once('=').unwrap_or((term, ""));
+        let v = v.trim_start_matches('=');
+        match k {
+            "metadata.name" => object["metadata"]["name"].as_str() == Some(v),
+            "metadata.namespace" => object["metadata"]["namespace"].as_str() == Some(v),
+            _ => true,
+        }
+    })
+}
+
+struct Request {
+    kind: Kind,
+    namespace: Option<String>,
+    name: Option<String>,
+    query: BTreeMap<String, String>,
+}
+
+fn route(path: &str) -> Option<(Kind, Option<String>, Option<String>)> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (rest, core) = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => (rest, true),
+        ["apis", "discovery.k8s.io", "v1", rest @ ..] => (rest, false),
+        _ => return None,
+    };
+    let (ns, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+        _ => (None, rest),
+    };
+    let kind = match (core, rest.first()?) {
+        (true, &"services") => Kind::Service,
+        (true, &"nodes") => Kind::Node,
+        (false, &"endpointslices") => Kind::EndpointSlice,
+        _ => return None,
+    };
+    Some((kind, ns, rest.get(1).map(|s| s.to_string())))
+}
+
+fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+        let (method, target) = (method.to_string(), target.to_string());
+        let mut content_length = 0usize;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    content_length = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; content_length.min(1 << 20)];
+        std::io::Read::read_exact(&mut reader, &mut body)?;
+        lock(shared).log.push(format!("{method} {target}"));
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let request = route(path).map(|(kind, namespace, name)| Request {
+            kind,
+            namespace,
+            name,
+            query: query_map(query),
+        });
+        match (method.as_str(), request) {
+            ("GET", Some(r))
+                if r.query
+                    .get("watch")
+                    .is_some_and(|w| w == "1" || w == "true") =>
+            {
+                return watch(&mut out, shared, stop, &r);
+            }
+            ("GET", Some(r)) => {
+                let (status, body) = get(shared, &r);
+                respond(&mut out, status, &body)?;
+            }
+            _ => respond(
+                &mut out,
+                404,
+                &status_body(404, "NotFound", "not served by the fake API"),
+            )?,
+        }
+    }
+}
+
+fn status_body(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn respond(out: &mut TcpStream, status: u16, body: &Value) -> std::io::Result<()> {
+    let text = body.to_string();
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        410 => "Gone",
+        _ => "Error",
+    };
+    write!(
+        out,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+        text.len()
+    )
+}
+
+fn selected(r: &Request, object: &Value) -> bool {
+    let ns_ok = r
+        .namespace
+        .as_ref()
+        .is_none_or(|ns| object["metadata"]["namespace"].as_str() == Some(ns));
+    let name_ok = r
+        .name
+        .as_ref()
+        .is_none_or(|n| object["metadata"]["name"].as_str() == Some(n));
+    ns_ok
+        && name_ok
+        && r.query
+            .get("labelSelector")
+            .is_none_or(|s| labels_match(s, &object["metadata"]["labels"]))
+        && r.query
+            .get("fieldSelector")
+            .is_none_or(|s| fields_match(s, object))
+}
+
+fn get(shared: &Shared, r: &Request) -> (u16, Value) {
+    let st = lock(shared);
+    let items: Vec<&Value> = st
+        .objects
+        .iter()
+        .filter(|((k, _, _), v)| *k == r.kind && selected(r, v))
+        .map(|(_, v)| v)
+        .collect();
+    if r.name.is_some() {
+        return match items.first() {
+            Some(v) => (200, (*v).clone()),
+            None => (404, status_body(404, "NotFound", "not found")),
+        };
+    }
+    let offset: usize = r
+        .query
+        .get("continue")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let limit: usize = r
+        .query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let page: Vec<Value> = items
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|v| (*v).clone())
+        .collect();
+    let mut metadata = json!({"resourceVersion": st.rv.to_string()});
+    if offset + page.len() < items.len() {
+        metadata["continue"] = json!((offset + page.len()).to_string());
+    }
+    (
+        200,
+        json!({"kind": r.kind.list_kind(), "apiVersion": r.kind.api_version(),
+               "metadata": metadata, "items": page}),
+    )
+}
+
+fn chunk(out: &mut TcpStream, value: &Value) -> std::io::Result<()> {
+    let text = format!("{value}\n");
+    write!(out, "{:x}\r\n{text}\r\n", text.len())?;
+    out.flush()
+}
+
+fn watch(
+    out: &mut TcpStream,
+    shared: &Shared,
+    stop: &AtomicBool,
+    r: &Request,
+) -> std::io::Result<()> {
+    write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )?;
+    let timeout = r
+        .query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse().ok())
+        .map_or(Duration::from_secs(60), Duration::from_secs)
+        .min(Duration::from_secs(120));
+    let bookmarks = r
+        .query
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
+    let deadline = Instant::now() + timeout;
+    let mut st = lock(shared);
+    let cut_at_start = st.cut;
+    let from: u64 = r
+        .query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut last = from;
+    if from == 0 {
+        // "Any": start with the current objects as ADDED events.
+        let current: Vec<Value> = st
+            .objects
+            .iter()
+            .filter(|((k, _, _), v)| *k == r.kind && selected(r, v))
+            .map(|(_, v)| v.clone())
+            .collect();
+        last = st.rv;
+        drop(st);
+        for object in current {
+            chunk(out, &json!({"type": "ADDED", "object": object}))?;
+        }
+        st = lock(shared);
+    } else if from < st.compacted_below {
+        drop(st);
+        chunk(
+            out,
+            &json!({"type": "ERROR", "object": status_body(410, "Expired", "too old resource version")}),
+        )?;
+        return write!(out, "0\r\n\r\n");
+    }
+    let mut last_bookmark = Instant::now();
+    loop {
+        if stop.load(Ordering::Relaxed) || st.cut != cut_at_start || Instant::now() >= deadline {
+            break;
+        }
+        let pending: Vec<Event> = st
+            .events
+            .iter()
+            .filter(|e| e.rv > last && e.kind == r.kind && selected(r, &e.object))
+            .cloned()
+            .collect();
+        let newest = st.rv;
+        if pending.is_empty() {
+            let (guard, _) = shared
+                .changed
+                .wait_timeout(st, Duration::from_millis(200))
+                .unwrap_or_else(|p| p.into_inner());
+            st = guard;
+            if bookmarks && last_bookmark.elapsed() >= Duration::from_secs(1) {
+                let rv = st.rv;
+                drop(st);
+                chunk(
+                    out,
+                    &json!({"type": "BOOKMARK", "object": {"kind": r.kind.name(),
+                        "apiVersion": r.kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}}}),
+                )?;
+                last = last.max(rv);
+                last_bookmark = Instant::now();
+                st = lock(shared);
+            }
+            continue;
+        }
+        drop(st);
+        for e in &pending {
+            chunk(out, &json!({"type": e.type_, "object": e.object}))?;
+        }
+        last = newest.max(pending.iter().map(|e| e.rv).max().unwrap_or(last));
+        st = lock(shared);
+    }
+    drop(st);
+    write!(out, "0\r\n\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors() {
+        let labels = json!({"a": "1", "b": "2"});
+        assert!(labels_match("a=1,b", &labels));
+        assert!(labels_match("a==1,!c", &labels));
+        assert!(!labels_match("a!=1", &labels));
+        assert!(!labels_match("c", &labels));
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("/api/v1/services").map(|r| r.0), Some(Kind::Service));
+        let r = route("/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices/x").unwrap();
+        assert_eq!(
+            (r.0, r.1.as_deref(), r.2.as_deref()),
+            (Kind::EndpointSlice, Some("ns"), Some("x"))
+        );
+        assert_eq!(
+            route("/api/v1/nodes/n1").and_then(|r| r.2),
+            Some("n1".into())
+        );
+        assert!(route("/api/v1/pods").is_none());
+    }
+}

@@ -1,0 +1,179 @@
+//! The Kubernetes source against the fake API server (real list/watch
+//! protocol, kube-rs's own watcher): initial list, add/modify/delete, a cut
+//! watch resumed, a 410 Gone relist that converges, and nothing programmed
+//! before every kind has listed. Unprivileged: the agent runs on FakeMaps.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_proxy::agent::runner::SyncKind;
+use ferry_proxy::agent::{Agent, AgentConfig};
+use ferry_proxy::datapath::FakeMaps;
+use ferry_proxy::plan::PlanConfig;
+use ferry_proxy::source::SourceEvent;
+use ferry_proxy::translate::TranslateConfig;
+use ferry_tests::fake_api::{FakeApi, Kind};
+use serde_json::json;
+
+fn service(name: &str, ip: &str) -> serde_json::Value {
+    json!({"kind": "Service", "metadata": {"name": name, "namespace": "ns"},
+           "spec": {"clusterIP": ip, "ports": [{"port": 80}]}})
+}
+
+fn slice(service: &str, ips: &[&str]) -> serde_json::Value {
+    let eps: Vec<_> = ips.iter().map(|ip| json!({"addresses": [ip]})).collect();
+    json!({"kind": "EndpointSlice",
+           "metadata": {"name": format!("{service}-1"), "namespace": "ns",
+                        "labels": {"kubernetes.io/service-name": service}},
+           "addressType": "IPv4", "ports": [{"port": 8080}], "endpoints": eps})
+}
+
+fn agent() -> Agent {
+    let cfg = AgentConfig {
+        node_name: "node-a".into(),
+        nodeport_cidrs: vec![],
+        min_sync_period: Duration::ZERO,
+        sync_period: Duration::from_secs(30),
+        retry_period: Duration::from_secs(1),
+        sources: ferry_proxy::source::kube::SOURCES.to_vec(),
+        health_check_servers: false,
+        translate: TranslateConfig::default(),
+        plan: PlanConfig::default(),
+    };
+    Agent::new(cfg, Box::new(FakeMaps::default())).unwrap()
+}
+
+/// What the agent's maps say about a ClusterIP: its backends, sorted.
+fn backends(agent: &Agent, frontend: &str) -> Option<Vec<String>> {
+    let rows = ferry_proxy::cli::service_rows(agent.applied());
+    rows.into_iter().find(|r| r.frontend == frontend).map(|r| {
+        let mut b: Vec<String> = r.backends.into_iter().map(|b| b.address).collect();
+        b.sort();
+        b
+    })
+}
+
+/// Feeds events to the agent and syncs until `done` holds (10 s at most).
+fn pump(agent: &mut Agent, rx: &Receiver<SourceEvent>, what: &str, done: impl Fn(&Agent) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(e) => {
+                agent.handle(e);
+                while let Ok(more) = rx.try_recv() {
+                    agent.handle(more);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => panic!("the source stopped"),
+        }
+        agent.sync(SyncKind::Incremental).unwrap();
+        if done(agent) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+    }
+}
+
+#[test]
+fn watch_list_change_cut_and_relist() {
+    let api = FakeApi::start().unwrap();
+    api.apply(service("web", "198.19.0.10"));
+    api.apply(slice("web", &["198.18.1.1", "198.18.1.2"]));
+    api.apply(json!({"kind": "Node", "metadata": {"name": "node-a"},
+                     "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.10"}]}}));
+    api.apply(json!({"kind": "Node", "metadata": {"name": "node-b"}}));
+    let dir = std::env::temp_dir().join(format!("ferry-test-kube-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread =
+        ferry_proxy::source::kube::spawn(Some(kubeconfig), "node-a".into(), tx, stop.clone())
+            .unwrap();
+    let mut agent = agent();
+
+    // Initial list of every kind, then programmed.
+    pump(&mut agent, &rx, "the initial list", |a| {
+        backends(a, "198.19.0.10:80/TCP").is_some()
+    });
+    assert_eq!(
+        backends(&agent, "198.19.0.10:80/TCP").unwrap(),
+        vec!["198.18.1.1:8080/TCP", "198.18.1.2:8080/TCP"]
+    );
+    assert_eq!(
+        agent.core().node().nodeport_addresses,
+        vec!["198.18.0.10".parse::<std::net::IpAddr>().unwrap()]
+    );
+
+    // Add, modify, delete through the watch.
+    api.apply(service("api", "198.19.0.11"));
+    api.apply(slice("api", &["198.18.1.3"]));
+    api.apply(slice("web", &["198.18.1.2"]));
+    pump(&mut agent, &rx, "add and modify", |a| {
+        backends(a, "198.19.0.11:80/TCP").is_some_and(|b| b == ["198.18.1.3:8080/TCP"])
+            && backends(a, "198.19.0.10:80/TCP").is_some_and(|b| b == ["198.18.1.2:8080/TCP"])
+    });
+    api.delete(Kind::Service, "ns", "api");
+    pump(&mut agent, &rx, "delete", |a| {
+        backends(a, "198.19.0.11:80/TCP").is_none()
+    });
+
+    // A cut watch resumes from its resourceVersion.
+    api.cut_watches();
+    api.apply(slice("web", &["198.18.1.2", "198.18.1.4"]));
+    pump(&mut agent, &rx, "a change after a cut", |a| {
+        backends(a, "198.19.0.10:80/TCP").is_some_and(|b| b.len() == 2)
+    });
+
+    // History compacted while watches are cut: 410 Gone, relist, converge
+    // (including a deletion the watch never saw).
+    api.compact();
+    api.delete(Kind::EndpointSlice, "ns", "web-1");
+    api.apply(service("late", "198.19.0.12"));
+    api.compact();
+    api.cut_watches();
+    pump(&mut agent, &rx, "the relist after 410", |a| {
+        backends(a, "198.19.0.12:80/TCP").is_some()
+            && backends(a, "198.19.0.10:80/TCP").is_some_and(|b| b.is_empty())
+    });
+    let log = api.requests();
+    let watches = log.iter().filter(|r| r.contains("watch=true")).count();
+    assert!(watches >= 6, "watches: {log:#?}");
+    let lists = log
+        .iter()
+        .filter(|r| r.contains("/api/v1/services?") && !r.contains("watch=true"))
+        .count();
+    assert!(lists >= 2, "a relist after 410: {log:#?}");
+    assert!(
+        log.iter()
+            .any(|r| r.contains("/api/v1/nodes?") && r.contains("metadata.name%3Dnode-a")),
+        "the Node watch is limited to this node: {log:#?}"
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(rx);
+    thread.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn nothing_is_programmed_before_every_kind_listed() {
+    let mut agent = agent();
+    agent.handle(SourceEvent::Relist(ferry_proxy::source::Relist::Services(
+        vec![],
+    )));
+    agent.handle(SourceEvent::Relist(ferry_proxy::source::Relist::Slices(
+        vec![],
+    )));
+    // The node has not listed yet: a sync does nothing (and prunes nothing).
+    let r = agent.sync(SyncKind::Full).unwrap();
+    assert_eq!(r.ops, 0);
+    assert!(!r.full);
+}
