@@ -1,0 +1,173 @@
+//! Privileged, end to end: fake API server -> `ferry run --source kube` ->
+//! pinned eBPF maps -> a real connection in a network namespace, then a
+//! Service update through the API reaching the next connection.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_tests::bpf::{PinDir, TestCgroup};
+use ferry_tests::fake_api::FakeApi;
+use ferry_tests::netns::VethLink;
+use ferry_tests::{require_privileged, Netns};
+use serde_json::json;
+
+fn ferry_binary() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("ferry"))
+        .ok_or("no target directory")?;
+    if !bin.exists() {
+        return Err(format!(
+            "{} is not built (cargo build -p ferry-proxy)",
+            bin.display()
+        ));
+    }
+    ferry_proxy::ebpf::object()
+        .map(|_| bin)
+        .ok_or_else(|| "ferry was built without its eBPF object".into())
+}
+
+/// Answers each connection with its own address.
+fn name_server(l: TcpListener, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let me = l.local_addr().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let mut buf = [0u8; 64];
+                    let _ = s.read(&mut buf);
+                    let _ = s.write_all(me.as_bytes());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    })
+}
+
+fn slice(ip: &str) -> serde_json::Value {
+    json!({"kind": "EndpointSlice",
+           "metadata": {"name": "web-1", "namespace": "e2e",
+                        "labels": {"kubernetes.io/service-name": "web"}},
+           "addressType": "IPv4", "ports": [{"port": 9000}],
+           "endpoints": [{"addresses": [ip]}]})
+}
+
+/// Connects through the ClusterIP until the reply is `want` (10 s at most).
+fn until_reply(cg: &TestCgroup, ns: &Netns, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry-test-client"))
+            .args([
+                cg.path().to_str().unwrap(),
+                ns.name(),
+                "tcp",
+                "198.19.0.30:80",
+                "1",
+            ])
+            .output()
+            .unwrap();
+        last = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if last == format!("ok 198.19.0.30:80 {want}") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("never reached {want}; last answer: {last}");
+}
+
+#[test]
+fn service_update_via_api_reaches_a_real_connection() {
+    let bin = ferry_binary();
+    if !require_privileged(
+        "service_update_via_api_reaches_a_real_connection",
+        bin.as_ref().map(|_| ()).map_err(Clone::clone),
+    ) {
+        return;
+    }
+    let bin = bin.unwrap();
+    let srv = Netns::new("kesrv").unwrap();
+    let cli = Netns::new("kecli").unwrap();
+    srv.veth_to(
+        &cli,
+        VethLink {
+            local: "fk0",
+            local_cidr: "198.18.3.2/24",
+            remote: "fk1",
+            remote_cidr: "198.18.3.1/24",
+        },
+    )
+    .unwrap();
+    srv.ip(&["addr", "add", "198.18.3.3/24", "dev", "fk0"])
+        .unwrap();
+    let listeners = srv
+        .run(|| {
+            Ok(vec![
+                TcpListener::bind("198.18.3.2:9000")?,
+                TcpListener::bind("198.18.3.3:9000")?,
+            ])
+        })
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers: Vec<_> = listeners
+        .into_iter()
+        .map(|l| name_server(l, stop.clone()))
+        .collect();
+
+    let api = FakeApi::start().unwrap();
+    api.apply(json!({"kind": "Service", "metadata": {"name": "web", "namespace": "e2e"},
+                     "spec": {"clusterIP": "198.19.0.30", "ports": [{"port": 80, "targetPort": 9000}]}}));
+    api.apply(slice("198.18.3.2"));
+    let dir = std::env::temp_dir().join(format!("ferry-test-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+
+    let pins = PinDir::new("e2e").unwrap();
+    let cg = TestCgroup::new("e2e").unwrap();
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    let mut agent = Command::new(&bin)
+        .arg("run")
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .arg(format!("--bpffs-path={}", pins.path().display()))
+        .arg(format!("--cgroup-path={}", cg.path().display()))
+        .args([
+            "--dataplane",
+            "ebpf",
+            "--hostname-override",
+            "node-a",
+            "--min-sync-period",
+            "50ms",
+        ])
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+
+    until_reply(&cg, &cli, "198.18.3.2:9000");
+    // The endpoint moves to the other pod through the API.
+    api.apply(slice("198.18.3.3"));
+    until_reply(&cg, &cli, "198.18.3.3:9000");
+
+    let _ = agent.kill();
+    let _ = agent.wait();
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        let _ = s.join();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
