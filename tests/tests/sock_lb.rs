@@ -313,3 +313,142 @@ fn clusterip_tcp_udp_reject_and_endpoint_change() {
     );
     drop(ebpf);
 }
+
+/// sessionAffinity ClientIP keeps a client on its backend until that
+/// backend leaves the Service; datagrams of one unconnected UDP socket stay
+/// on one backend and move to a live one once theirs is removed.
+#[test]
+fn affinity_and_udp_move_off_a_removed_backend() {
+    if !require_privileged(
+        "affinity_and_udp_move_off_a_removed_backend",
+        object_present(),
+    ) {
+        return;
+    }
+    let srv = Netns::new("afsrv").unwrap();
+    let cli = Netns::new("afcli").unwrap();
+    srv.veth_to(
+        &cli,
+        VethLink {
+            local: "fb0",
+            local_cidr: "198.18.4.2/24",
+            remote: "fb1",
+            remote_cidr: "198.18.4.1/24",
+        },
+    )
+    .unwrap();
+    srv.ip(&["addr", "add", "198.18.4.3/24", "dev", "fb0"])
+        .unwrap();
+    let (tcp, udp) = srv
+        .run(|| {
+            Ok((
+                vec![
+                    TcpListener::bind("198.18.4.2:8080")?,
+                    TcpListener::bind("198.18.4.3:8080")?,
+                ],
+                vec![
+                    UdpSocket::bind("198.18.4.2:5353")?,
+                    UdpSocket::bind("198.18.4.3:5353")?,
+                ],
+            ))
+        })
+        .unwrap();
+    let _servers = Servers::start(tcp, udp);
+    let pins = PinDir::new("aff").unwrap();
+    let cg = TestCgroup::new("aff").unwrap();
+    let caps = MapCapacities::default();
+    let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &caps).unwrap();
+    ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, pins.path(), cg.path()).unwrap();
+    let mut agent = agent(pins.path(), caps);
+
+    let mut sticky = service("sticky", "198.19.0.12", 80, "TCP");
+    if let Some(spec) = sticky.spec.as_mut() {
+        spec.session_affinity = Some("ClientIP".into());
+    }
+    let services = [sticky, service("dns", "198.19.0.54", 53, "UDP")];
+    let both = ["198.18.4.2", "198.18.4.3"];
+    let mut slices = vec![
+        slice("sticky", &both, 8080, "TCP"),
+        slice("dns", &both, 5353, "UDP"),
+    ];
+    sync(&mut agent, &services, &slices);
+
+    // Affinity: ten separate clients of this namespace, one backend.
+    let lines = client(&cg, &cli, "tcp", "198.19.0.12:80", 10);
+    let first = lines[0].split_whitespace().nth(2).unwrap().to_string();
+    assert!(lines.iter().all(|l| l.ends_with(&first)), "{lines:?}");
+    // That backend leaves the Service: the next clients go to the other.
+    let other = if first.starts_with("198.18.4.2") {
+        "198.18.4.3"
+    } else {
+        "198.18.4.2"
+    };
+    slices[0] = slice("sticky", &[other], 8080, "TCP");
+    sync(&mut agent, &services, &slices);
+    let lines = client(&cg, &cli, "tcp", "198.19.0.12:80", 5);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l == &format!("ok 198.19.0.12:80 {other}:8080")),
+        "{lines:?}"
+    );
+
+    // UDP: one socket's datagrams stick to one backend...
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-test-client"))
+        .args([
+            cg.path().to_str().unwrap(),
+            cli.name(),
+            "udpsock",
+            "198.19.0.54:53",
+            "30",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut read_line = || {
+        let mut l = String::new();
+        std::io::BufRead::read_line(&mut out, &mut l).unwrap();
+        l.trim().to_string()
+    };
+    let mut early = Vec::new();
+    for _ in 0..5 {
+        early.push(read_line());
+    }
+    let used = early[0].split_whitespace().nth(2).unwrap().to_string();
+    assert!(
+        early
+            .iter()
+            .all(|l| l == &format!("ok 198.19.0.54:53 {used}")),
+        "{early:?}"
+    );
+    // ...and move to the other one once theirs is removed (its server
+    // still answers, so only the choice of backend tells).
+    let keep = if used.starts_with("198.18.4.2") {
+        "198.18.4.3"
+    } else {
+        "198.18.4.2"
+    };
+    slices[1] = slice("dns", &[keep], 5353, "UDP");
+    let removed_at = Instant::now();
+    sync(&mut agent, &services, &slices);
+    let mut rest = Vec::new();
+    for _ in 0..25 {
+        rest.push(read_line());
+    }
+    // Within 1 s (10 datagrams at most) every reply comes from the live one.
+    let moved = rest
+        .iter()
+        .position(|l| l == &format!("ok 198.19.0.54:53 {keep}:5353"))
+        .expect("never moved");
+    assert!(moved <= 10, "moved after {moved} datagrams: {rest:?}");
+    assert!(
+        rest[moved..]
+            .iter()
+            .all(|l| l == &format!("ok 198.19.0.54:53 {keep}:5353")),
+        "{rest:?}"
+    );
+    assert!(removed_at.elapsed() < Duration::from_secs(10));
+    assert!(child.wait().unwrap().success());
+    drop(ebpf);
+}

@@ -147,13 +147,20 @@ pub struct Affinity4Key {
     pub pad: u32,
 }
 
+/// The backend a client was sent to, and the slot it was in. An entry is
+/// used only while that slot still holds that backend (so a backend that
+/// left the Service is never reused) and the backend's address is unchanged
+/// (a backend ID can be reused after its backend is deleted).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AffinityValue {
     pub backend_id: u32,
-    pub pad: u32,
+    pub backend_addr: Be32,
     /// bpf_ktime_get_ns() of the last use.
     pub last_used_ns: u64,
+    pub backend_port: Be16,
+    pub slot: u16,
+    pub pad: [u8; 4],
 }
 
 /// Data of the source-ranges LPM trie key (the trie adds the prefix
@@ -232,7 +239,7 @@ mod tests {
         assert_eq!(size_of::<Backend4>(), 8);
         assert_eq!(size_of::<RevNat4>(), 8);
         assert_eq!(size_of::<Affinity4Key>(), 16);
-        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<AffinityValue>(), 24);
         assert_eq!(size_of::<SourceRange4>(), 8);
         assert_eq!(size_of::<SockRevNat4Key>(), 16);
         assert_eq!(size_of::<SockRevNat4Value>(), 12);

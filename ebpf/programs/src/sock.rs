@@ -89,7 +89,7 @@ fn try_translate(ctx: &SockAddrContext, datagram: bool) -> Result<i32, i64> {
         count(LbCounter::SockRejected);
         return Ok(DENY);
     }
-    let (backend_id, backend) = match affinity_backend(client, &svc) {
+    let (backend_id, backend, slot) = match affinity_backend(client, &svc, key) {
         Some(hit) => {
             count(LbCounter::SockAffinityHit);
             hit
@@ -109,11 +109,11 @@ fn try_translate(ctx: &SockAddrContext, datagram: bool) -> Result<i32, i64> {
                 return Ok(DENY);
             };
             // SAFETY: as above.
-            (id, unsafe { *be })
+            (id, unsafe { *be }, key.slot)
         }
     };
     if svc.affinity_timeout != 0 {
-        remember_affinity(client, &svc, backend_id);
+        remember_affinity(client, &svc, backend_id, &backend, slot);
     }
     // SAFETY: plain helper call on our context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
@@ -139,7 +139,11 @@ fn try_translate(ctx: &SockAddrContext, datagram: bool) -> Result<i32, i64> {
 /// The backend this client used within the affinity timeout, if it still
 /// exists and is not terminating.
 #[inline(always)]
-fn affinity_backend(client: u64, svc: &Service4Value) -> Option<(u32, Backend4)> {
+fn affinity_backend(
+    client: u64,
+    svc: &Service4Value,
+    mut svc_key: Service4Key,
+) -> Option<(u32, Backend4, u16)> {
     if svc.affinity_timeout == 0 {
         return None;
     }
@@ -156,17 +160,37 @@ fn affinity_backend(client: u64, svc: &Service4Value) -> Option<(u32, Backend4)>
     if now.saturating_sub(hit.last_used_ns) > u64::from(svc.affinity_timeout) * 1_000_000_000 {
         return None;
     }
+    // The backend must still be in the slot it was picked from.
+    if hit.slot == 0 || hit.slot > svc.count {
+        return None;
+    }
+    svc_key.slot = hit.slot;
+    let slot = SERVICES4.get_ptr(svc_key)?;
+    // SAFETY: a pointer from a successful lookup.
+    if unsafe { (*slot).backend_id } != hit.backend_id {
+        return None;
+    }
     let be = BACKENDS4.get_ptr(hit.backend_id)?;
     // SAFETY: as above.
     let be = unsafe { *be };
+    // The ID may name another backend by now (deleted, then reused).
+    if be.addr != hit.backend_addr || be.port != hit.backend_port {
+        return None;
+    }
     if be.flags & BACKEND_FLAG_TERMINATING != 0 {
         return None;
     }
-    Some((hit.backend_id, be))
+    Some((hit.backend_id, be, hit.slot))
 }
 
 #[inline(always)]
-fn remember_affinity(client: u64, svc: &Service4Value, backend_id: u32) {
+fn remember_affinity(
+    client: u64,
+    svc: &Service4Value,
+    backend_id: u32,
+    backend: &Backend4,
+    slot: u16,
+) {
     let key = Affinity4Key {
         client,
         frontend_id: svc.frontend_id,
@@ -174,9 +198,12 @@ fn remember_affinity(client: u64, svc: &Service4Value, backend_id: u32) {
     };
     let value = AffinityValue {
         backend_id,
-        pad: 0,
+        backend_addr: backend.addr,
         // SAFETY: plain helper call.
         last_used_ns: unsafe { bpf_ktime_get_ns() },
+        backend_port: backend.port,
+        slot,
+        pad: [0; 4],
     };
     let _ = AFFINITY4.insert(key, value, 0);
 }

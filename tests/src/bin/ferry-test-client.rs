@@ -5,9 +5,12 @@
 //!   err <error kind> <millis>
 //! usage: ferry-test-client CGROUP NETNS tcp|udp ADDR COUNT
 //!        ferry-test-client CGROUP NETNS stream ADDR SECONDS
+//!        ferry-test-client CGROUP NETNS udpsock ADDR COUNT
 //! Bounded: COUNT attempts, 2 s timeout each. `stream` keeps one TCP
 //! connection, sends a line every 20 ms and expects it echoed, for SECONDS
-//! (at most 60); it prints `ok <lines>` or `err <kind> <lines>`.
+//! (at most 60); it prints `ok <lines>` or `err <kind> <lines>`. `udpsock`
+//! sends COUNT datagrams 100 ms apart from one unconnected UDP socket and
+//! prints a line per reply like `udp`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -52,6 +55,32 @@ fn main() {
         match stream(addr, Duration::from_secs(u64::from(count.min(60)))) {
             Ok(n) => println!("ok {n}"),
             Err((e, n)) => println!("err {:?} {n}", e.kind()),
+        }
+        return;
+    }
+    if proto == "udpsock" {
+        let s = match UdpSocket::bind("0.0.0.0:0") {
+            Ok(s) => s,
+            Err(e) => {
+                println!("err {:?} 0", e.kind());
+                return;
+            }
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        for _ in 0..count {
+            let start = Instant::now();
+            let mut buf = [0u8; 256];
+            let result = s
+                .send_to(b"hello\n", addr)
+                .and_then(|_| s.recv_from(&mut buf));
+            match result {
+                Ok((n, from)) => {
+                    println!("ok {from} {}", String::from_utf8_lossy(&buf[..n]).trim())
+                }
+                Err(e) => println!("err {:?} {}", e.kind(), start.elapsed().as_millis()),
+            }
+            let _ = std::io::stdout().flush();
+            std::thread::sleep(Duration::from_millis(100));
         }
         return;
     }
