@@ -120,16 +120,8 @@ fn start(port: u16, report: Report, addresses: &[IpAddr]) -> std::io::Result<Ser
     let report = Arc::new(Mutex::new(report));
     let stop = Arc::new(AtomicBool::new(false));
     for l in listeners {
-        l.set_nonblocking(true)?;
-        let (report, stop) = (report.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((s, _)) => answer(s, &report),
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
+        let report = report.clone();
+        crate::http::spawn_accept_loop(l, stop.clone(), move |s| answer(s, &report))?;
     }
     Ok(Server { report, stop })
 }
@@ -191,7 +183,7 @@ mod tests {
         servers.update(BTreeMap::new(), &lo);
         assert!(servers.ports().is_empty());
         // The listener goes away once its thread sees the stop flag.
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(300));
         assert!(TcpListener::bind(("127.0.0.1", port)).is_ok());
     }
 }

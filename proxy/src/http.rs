@@ -28,18 +28,46 @@ pub fn serve(
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
-    listener.set_nonblocking(true)?;
+    spawn_accept_loop(listener, stop, move |s| {
+        let _ = handle(s, what, &metrics, health_timeout);
+    })?;
+    Ok(local)
+}
+
+/// Serves `listener` on a thread, one connection at a time, until `stop`:
+/// accept() blocks (answering at once) but wakes every 200 ms to look at
+/// `stop` (SO_RCVTIMEO applies to accept on Linux).
+pub fn spawn_accept_loop(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    mut handler: impl FnMut(TcpStream) + Send + 'static,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(false)?;
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: setsockopt on the listener's own fd with a valid timeval.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&listener),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((s, _)) => {
-                    let _ = handle(s, what, &metrics, health_timeout);
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            if let Ok((s, _)) = listener.accept() {
+                handler(s);
             }
         }
     });
-    Ok(local)
+    Ok(())
 }
 
 fn handle(

@@ -202,7 +202,15 @@ fn main() -> ExitCode {
                 },
                 health_check_servers: true,
                 translate: TranslateConfig::default(),
-                plan: PlanConfig::default(),
+                plan: {
+                    // ID ranges match the maps' capacities.
+                    let caps = MapCapacities::default();
+                    PlanConfig {
+                        max_backends: caps.backends,
+                        max_frontends: caps.frontends,
+                        ..PlanConfig::default()
+                    }
+                },
             };
             run(cfg, source, &bpffs_path, &cgroup, &listen)
         }

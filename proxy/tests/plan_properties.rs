@@ -412,3 +412,68 @@ fn ops_are_ordered_backends_slots_count_then_deletions() {
     let ranks: Vec<u8> = plan.ops.iter().map(rank).collect();
     assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{:?}", plan.ops);
 }
+
+/// A backends map far too small: the frontends that do not fit are refused
+/// at once (no walk over every ID per refusal), the others are programmed.
+#[test]
+fn a_full_backends_map_refuses_fast() {
+    let cfg = PlanConfig {
+        maglev_size: 31,
+        max_backends: 5_000,
+        max_frontends: 65_536,
+    };
+    let mut core = Core::new("ferry", node(), TranslateConfig::default());
+    for i in 0..2_000u32 {
+        let name = format!("big-{i}");
+        let mut svc = service(&SvcGen {
+            id: 0,
+            node_port: false,
+            local: false,
+            maglev: false,
+            ports: 1,
+        });
+        svc.metadata.name = Some(name.clone());
+        svc.spec.as_mut().unwrap().cluster_ip = Some(format!("198.19.{}.{}", i / 250, i % 250 + 1));
+        core.upsert_service(&svc);
+        let eps = (0..10u32)
+            .map(|e| Endpoint {
+                addresses: vec![format!("10.{}.{}.{}", i / 250, i % 250, e + 1)],
+                ..Default::default()
+            })
+            .collect();
+        core.upsert_slice(&EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(format!("{name}-1")),
+                namespace: Some("ns".into()),
+                labels: Some(BTreeMap::from([(
+                    "kubernetes.io/service-name".to_string(),
+                    name,
+                )])),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: eps,
+            ports: Some(vec![EndpointPort {
+                name: Some("p0".into()),
+                port: Some(8080),
+                ..Default::default()
+            }]),
+        });
+    }
+    core.translate_changes();
+    let mut alloc = Allocators::new(&cfg);
+    let plan = plan_sync(
+        &AppliedState::default(),
+        core.desired(),
+        PlanScope::Full,
+        &mut alloc,
+        &cfg,
+    );
+    assert_eq!(plan.errors.len(), 1_500, "500 frontends of 10 backends fit");
+    let backends = plan
+        .ops
+        .iter()
+        .filter(|op| matches!(op, MapOp::UpsertBackend { .. }))
+        .count();
+    assert_eq!(backends, 5_000);
+}

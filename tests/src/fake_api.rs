@@ -512,6 +512,8 @@ fn watch(
         if stop.load(Ordering::Relaxed) || st.cut != cut_at_start || Instant::now() >= deadline {
             break;
         }
+        // Under the lock: every event of this kind up to `newest` is in
+        // `pending`, so `newest` is safe to report or resume from.
         let pending: Vec<Event> = st
             .events
             .iter()
@@ -519,32 +521,32 @@ fn watch(
             .cloned()
             .collect();
         let newest = st.rv;
-        if pending.is_empty() {
-            let (guard, _) = shared
-                .changed
-                .wait_timeout(st, Duration::from_millis(200))
-                .unwrap_or_else(|p| p.into_inner());
-            st = guard;
-            if bookmarks && last_bookmark.elapsed() >= Duration::from_secs(1) {
-                let rv = st.rv;
-                drop(st);
-                chunk(
-                    out,
-                    &json!({"type": "BOOKMARK", "object": {"kind": r.kind.name(),
-                        "apiVersion": r.kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}}}),
-                )?;
-                last = last.max(rv);
-                last_bookmark = Instant::now();
-                st = lock(shared);
+        if !pending.is_empty() {
+            drop(st);
+            for e in &pending {
+                chunk(out, &json!({"type": e.type_, "object": e.object}))?;
             }
+            last = newest;
+            st = lock(shared);
             continue;
         }
-        drop(st);
-        for e in &pending {
-            chunk(out, &json!({"type": e.type_, "object": e.object}))?;
+        if bookmarks && last_bookmark.elapsed() >= Duration::from_secs(1) {
+            drop(st);
+            chunk(
+                out,
+                &json!({"type": "BOOKMARK", "object": {"kind": r.kind.name(),
+                    "apiVersion": r.kind.api_version(), "metadata": {"resourceVersion": newest.to_string()}}}),
+            )?;
+            last = newest;
+            last_bookmark = Instant::now();
+            st = lock(shared);
+            continue;
         }
-        last = newest.max(pending.iter().map(|e| e.rv).max().unwrap_or(last));
-        st = lock(shared);
+        let (guard, _) = shared
+            .changed
+            .wait_timeout(st, Duration::from_millis(200))
+            .unwrap_or_else(|p| p.into_inner());
+        st = guard;
     }
     drop(st);
     write!(out, "0\r\n\r\n")

@@ -10,9 +10,10 @@ use crate::deps;
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("core") | None => core(root, args.iter().any(|a| a == "--quick")),
+        Some("control-plane") => control_plane(root, args.iter().any(|a| a == "--quick")),
         Some(other) => bail!(
-            "unknown benchmark set {other:?}: `cargo xtask bench core [--quick]` \
-             (dataplane and control-plane end to end arrive with the dataplanes)"
+            "unknown benchmark set {other:?}: `cargo xtask bench core|control-plane [--quick]` \
+             (the dataplane harness is not built yet)"
         ),
     }
 }
@@ -65,6 +66,53 @@ fn core(root: &Path, quick: bool) -> Result<()> {
             );
         }
     }
+    println!("\nload average before the run: {}", load.trim());
+    Ok(())
+}
+
+/// The agent end to end against the fake API server (root: it loads the
+/// eBPF programs and pins maps in a scratch bpffs directory).
+fn control_plane(root: &Path, quick: bool) -> Result<()> {
+    if !deps::is_root() {
+        bail!("bench control-plane needs root (it runs ferry with the eBPF dataplane)");
+    }
+    crate::ebpf::build(root)?;
+    crate::run(
+        Command::new(deps::cargo())
+            .current_dir(root)
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "-p",
+                "ferry-proxy",
+                "--bin",
+                "ferry",
+            ])
+            .env("FERRY_EBPF_OBJECT", crate::ebpf::object_path(root)),
+    )?;
+    let (services, changes) = if quick {
+        ("1000", "50")
+    } else {
+        ("10000", "200")
+    };
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    crate::run(
+        Command::new(deps::cargo())
+            .current_dir(root)
+            .args([
+                "run",
+                "--release",
+                "--locked",
+                "-p",
+                "ferry-benches",
+                "--example",
+                "control_plane_e2e",
+                "--",
+            ])
+            .arg(root.join("target/release/ferry"))
+            .args([services, changes]),
+    )?;
     println!("\nload average before the run: {}", load.trim());
     Ok(())
 }

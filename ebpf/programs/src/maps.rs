@@ -18,7 +18,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 pub static SERVICES4: HashMap<Service4Key, Service4Value> = HashMap::pinned(262_144, 0);
 
 #[map(name = "ferry_be4")]
-pub static BACKENDS4: HashMap<u32, Backend4> = HashMap::pinned(65_536, 0);
+pub static BACKENDS4: HashMap<u32, Backend4> = HashMap::pinned(262_144, 0);
 
 #[map(name = "ferry_revnat4")]
 pub static REVNAT4: HashMap<u32, RevNat4> = HashMap::pinned(65_536, 0);

@@ -37,7 +37,7 @@ impl Default for MapCapacities {
     fn default() -> Self {
         MapCapacities {
             services: 262_144,
-            backends: 65_536,
+            backends: 262_144,
             frontends: 65_536,
             affinity: 65_536,
             sock_revnat: 262_144,

@@ -68,7 +68,7 @@ impl IdAllocator {
     /// `may_repeat == true` only once the round has stepped over every ID,
     /// i.e. when `id` may already have been handed out this round. Until
     /// then the caller need not look that up.
-    pub fn allocate_in_round(&mut self, is_live: impl Fn(u32, bool) -> bool) -> Option<u32> {
+    pub fn allocate_in_round(&mut self, mut is_live: impl FnMut(u32, bool) -> bool) -> Option<u32> {
         for _ in 0..self.max {
             let id = self.next;
             self.next = if self.next >= self.max {

@@ -111,7 +111,7 @@ impl Default for PlanConfig {
     fn default() -> Self {
         PlanConfig {
             maglev_size: maglev::DEFAULT_TABLE_SIZE,
-            max_backends: 65_536,
+            max_backends: 262_144,
             max_frontends: 65_536,
         }
     }
@@ -199,6 +199,8 @@ pub fn plan_sync(
         new_backends: FastMap::default(),
         emitted_backends: FastSet::default(),
         new_frontends: FastMap::default(),
+        taken_backends: None,
+        taken_frontends: None,
         emitted_frontends: FastSet::default(),
         upserts: Upserts::default(),
         deletes: Deletes::default(),
@@ -306,6 +308,9 @@ struct Planner<'a> {
     /// Backends whose upsert is already in the plan.
     emitted_backends: FastSet<BackendId>,
     new_frontends: FastMap<FrontendKey, FrontendId>,
+    /// IDs handed out this plan, built only once the allocators wrap.
+    taken_backends: Option<FastSet<u32>>,
+    taken_frontends: Option<FastSet<u32>>,
     /// New frontends whose reverse-NAT upsert is already in the plan.
     emitted_frontends: FastSet<FrontendId>,
     upserts: Upserts,
@@ -507,10 +512,18 @@ impl Planner<'_> {
             Ok(r) => Some(r),
             Err(map) => {
                 for addr in fresh_backends {
-                    self.new_backends.remove(&addr);
+                    if let Some(id) = self.new_backends.remove(&addr) {
+                        if let Some(t) = self.taken_backends.as_mut() {
+                            t.remove(&id.0);
+                        }
+                    }
                 }
                 if fresh_frontend {
-                    self.new_frontends.remove(&f.key);
+                    if let Some(id) = self.new_frontends.remove(&f.key) {
+                        if let Some(t) = self.taken_frontends.as_mut() {
+                            t.remove(&id.0);
+                        }
+                    }
                 }
                 let max = if map == "frontends" {
                     self.cfg.max_frontends
@@ -534,13 +547,24 @@ impl Planner<'_> {
             return Some(*id);
         }
         let applied = self.applied;
+        if applied.rev_nat.len() + self.new_frontends.len() >= self.cfg.max_frontends as usize {
+            return None;
+        }
         let new = &self.new_frontends;
-        // IDs handed out this plan are looked up (linearly) only once the
-        // allocator has gone round every ID: the map is nearly full.
+        let taken = &mut self.taken_frontends;
+        // IDs handed out this plan need a lookup only once the allocator has
+        // gone round every ID (the map is nearly full): the set is built
+        // then, once per plan.
         let id = FrontendId(self.alloc.frontends.allocate_in_round(|i, may_repeat| {
             applied.rev_nat.contains_key(&FrontendId(i))
-                || (may_repeat && new.values().any(|f| f.0 == i))
+                || (may_repeat
+                    && taken
+                        .get_or_insert_with(|| new.values().map(|f| f.0).collect())
+                        .contains(&i))
         })?);
+        if let Some(t) = self.taken_frontends.as_mut() {
+            t.insert(id.0);
+        }
         self.new_frontends.insert(*key, id);
         Some(id)
     }
@@ -559,11 +583,21 @@ impl Planner<'_> {
             return Some((id, false));
         }
         let applied = self.applied;
+        if applied.backends.len() + self.new_backends.len() >= self.cfg.max_backends as usize {
+            return None;
+        }
         let new = &self.new_backends;
+        let taken = &mut self.taken_backends;
         let id = BackendId(self.alloc.backends.allocate_in_round(|i, may_repeat| {
             applied.backends.contains_key(&BackendId(i))
-                || (may_repeat && new.values().any(|b| b.0 == i))
+                || (may_repeat
+                    && taken
+                        .get_or_insert_with(|| new.values().map(|b| b.0).collect())
+                        .contains(&i))
         })?);
+        if let Some(t) = self.taken_backends.as_mut() {
+            t.insert(id.0);
+        }
         self.new_backends.insert(*addr, id);
         Some((id, true))
     }
