@@ -6,6 +6,28 @@ pub mod fake_api;
 pub mod icmp;
 pub mod netns;
 pub mod privileged;
+pub mod servers;
 
 pub use netns::Netns;
 pub use privileged::require_privileged;
+
+/// The `ferry` binary next to the running test (target/debug/ferry), if it
+/// was built with its eBPF object; otherwise why not.
+pub fn ferry_binary() -> Result<std::path::PathBuf, String> {
+    // target/debug/deps/<test> -> target/debug/ferry
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|d| d.join("ferry"))
+        .ok_or("no target directory")?;
+    if !bin.exists() {
+        return Err(format!(
+            "{} is not built (cargo build -p ferry-proxy)",
+            bin.display()
+        ));
+    }
+    ferry_proxy::ebpf::object()
+        .map(|_| bin)
+        .ok_or_else(|| "ferry was built without its eBPF object".into())
+}

@@ -8,7 +8,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,26 +16,7 @@ use std::time::{Duration, Instant};
 
 use ferry_tests::bpf::{PinDir, TestCgroup};
 use ferry_tests::netns::VethLink;
-use ferry_tests::{require_privileged, Netns};
-
-fn ferry_binary() -> Result<PathBuf, String> {
-    // target/debug/deps/<test> -> target/debug/ferry
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("ferry"))
-        .ok_or("no target directory")?;
-    if !bin.exists() {
-        return Err(format!(
-            "{} is not built (cargo build -p ferry-proxy)",
-            bin.display()
-        ));
-    }
-    ferry_proxy::ebpf::object()
-        .map(|_| bin)
-        .ok_or_else(|| "ferry was built without its eBPF object".into())
-}
+use ferry_tests::{ferry_binary, require_privileged, Netns};
 
 fn yaml(endpoints: &[&str]) -> String {
     let eps: Vec<String> = endpoints

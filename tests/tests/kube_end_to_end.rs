@@ -4,58 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_tests::bpf::{PinDir, TestCgroup};
 use ferry_tests::fake_api::FakeApi;
 use ferry_tests::netns::VethLink;
-use ferry_tests::{require_privileged, Netns};
+use ferry_tests::servers::Servers;
+use ferry_tests::{ferry_binary, require_privileged, Netns};
 use serde_json::json;
-
-fn ferry_binary() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("ferry"))
-        .ok_or("no target directory")?;
-    if !bin.exists() {
-        return Err(format!(
-            "{} is not built (cargo build -p ferry-proxy)",
-            bin.display()
-        ));
-    }
-    ferry_proxy::ebpf::object()
-        .map(|_| bin)
-        .ok_or_else(|| "ferry was built without its eBPF object".into())
-}
-
-/// Answers each connection with its own address.
-fn name_server(l: TcpListener, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    l.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let me = l.local_addr().unwrap().to_string();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-            match l.accept() {
-                Ok((mut s, _)) => {
-                    s.set_nonblocking(false).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                    let mut buf = [0u8; 64];
-                    let _ = s.read(&mut buf);
-                    let _ = s.write_all(me.as_bytes());
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(2)),
-            }
-        }
-    })
-}
 
 fn slice(ip: &str) -> serde_json::Value {
     json!({"kind": "EndpointSlice",
@@ -121,11 +79,7 @@ fn service_update_via_api_reaches_a_real_connection() {
             ])
         })
         .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let servers: Vec<_> = listeners
-        .into_iter()
-        .map(|l| name_server(l, stop.clone()))
-        .collect();
+    let _servers = Servers::start(listeners, vec![]);
 
     let api = FakeApi::start().unwrap();
     api.apply(json!({"kind": "Service", "metadata": {"name": "web", "namespace": "e2e"},
@@ -165,9 +119,5 @@ fn service_update_via_api_reaches_a_real_connection() {
 
     let _ = agent.kill();
     let _ = agent.wait();
-    stop.store(true, Ordering::Relaxed);
-    for s in servers {
-        let _ = s.join();
-    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,11 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::{TcpListener, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use std::path::Path;
@@ -25,6 +21,7 @@ use ferry_proxy::source::SourceEvent;
 use ferry_proxy::translate::TranslateConfig;
 use ferry_tests::bpf::{PinDir, TestCgroup};
 use ferry_tests::netns::VethLink;
+use ferry_tests::servers::Servers;
 use ferry_tests::{require_privileged, Netns};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
@@ -80,65 +77,6 @@ fn slice(service: &str, ips: &[&str], port: i32, proto: &str) -> EndpointSlice {
             protocol: Some(proto.into()),
             ..Default::default()
         }]),
-    }
-}
-
-/// Servers that answer with their own address, until stopped (bounded by
-/// a deadline either way).
-struct Servers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Servers {
-    fn start(tcp: Vec<TcpListener>, udp: Vec<UdpSocket>) -> Servers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut threads = Vec::new();
-        for l in tcp {
-            l.set_nonblocking(true).unwrap();
-            let stop = stop.clone();
-            threads.push(std::thread::spawn(move || {
-                let me = l.local_addr().unwrap().to_string();
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    match l.accept() {
-                        Ok((mut s, _)) => {
-                            // Read the request first: closing with unread
-                            // data would reset the connection.
-                            let _ = s.set_nonblocking(false);
-                            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                            let mut buf = [0u8; 64];
-                            let _ = std::io::Read::read(&mut s, &mut buf);
-                            let _ = s.write_all(me.as_bytes());
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                    }
-                }
-            }));
-        }
-        for u in udp {
-            u.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-            let stop = stop.clone();
-            threads.push(std::thread::spawn(move || {
-                let me = u.local_addr().unwrap().to_string();
-                let mut buf = [0u8; 256];
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    if let Ok((_, from)) = u.recv_from(&mut buf) {
-                        let _ = u.send_to(me.as_bytes(), from);
-                    }
-                }
-            }));
-        }
-        Servers { stop, threads }
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
     }
 }
 

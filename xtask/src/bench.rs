@@ -72,7 +72,7 @@ fn core(root: &Path, quick: bool) -> Result<()> {
 
 /// The agent end to end against the fake API server (root: it loads the
 /// eBPF programs and pins maps in a scratch bpffs directory).
-fn control_plane(root: &Path, quick: bool) -> Result<()> {
+pub fn control_plane(root: &Path, quick: bool) -> Result<()> {
     if !deps::is_root() {
         bail!("bench control-plane needs root (it runs ferry with the eBPF dataplane)");
     }
