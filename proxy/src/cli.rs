@@ -9,6 +9,31 @@ use ipnet::IpNet;
 
 use crate::plan::AppliedState;
 
+/// `ferry run --config FILE`: the run flags as YAML (camelCase keys). An
+/// unknown key is an error naming it.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunSettings {
+    pub source: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+    pub hostname_override: Option<String>,
+    pub dataplane: Option<String>,
+    pub nodeport_addresses: Option<String>,
+    pub bpffs_path: Option<PathBuf>,
+    pub cgroup_path: Option<PathBuf>,
+    pub min_sync_period: Option<String>,
+    pub sync_period: Option<String>,
+    pub healthz_bind_address: Option<String>,
+    pub metrics_bind_address: Option<String>,
+}
+
+impl RunSettings {
+    pub fn load(path: &std::path::Path) -> Result<RunSettings, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
 /// Parses "500ms", "1s", "2m", "1h" (as kube-proxy's flags take them).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -181,6 +206,18 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("3d").is_err());
+    }
+
+    #[test]
+    fn run_settings_from_yaml() {
+        let s: RunSettings = serde_yaml::from_str(
+            "source: file:/etc/ferry\nminSyncPeriod: 250ms\nnodeportAddresses: 198.18.0.0/15\n",
+        )
+        .unwrap();
+        assert_eq!(s.source.as_deref(), Some("file:/etc/ferry"));
+        assert_eq!(s.min_sync_period.as_deref(), Some("250ms"));
+        let err = serde_yaml::from_str::<RunSettings>("syncPeriodd: 1s\n").unwrap_err();
+        assert!(err.to_string().contains("syncPeriodd"), "{err}");
     }
 
     #[test]

@@ -50,10 +50,14 @@ enum Command {
     /// Run the agent: watch the source, program the dataplane, until
     /// SIGINT/SIGTERM (which leave the dataplane in place).
     Run {
-        /// Where Services and EndpointSlices come from: `kube` or
+        /// The same settings as a YAML file (camelCase keys, e.g.
+        /// `minSyncPeriod: 1s`); flags given on the command line win.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where Services and EndpointSlices come from: `kube` (default) or
         /// `file:PATH` (a YAML file or a directory of them).
-        #[arg(long, default_value = "kube")]
-        source: String,
+        #[arg(long)]
+        source: Option<String>,
         /// kubeconfig for `--source kube` (default: in-cluster, then
         /// $KUBECONFIG or ~/.kube/config).
         #[arg(long)]
@@ -61,31 +65,33 @@ enum Command {
         /// This node's name (default: $NODE_NAME, then the hostname).
         #[arg(long)]
         hostname_override: Option<String>,
-        #[arg(long, value_enum, default_value = "auto")]
-        dataplane: Dataplane,
+        /// ebpf, userspace or auto (default).
+        #[arg(long)]
+        dataplane: Option<String>,
         /// NodePort frontends only on node addresses in these CIDRs
         /// (comma-separated; default: every node address).
-        #[arg(long, default_value = "")]
-        nodeport_addresses: String,
-        /// bpffs directory for Ferry's pinned maps and links.
-        #[arg(long, default_value = "/sys/fs/bpf/ferry")]
-        bpffs_path: PathBuf,
+        #[arg(long)]
+        nodeport_addresses: Option<String>,
+        /// bpffs directory for Ferry's pinned maps and links (default
+        /// /sys/fs/bpf/ferry).
+        #[arg(long)]
+        bpffs_path: Option<PathBuf>,
         /// cgroup v2 the socket-level programs attach to (default: the
         /// cgroup2 mount, i.e. the root cgroup).
         #[arg(long)]
         cgroup_path: Option<PathBuf>,
-        /// Shortest time between two syncs (bursts coalesce).
-        #[arg(long, default_value = "1s")]
-        min_sync_period: String,
-        /// Longest time between two full syncs.
-        #[arg(long, default_value = "30s")]
-        sync_period: String,
-        /// /healthz and /livez (empty: off).
-        #[arg(long, default_value = "0.0.0.0:10256")]
-        healthz_bind_address: String,
-        /// /metrics and /proxyMode (empty: off).
-        #[arg(long, default_value = "127.0.0.1:10249")]
-        metrics_bind_address: String,
+        /// Shortest time between two syncs (bursts coalesce; default 1s).
+        #[arg(long)]
+        min_sync_period: Option<String>,
+        /// Longest time between two full syncs (default 30s).
+        #[arg(long)]
+        sync_period: Option<String>,
+        /// /healthz and /livez (default 0.0.0.0:10256; empty: off).
+        #[arg(long)]
+        healthz_bind_address: Option<String>,
+        /// /metrics and /proxyMode (default 127.0.0.1:10249; empty: off).
+        #[arg(long)]
+        metrics_bind_address: Option<String>,
     },
     /// List every frontend in the pinned maps with its backends.
     Services {
@@ -129,6 +135,7 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Run {
+            config,
             source,
             kubeconfig,
             hostname_override,
@@ -141,6 +148,17 @@ fn main() -> ExitCode {
             healthz_bind_address,
             metrics_bind_address,
         } => {
+            let file = match config {
+                Some(path) => match cli::RunSettings::load(&path) {
+                    Ok(f) => f,
+                    Err(e) => return usage_error("--config", e),
+                },
+                None => cli::RunSettings::default(),
+            };
+            // A flag wins over the file, the file over the default.
+            let source = source.or(file.source).unwrap_or_else(|| "kube".into());
+            let kubeconfig = kubeconfig.or(file.kubeconfig);
+            let hostname_override = hostname_override.or(file.hostname_override);
             let source = match (source.as_str(), source.strip_prefix("file:")) {
                 ("kube", _) => Source::Kube(kubeconfig),
                 (_, Some(path)) if !path.is_empty() => Source::File(PathBuf::from(path)),
@@ -148,6 +166,37 @@ fn main() -> ExitCode {
                     return usage_error("--source", format!("{source:?} is not kube or file:PATH"))
                 }
             };
+            let dataplane = dataplane
+                .or(file.dataplane)
+                .unwrap_or_else(|| "auto".into());
+            let dataplane = match Dataplane::from_str(&dataplane, true) {
+                Ok(d) => d,
+                Err(_) => {
+                    return usage_error(
+                        "--dataplane",
+                        format!("{dataplane:?} is not ebpf, userspace or auto"),
+                    )
+                }
+            };
+            let nodeport_addresses = nodeport_addresses
+                .or(file.nodeport_addresses)
+                .unwrap_or_default();
+            let bpffs_path = bpffs_path
+                .or(file.bpffs_path)
+                .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/ferry"));
+            let cgroup_path = cgroup_path.or(file.cgroup_path);
+            let min_sync_period = min_sync_period
+                .or(file.min_sync_period)
+                .unwrap_or_else(|| "1s".into());
+            let sync_period = sync_period
+                .or(file.sync_period)
+                .unwrap_or_else(|| "30s".into());
+            let healthz_bind_address = healthz_bind_address
+                .or(file.healthz_bind_address)
+                .unwrap_or_else(|| "0.0.0.0:10256".into());
+            let metrics_bind_address = metrics_bind_address
+                .or(file.metrics_bind_address)
+                .unwrap_or_else(|| "127.0.0.1:10249".into());
             if dataplane == Dataplane::Userspace {
                 return usage_error(
                     "--dataplane",
