@@ -7,6 +7,7 @@ pub mod core;
 pub mod datapath;
 pub mod dump;
 pub mod ebpf;
+pub mod explain;
 pub mod health_check;
 pub mod http;
 pub mod metrics;

@@ -100,6 +100,15 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/ferry")]
         bpffs_path: PathBuf,
     },
+    /// Which backend a flow would reach, and why, from the pinned maps.
+    Explain {
+        /// SRC_IP:SRC_PORT
+        source: std::net::SocketAddr,
+        /// DST_IP:DST_PORT/PROTO (TCP, UDP or SCTP)
+        destination: String,
+        #[arg(long, default_value = "/sys/fs/bpf/ferry")]
+        bpffs_path: PathBuf,
+    },
     /// Remove everything Ferry pinned (links, which detaches the programs,
     /// and maps).
     Cleanup {
@@ -294,6 +303,28 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Explain {
+            source,
+            destination,
+            bpffs_path,
+        } => {
+            let Some(dst) = parse_destination(&destination) else {
+                return usage_error(
+                    "DESTINATION",
+                    format!("{destination:?} is not IP:PORT/PROTO"),
+                );
+            };
+            let applied =
+                match BpfMaps::open(&bpffs_path, MapCapacities::default()).and_then(|m| m.dump()) {
+                    Ok(ops) => AppliedState::restore(ops),
+                    Err(e) => {
+                        eprintln!("ferry explain: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+            print!("{}", ferry_proxy::explain::explain(&applied, source, dst));
+            ExitCode::SUCCESS
+        }
         Command::Cleanup { bpffs_path } => {
             ferry_proxy::ebpf::lb::remove_pins(&bpffs_path);
             if bpffs_path.exists() {
@@ -327,6 +358,17 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// "198.19.0.10:80/TCP" (protocol optional, TCP by default).
+fn parse_destination(s: &str) -> Option<ferry_proxy::model::L4Addr> {
+    let (addr, proto) = s.split_once('/').unwrap_or((s, "TCP"));
+    let addr: std::net::SocketAddr = addr.parse().ok()?;
+    Some(ferry_proxy::model::L4Addr {
+        ip: addr.ip(),
+        port: addr.port(),
+        protocol: ferry_proxy::model::Protocol::parse(&proto.to_uppercase())?,
+    })
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);

@@ -229,6 +229,19 @@ impl Demo {
             .join()
             .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
         println!("\n\n{}", self.services(ferry)?);
+        let explain = Command::new(ferry)
+            .args([
+                "explain",
+                "198.18.0.1:40000",
+                &format!("{NODE_IP}:{NODE_PORT}/TCP"),
+                "--bpffs-path",
+            ])
+            .arg(&self.pins)
+            .output()?;
+        println!(
+            "$ ferry explain 198.18.0.1:40000 {NODE_IP}:{NODE_PORT}/TCP\n{}",
+            String::from_utf8_lossy(&explain.stdout)
+        );
 
         let t = lock(&tally);
         let pod3_total = t.per_backend.get("pod-3").copied().unwrap_or(0);
