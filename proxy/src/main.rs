@@ -457,7 +457,17 @@ fn run(
             stop_source.clone(),
         ),
         Source::Kube(kubeconfig) => {
-            match ferry_proxy::source::kube::spawn(kubeconfig, node_name, tx, stop_source.clone()) {
+            let (events_tx, events_rx) = ferry_proxy::source::kube::event_channel();
+            agent.report_invalid_to(Box::new(move |e| {
+                let _ = events_tx.send(e.clone());
+            }));
+            match ferry_proxy::source::kube::spawn(
+                kubeconfig,
+                node_name,
+                tx,
+                Some(events_rx),
+                stop_source.clone(),
+            ) {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start the Kubernetes source");

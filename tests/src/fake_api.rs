@@ -75,6 +75,8 @@ struct State {
     /// Bumped to end every open watch.
     cut: u64,
     log: Vec<String>,
+    /// Bodies of Event objects created or patched (events.k8s.io/v1).
+    posted_events: Vec<Value>,
 }
 
 #[derive(Debug, Default)]
@@ -217,6 +219,11 @@ impl FakeApi {
         self.shared.changed.notify_all();
     }
 
+    /// The Events clients created or patched, in order.
+    pub fn posted_events(&self) -> Vec<Value> {
+        lock(&self.shared).posted_events.clone()
+    }
+
     /// Every request so far: "METHOD path?query".
     pub fn requests(&self) -> Vec<String> {
         lock(&self.shared).log.clone()
@@ -348,6 +355,18 @@ fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Result
             name,
             query: query_map(query),
         });
+        if path.starts_with("/apis/events.k8s.io/v1/namespaces/")
+            && (method == "POST" || method == "PATCH")
+        {
+            let mut event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let mut st = lock(shared);
+            st.rv += 1;
+            event["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+            st.posted_events.push(event.clone());
+            drop(st);
+            respond(&mut out, if method == "POST" { 201 } else { 200 }, &event)?;
+            continue;
+        }
         match (method.as_str(), request) {
             ("GET", Some(r))
                 if r.query
@@ -378,6 +397,7 @@ fn respond(out: &mut TcpStream, status: u16, body: &Value) -> std::io::Result<()
     let text = body.to_string();
     let reason = match status {
         200 => "OK",
+        201 => "Created",
         404 => "Not Found",
         410 => "Gone",
         _ => "Error",

@@ -94,10 +94,19 @@ fn watch_list_change_cut_and_relist() {
 
     let (tx, rx) = std::sync::mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
-    let thread =
-        ferry_proxy::source::kube::spawn(Some(kubeconfig), "node-a".into(), tx, stop.clone())
-            .unwrap();
+    let (events_tx, events_rx) = ferry_proxy::source::kube::event_channel();
+    let thread = ferry_proxy::source::kube::spawn(
+        Some(kubeconfig),
+        "node-a".into(),
+        tx,
+        Some(events_rx),
+        stop.clone(),
+    )
+    .unwrap();
     let mut agent = agent();
+    agent.report_invalid_to(Box::new(move |e| {
+        let _ = events_tx.send(e.clone());
+    }));
 
     // Initial list of every kind, then programmed.
     pump(&mut agent, &rx, "the initial list", |a| {

@@ -6,6 +6,7 @@
 
 pub mod runner;
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -21,8 +22,8 @@ use crate::health_check::{HealthCheckServers, Report};
 use crate::metrics::{Gauges, Metrics, SyncRecord};
 use crate::model::NodeInfo;
 use crate::objects::Object;
-use crate::parse::object_name;
 use crate::parse::parse_node;
+use crate::parse::{object_name, InvalidObject};
 use crate::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
 use crate::source::{Relist, SourceEvent};
 use crate::track::SyncedGate;
@@ -70,6 +71,10 @@ pub struct Agent {
     local_node: NodeInfo,
     metrics: Arc<Metrics>,
     health_checks: HealthCheckServers,
+    /// Where invalid objects are reported (as Events, in a cluster), and
+    /// what was reported already (each object and cause once).
+    invalid_sink: Option<Box<dyn FnMut(&InvalidObject) + Send>>,
+    reported: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -112,8 +117,16 @@ impl Agent {
             local_node,
             metrics: Arc::new(Metrics::default()),
             health_checks: HealthCheckServers::default(),
+            invalid_sink: None,
+            reported: BTreeSet::new(),
             cfg,
         })
+    }
+
+    /// Reports each newly invalid object (once per object and cause) to
+    /// `sink`, e.g. as a Kubernetes Event.
+    pub fn report_invalid_to(&mut self, sink: Box<dyn FnMut(&InvalidObject) + Send>) {
+        self.invalid_sink = Some(sink);
     }
 
     /// The metrics this agent records (shared with the HTTP endpoints).
@@ -199,9 +212,19 @@ impl Agent {
         }
         let start = Instant::now();
         let t = self.core.translate_changes();
+        let mut now_invalid = BTreeSet::new();
         for e in self.core.invalid() {
-            tracing::debug!(error = %e, "invalid object skipped");
+            let key = e.to_string();
+            if !self.reported.contains(&key) {
+                tracing::warn!(error = %e, "invalid object skipped");
+                if let Some(sink) = self.invalid_sink.as_mut() {
+                    sink(e);
+                }
+            }
+            now_invalid.insert(key);
         }
+        // An object fixed and broken again is reported again.
+        self.reported = now_invalid;
         let full = kind == SyncKind::Full || t.full;
         let scope = if full {
             PlanScope::Full

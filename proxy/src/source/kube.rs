@@ -12,13 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Config};
 
 use super::{Relist, SourceEvent};
 use crate::objects::Object;
+use crate::parse::InvalidObject;
 
 /// Names of the kinds, as the synced gate knows them.
 pub const SOURCES: [&str; 3] = ["services", "endpointslices", "node"];
@@ -91,12 +94,56 @@ async fn forward<K, S>(
     }
 }
 
-/// Starts the watchers on a thread of their own; they stop when `stop` is
-/// set or the receiver is gone.
+/// Where the sync loop sends invalid objects to be reported as Events.
+pub type EventSender = tokio::sync::mpsc::UnboundedSender<InvalidObject>;
+pub type EventReceiver = tokio::sync::mpsc::UnboundedReceiver<InvalidObject>;
+
+pub fn event_channel() -> (EventSender, EventReceiver) {
+    tokio::sync::mpsc::unbounded_channel()
+}
+
+/// Publishes a Warning Event on each invalid object received.
+async fn report_events(client: Client, node_name: String, mut rx: EventReceiver) {
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: "ferry".into(),
+            instance: Some(node_name),
+        },
+    );
+    while let Some(e) = rx.recv().await {
+        let (api_version, kind) = match e.kind {
+            "EndpointSlice" => ("discovery.k8s.io/v1", "EndpointSlice"),
+            _ => ("v1", "Service"),
+        };
+        let reference = ObjectReference {
+            api_version: Some(api_version.into()),
+            kind: Some(kind.into()),
+            namespace: Some(e.object.namespace.to_string()),
+            name: Some(e.object.name.to_string()),
+            ..Default::default()
+        };
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: "Invalid".into(),
+            note: Some(format!("{}: {} (skipped by ferry)", e.field, e.reason)),
+            action: "Skip".into(),
+            secondary: None,
+        };
+        if let Err(err) = recorder.publish(&event, &reference).await {
+            tracing::warn!(object = %e.object, error = %err, "cannot publish an Event");
+        }
+    }
+}
+
+/// Starts the watchers (and, with `events`, the Event publisher) on a
+/// thread of their own; they stop when `stop` is set or the receiver is
+/// gone.
 pub fn spawn(
     kubeconfig: Option<PathBuf>,
     node_name: String,
     tx: Sender<SourceEvent>,
+    events: Option<EventReceiver>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, KubeSourceError> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -122,8 +169,15 @@ pub fn spawn(
                 watcher::Config::default(),
             )
             .default_backoff();
+            let reporter = async {
+                if let Some(rx) = events {
+                    report_events(client.clone(), node_name.clone(), rx).await;
+                }
+                // Without (or after) events, wait for the others.
+                futures::future::pending::<()>().await;
+            };
             let nodes = watcher(
-                Api::<Node>::all(client),
+                Api::<Node>::all(client.clone()),
                 watcher::Config::default().fields(&format!("metadata.name={node_name}")),
             )
             .default_backoff();
@@ -150,6 +204,7 @@ pub fn spawn(
                         tx.clone(),
                         "Node"
                     ),
+                    reporter,
                 )
             };
             let stopped = async {
