@@ -46,6 +46,9 @@ pub struct AgentConfig {
     pub plan: PlanConfig,
 }
 
+/// Receives each newly invalid object (see [`Agent::report_invalid_to`]).
+pub type InvalidSink = Box<dyn FnMut(&InvalidObject) + Send>;
+
 /// What one sync did, for logs and metrics.
 #[derive(Debug, Default, Clone)]
 pub struct SyncReport {
@@ -73,7 +76,7 @@ pub struct Agent {
     health_checks: HealthCheckServers,
     /// Where invalid objects are reported (as Events, in a cluster), and
     /// what was reported already (each object and cause once).
-    invalid_sink: Option<Box<dyn FnMut(&InvalidObject) + Send>>,
+    invalid_sink: Option<InvalidSink>,
     reported: BTreeSet<String>,
 }
 
@@ -125,7 +128,7 @@ impl Agent {
 
     /// Reports each newly invalid object (once per object and cause) to
     /// `sink`, e.g. as a Kubernetes Event.
-    pub fn report_invalid_to(&mut self, sink: Box<dyn FnMut(&InvalidObject) + Send>) {
+    pub fn report_invalid_to(&mut self, sink: InvalidSink) {
         self.invalid_sink = Some(sink);
     }
 
