@@ -97,6 +97,26 @@ impl Netns {
     }
 }
 
+/// The topology most dataplane tests use: a client namespace with
+/// 198.18.`net`.1/24 and a backend namespace with 198.18.`net`.2/24 and
+/// .3/24 (two backend addresses), joined by a veth pair named after `tag`.
+pub fn client_and_backends(tag: &str, net: u8) -> Result<(Netns, Netns)> {
+    let srv = Netns::new(&format!("{tag}srv"))?;
+    let cli = Netns::new(&format!("{tag}cli"))?;
+    let (local, remote) = (format!("{tag}0"), format!("{tag}1"));
+    srv.veth_to(
+        &cli,
+        VethLink {
+            local: &local,
+            local_cidr: &format!("198.18.{net}.2/24"),
+            remote: &remote,
+            remote_cidr: &format!("198.18.{net}.1/24"),
+        },
+    )?;
+    srv.ip(&["addr", "add", &format!("198.18.{net}.3/24"), "dev", &local])?;
+    Ok((srv, cli))
+}
+
 /// Names and addresses of the two ends of a veth pair.
 #[derive(Debug, Clone, Copy)]
 pub struct VethLink<'a> {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_tests::bpf::{PinDir, TestCgroup};
-use ferry_tests::netns::VethLink;
-use ferry_tests::{ferry_binary, require_privileged, Netns};
+use ferry_tests::netns::client_and_backends;
+use ferry_tests::{ferry_binary, require_privileged};
 
 fn yaml(endpoints: &[&str]) -> String {
     let eps: Vec<String> = endpoints
@@ -186,20 +186,7 @@ fn established_stream_survives_sigkill_and_restart() {
         return;
     }
     let bin = bin.unwrap();
-    let srv = Netns::new("arsrv").unwrap();
-    let cli = Netns::new("arcli").unwrap();
-    srv.veth_to(
-        &cli,
-        VethLink {
-            local: "fa0",
-            local_cidr: "198.18.2.2/24",
-            remote: "fa1",
-            remote_cidr: "198.18.2.1/24",
-        },
-    )
-    .unwrap();
-    srv.ip(&["addr", "add", "198.18.2.3/24", "dev", "fa0"])
-        .unwrap();
+    let (srv, cli) = client_and_backends("ar", 2).unwrap();
     let listeners = srv
         .run(|| {
             Ok(vec![

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ferry_tests::bpf::{PinDir, TestCgroup};
 use ferry_tests::fake_api::FakeApi;
-use ferry_tests::netns::VethLink;
+use ferry_tests::netns::client_and_backends;
 use ferry_tests::servers::Servers;
 use ferry_tests::{ferry_binary, require_privileged, Netns};
 use serde_json::json;
@@ -57,20 +57,7 @@ fn service_update_via_api_reaches_a_real_connection() {
         return;
     }
     let bin = bin.unwrap();
-    let srv = Netns::new("kesrv").unwrap();
-    let cli = Netns::new("kecli").unwrap();
-    srv.veth_to(
-        &cli,
-        VethLink {
-            local: "fk0",
-            local_cidr: "198.18.3.2/24",
-            remote: "fk1",
-            remote_cidr: "198.18.3.1/24",
-        },
-    )
-    .unwrap();
-    srv.ip(&["addr", "add", "198.18.3.3/24", "dev", "fk0"])
-        .unwrap();
+    let (srv, cli) = client_and_backends("ke", 3).unwrap();
     let listeners = srv
         .run(|| {
             Ok(vec![

@@ -20,7 +20,7 @@ use ferry_proxy::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanSco
 use ferry_proxy::source::SourceEvent;
 use ferry_proxy::translate::TranslateConfig;
 use ferry_tests::bpf::{PinDir, TestCgroup};
-use ferry_tests::netns::VethLink;
+use ferry_tests::netns::client_and_backends;
 use ferry_tests::servers::Servers;
 use ferry_tests::{require_privileged, Netns};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
@@ -138,20 +138,7 @@ fn clusterip_tcp_udp_reject_and_endpoint_change() {
     ) {
         return;
     }
-    let srv = Netns::new("slsrv").unwrap();
-    let cli = Netns::new("slcli").unwrap();
-    srv.veth_to(
-        &cli,
-        VethLink {
-            local: "fs0",
-            local_cidr: "198.18.1.2/24",
-            remote: "fs1",
-            remote_cidr: "198.18.1.1/24",
-        },
-    )
-    .unwrap();
-    srv.ip(&["addr", "add", "198.18.1.3/24", "dev", "fs0"])
-        .unwrap();
+    let (srv, cli) = client_and_backends("sl", 1).unwrap();
     let (tcp, udp) = srv
         .run(|| {
             Ok((
@@ -263,20 +250,7 @@ fn affinity_and_udp_move_off_a_removed_backend() {
     ) {
         return;
     }
-    let srv = Netns::new("afsrv").unwrap();
-    let cli = Netns::new("afcli").unwrap();
-    srv.veth_to(
-        &cli,
-        VethLink {
-            local: "fb0",
-            local_cidr: "198.18.4.2/24",
-            remote: "fb1",
-            remote_cidr: "198.18.4.1/24",
-        },
-    )
-    .unwrap();
-    srv.ip(&["addr", "add", "198.18.4.3/24", "dev", "fb0"])
-        .unwrap();
+    let (srv, cli) = client_and_backends("af", 4).unwrap();
     let (tcp, udp) = srv
         .run(|| {
             Ok((
