@@ -31,3 +31,20 @@ pub fn ferry_binary() -> Result<std::path::PathBuf, String> {
         .map(|_| bin)
         .ok_or_else(|| "ferry was built without its eBPF object".into())
 }
+
+/// The sync-loop settings tests use: node "node-a", syncs as soon as asked,
+/// no healthCheckNodePort listeners, default capacities; `sources` are the
+/// names the synced gate waits for.
+pub fn agent_config(sources: Vec<&'static str>) -> ferry_proxy::agent::AgentConfig {
+    ferry_proxy::agent::AgentConfig {
+        node_name: "node-a".into(),
+        nodeport_cidrs: vec![],
+        min_sync_period: std::time::Duration::ZERO,
+        sync_period: std::time::Duration::from_secs(30),
+        retry_period: std::time::Duration::from_secs(1),
+        sources,
+        health_check_servers: false,
+        translate: ferry_proxy::translate::TranslateConfig::default(),
+        plan: ferry_proxy::plan::PlanConfig::default(),
+    }
+}

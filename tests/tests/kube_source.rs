@@ -11,11 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_proxy::agent::runner::SyncKind;
-use ferry_proxy::agent::{Agent, AgentConfig};
+use ferry_proxy::agent::Agent;
 use ferry_proxy::datapath::FakeMaps;
-use ferry_proxy::plan::PlanConfig;
 use ferry_proxy::source::SourceEvent;
-use ferry_proxy::translate::TranslateConfig;
 use ferry_tests::fake_api::{FakeApi, Kind};
 use serde_json::json;
 
@@ -33,17 +31,7 @@ fn slice(service: &str, ips: &[&str]) -> serde_json::Value {
 }
 
 fn agent() -> Agent {
-    let cfg = AgentConfig {
-        node_name: "node-a".into(),
-        nodeport_cidrs: vec![],
-        min_sync_period: Duration::ZERO,
-        sync_period: Duration::from_secs(30),
-        retry_period: Duration::from_secs(1),
-        sources: ferry_proxy::source::kube::SOURCES.to_vec(),
-        health_check_servers: false,
-        translate: TranslateConfig::default(),
-        plan: PlanConfig::default(),
-    };
+    let cfg = ferry_tests::agent_config(ferry_proxy::source::kube::SOURCES.to_vec());
     Agent::new(cfg, Box::new(FakeMaps::default())).unwrap()
 }
 

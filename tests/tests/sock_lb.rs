@@ -14,11 +14,10 @@ use std::time::{Duration, Instant};
 use std::path::Path;
 
 use ferry_proxy::agent::runner::SyncKind;
-use ferry_proxy::agent::{Agent, AgentConfig};
+use ferry_proxy::agent::Agent;
 use ferry_proxy::datapath::{BpfMaps, MapCapacities};
 use ferry_proxy::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
 use ferry_proxy::source::SourceEvent;
-use ferry_proxy::translate::TranslateConfig;
 use ferry_tests::bpf::{PinDir, TestCgroup};
 use ferry_tests::netns::client_and_backends;
 use ferry_tests::servers::Servers;
@@ -104,17 +103,7 @@ fn client(cg: &TestCgroup, ns: &Netns, proto: &str, addr: &str, count: u32) -> V
 }
 
 fn agent(pins: &Path, caps: MapCapacities) -> Agent {
-    let cfg = AgentConfig {
-        node_name: "node-a".into(),
-        nodeport_cidrs: vec![],
-        min_sync_period: Duration::ZERO,
-        sync_period: Duration::from_secs(30),
-        retry_period: Duration::from_secs(1),
-        sources: vec!["test"],
-        health_check_servers: false,
-        translate: TranslateConfig::default(),
-        plan: PlanConfig::default(),
-    };
+    let cfg = ferry_tests::agent_config(vec!["test"]);
     Agent::new(cfg, Box::new(BpfMaps::open(pins, caps).unwrap())).unwrap()
 }
 
