@@ -3,7 +3,10 @@
 //! and list, limit/continue paging, label and field selectors, watch from a
 //! resourceVersion with BOOKMARK events, an ERROR event with code 410 for a
 //! resourceVersion that was compacted away, a switch that cuts every watch,
-//! and a request log. Serves Services, EndpointSlices and Nodes.
+//! and a request log. Serves Services, EndpointSlices and Nodes. With a
+//! ClusterRole installed ([`FakeApi::enforce_cluster_role`]) it authorizes
+//! every request as the real RBAC authorizer would and answers 403 to what
+//! the role does not allow.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -77,6 +80,74 @@ struct State {
     log: Vec<String>,
     /// Bodies of Event objects created or patched (events.k8s.io/v1).
     posted_events: Vec<Value>,
+    /// The rules of the ClusterRole requests are checked against.
+    rbac: Option<Vec<Rule>>,
+    /// Requests the role refused: "verb group/resource".
+    denied: Vec<String>,
+}
+
+/// One PolicyRule of a ClusterRole.
+#[derive(Debug, Clone)]
+struct Rule {
+    api_groups: Vec<String>,
+    resources: Vec<String>,
+    verbs: Vec<String>,
+}
+
+impl Rule {
+    fn allows(&self, verb: &str, group: &str, resource: &str) -> bool {
+        let any = |list: &[String], want: &str| list.iter().any(|x| x == "*" || x == want);
+        any(&self.api_groups, group) && any(&self.resources, resource) && any(&self.verbs, verb)
+    }
+}
+
+/// What RBAC sees of a request: (verb, API group, resource[/subresource]).
+fn authorization_attributes(
+    method: &str,
+    path: &str,
+    query: &str,
+) -> Option<(String, String, String)> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segs.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => return None,
+    };
+    let rest = match rest {
+        ["namespaces", _ns, rest @ ..] if !rest.is_empty() => rest,
+        _ => rest,
+    };
+    let (resource, named) = match rest {
+        [res] => (res.to_string(), false),
+        [res, _name] => (res.to_string(), true),
+        [res, _name, sub] => (format!("{res}/{sub}"), true),
+        _ => return None,
+    };
+    let watch = query
+        .split('&')
+        .any(|kv| kv == "watch=1" || kv == "watch=true");
+    let verb = match (method, named) {
+        ("GET", _) if watch => "watch",
+        ("GET", true) => "get",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => return None,
+    };
+    Some((verb.to_string(), group.to_string(), resource))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[derive(Debug, Default)]
@@ -224,6 +295,30 @@ impl FakeApi {
         lock(&self.shared).posted_events.clone()
     }
 
+    /// From now on, authorizes every request against the rules of this
+    /// ClusterRole (a JSON value of kind ClusterRole).
+    pub fn enforce_cluster_role(&self, role: &Value) {
+        let rules = role["rules"]
+            .as_array()
+            .map(|rules| {
+                rules
+                    .iter()
+                    .map(|r| Rule {
+                        api_groups: strings(&r["apiGroups"]),
+                        resources: strings(&r["resources"]),
+                        verbs: strings(&r["verbs"]),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        lock(&self.shared).rbac = Some(rules);
+    }
+
+    /// Requests refused by the enforced ClusterRole: "verb group/resource".
+    pub fn denied(&self) -> Vec<String> {
+        lock(&self.shared).denied.clone()
+    }
+
     /// Every request so far: "METHOD path?query".
     pub fn requests(&self) -> Vec<String> {
         lock(&self.shared).log.clone()
@@ -349,6 +444,10 @@ fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Result
         std::io::Read::read_exact(&mut reader, &mut body)?;
         lock(shared).log.push(format!("{method} {target}"));
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        if let Some(refused) = refused(shared, &method, path, query) {
+            respond(&mut out, 403, &status_body(403, "Forbidden", &refused))?;
+            continue;
+        }
         let request = route(path).map(|(kind, namespace, name)| Request {
             kind,
             namespace,
@@ -388,6 +487,23 @@ fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Result
     }
 }
 
+/// With a role enforced: the reason a request is forbidden, if it is.
+fn refused(shared: &Shared, method: &str, path: &str, query: &str) -> Option<String> {
+    let mut st = lock(shared);
+    let rules = st.rbac.as_ref()?;
+    let Some((verb, group, resource)) = authorization_attributes(method, path, query) else {
+        let what = format!("{method} {path}");
+        st.denied.push(what.clone());
+        return Some(format!("{what} is not a resource request"));
+    };
+    if rules.iter().any(|r| r.allows(&verb, &group, &resource)) {
+        return None;
+    }
+    let what = format!("{verb} {group}/{resource}");
+    st.denied.push(what.clone());
+    Some(format!("forbidden: the role does not allow {what}"))
+}
+
 fn status_body(code: u16, reason: &str, message: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
            "message": message, "reason": reason, "code": code})
@@ -398,6 +514,7 @@ fn respond(out: &mut TcpStream, status: u16, body: &Value) -> std::io::Result<()
     let reason = match status {
         200 => "OK",
         201 => "Created",
+        403 => "Forbidden",
         404 => "Not Found",
         410 => "Gone",
         _ => "Error",
@@ -583,6 +700,44 @@ mod tests {
         assert!(labels_match("a==1,!c", &labels));
         assert!(!labels_match("a!=1", &labels));
         assert!(!labels_match("c", &labels));
+    }
+
+    #[test]
+    fn rbac_attributes() {
+        let a = |m, p, q| authorization_attributes(m, p, q).unwrap();
+        assert_eq!(
+            a("GET", "/api/v1/services", "watch=true&resourceVersion=1"),
+            ("watch".into(), "".into(), "services".into())
+        );
+        assert_eq!(
+            a(
+                "GET",
+                "/apis/discovery.k8s.io/v1/endpointslices",
+                "limit=500"
+            ),
+            (
+                "list".into(),
+                "discovery.k8s.io".into(),
+                "endpointslices".into()
+            )
+        );
+        assert_eq!(
+            a("PATCH", "/api/v1/namespaces/a/services/b/status", ""),
+            ("patch".into(), "".into(), "services/status".into())
+        );
+        assert_eq!(
+            a("POST", "/apis/events.k8s.io/v1/namespaces/a/events", ""),
+            ("create".into(), "events.k8s.io".into(), "events".into())
+        );
+        let rule = Rule {
+            api_groups: vec!["".into()],
+            resources: vec!["services".into()],
+            verbs: vec!["list".into(), "watch".into()],
+        };
+        assert!(rule.allows("watch", "", "services"));
+        assert!(!rule.allows("get", "", "services"));
+        assert!(!rule.allows("watch", "", "services/status"));
+        assert!(!rule.allows("watch", "discovery.k8s.io", "services"));
     }
 
     #[test]

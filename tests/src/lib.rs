@@ -2,6 +2,7 @@
 //! clean themselves up. Test traffic never leaves namespaces made here.
 
 pub mod bpf;
+pub mod deploy;
 pub mod fake_api;
 pub mod icmp;
 pub mod netns;

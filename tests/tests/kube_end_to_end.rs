@@ -1,6 +1,8 @@
 //! Privileged, end to end: fake API server -> `ferry run --source kube` ->
 //! pinned eBPF maps -> a real connection in a network namespace, then a
-//! Service update through the API reaching the next connection.
+//! Service update through the API reaching the next connection. The fake
+//! API server enforces deploy/'s ClusterRole: the agent must never need a
+//! verb the DaemonSet's role lacks (watching, listing, reporting Events).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
@@ -69,6 +71,12 @@ fn service_update_via_api_reaches_a_real_connection() {
     let _servers = Servers::start(listeners, vec![]);
 
     let api = FakeApi::start().unwrap();
+    api.enforce_cluster_role(&ferry_tests::deploy::cluster_role().unwrap());
+    // An invalid Service: reported as an Event, which the role must allow.
+    api.apply(
+        json!({"kind": "Service", "metadata": {"name": "broken", "namespace": "e2e"},
+                     "spec": {"clusterIP": "198.19.0.31", "ports": [{"port": 0}]}}),
+    );
     api.apply(json!({"kind": "Service", "metadata": {"name": "web", "namespace": "e2e"},
                      "spec": {"clusterIP": "198.19.0.30", "ports": [{"port": 80, "targetPort": 9000}]}}));
     api.apply(slice("198.18.3.2"));
@@ -103,6 +111,19 @@ fn service_update_via_api_reaches_a_real_connection() {
     // The endpoint moves to the other pod through the API.
     api.apply(slice("198.18.3.3"));
     until_reply(&cg, &cli, "198.18.3.3:9000");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.posted_events().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !api.posted_events().is_empty(),
+        "the invalid Service was not reported as an Event"
+    );
+    assert_eq!(
+        api.denied(),
+        Vec::<String>::new(),
+        "the agent needed verbs deploy/rbac.yaml lacks"
+    );
 
     let _ = agent.kill();
     let _ = agent.wait();

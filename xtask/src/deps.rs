@@ -13,6 +13,9 @@ pub const BPF_LINKER_INSTALL: &str = "PATH=/usr/lib/llvm-22/bin:$PATH cargo inst
 /// Debian packages the build and the privileged tests use.
 const APT_PACKAGES: &[&str] = &["llvm-22-dev", "zlib1g-dev", "libzstd-dev", "iproute2"];
 
+/// The manifest validator (PyPI), pinned.
+pub const KUBERNETES_VALIDATE: &str = "1.37.0";
+
 /// The LLVM 22 tool directory, when llvm-nm is there.
 pub fn llvm22_bin() -> Option<PathBuf> {
     let bin = PathBuf::from(LLVM22_BIN);
@@ -39,11 +42,19 @@ fn cargo_home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
+}
+
+/// Whether `python3 -m kubernetes_validate` works.
+pub fn kubernetes_validate_installed() -> bool {
+    Command::new("python3")
+        .args(["-c", "import kubernetes_validate"])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 pub fn is_root() -> bool {
@@ -94,6 +105,35 @@ pub fn ensure() -> Result<()> {
                 missing.join(" ")
             );
         }
+    }
+    if find_on_path("kubectl").is_none() && is_debian() && is_root() {
+        // Debian's kubectl (1.20, with kustomize built in) renders deploy/;
+        // a newer kubectl already on the machine is used as it is.
+        eprintln!("xtask: installing kubectl (Debian package kubernetes-client)");
+        crate::run(
+            Command::new("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "-qq",
+                    "--no-install-recommends",
+                    "kubernetes-client",
+                ])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .context("installing kubernetes-client")?;
+    }
+    if !kubernetes_validate_installed() && is_root() {
+        eprintln!("xtask: installing kubernetes-validate {KUBERNETES_VALIDATE} (PyPI)");
+        crate::run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--root-user-action=ignore",
+            &format!("kubernetes-validate=={KUBERNETES_VALIDATE}"),
+        ]))
+        .context("installing kubernetes-validate")?;
     }
     if bpf_linker().is_none() && llvm22_bin().is_some() {
         eprintln!("xtask: installing bpf-linker 0.13.0 (about 2 minutes)");

@@ -3,8 +3,10 @@
 
 mod bench;
 mod demo;
+mod deploy;
 mod deps;
 mod ebpf;
+mod kind;
 mod test;
 
 use std::path::PathBuf;
@@ -22,6 +24,12 @@ commands:
   bench core [--quick]
                criterion benches of translate + plan, one EndpointSlice
                change at 10,000 Services, Maglev builds; prints a table
+  deploy-check render deploy/ with kustomize and validate it (--strict,
+               Kubernetes 1.33)
+  kind up|load|deploy|e2e|down|all [--conformance]
+               Ferry on a kind cluster without kube-proxy: create it, build
+               and load the image, apply deploy/, run the smoke test (and the
+               sig-network conformance subset); needs Docker and kind
   help         this text
 
 environment:
@@ -35,6 +43,8 @@ fn main() -> ExitCode {
         Some("test") => test::run(&workspace_root()),
         Some("bench") => bench::run(&workspace_root(), &args[1..]),
         Some("demo") => demo::run(&workspace_root()),
+        Some("deploy-check") => deploy::check(&workspace_root()),
+        Some("kind") => kind::run(&workspace_root(), &args[1..]),
         Some("help" | "-h" | "--help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

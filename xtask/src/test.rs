@@ -16,6 +16,8 @@ pub fn run(root: &Path) -> Result<()> {
     deps::ensure()?;
     ebpf::build(root).context("the eBPF build is part of every test run")?;
 
+    crate::deploy::check(root)?;
+
     let cargo = deps::cargo();
     crate::run(
         Command::new(&cargo)
