@@ -25,6 +25,9 @@ pub struct RunSettings {
     pub sync_period: Option<String>,
     pub healthz_bind_address: Option<String>,
     pub metrics_bind_address: Option<String>,
+    pub max_connections: Option<u64>,
+    pub idle_timeout: Option<String>,
+    pub udp_idle_timeout: Option<String>,
 }
 
 impl RunSettings {
@@ -193,6 +196,83 @@ pub fn format_table(rows: &[ServiceRow]) -> String {
         ));
     }
     out
+}
+
+/// A plain HTTP/1.0 GET on `addr` (ADDRESS:PORT); the body of a 200.
+pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let sock: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not ADDRESS:PORT"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2))
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| format!("{addr}: {e}"))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!(
+            "{addr}{path}: {}",
+            head.lines().next().unwrap_or("no answer")
+        ));
+    }
+    Ok(body.to_string())
+}
+
+/// The userspace agent's /services JSON as a table.
+pub fn format_userspace_table(json: &str) -> Result<String, String> {
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(json).map_err(|e| format!("reading /services: {e}"))?;
+    let mut out = String::new();
+    use std::fmt::Write;
+    let _ = writeln!(
+        out,
+        "{:<28} {:<30} {:<13} {:<8} {:<18} BACKENDS",
+        "FRONTEND", "SERVICE", "SCOPE", "ACTION", "ALGORITHM"
+    );
+    for r in rows {
+        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+        let backends: Vec<String> = r["backends"]
+            .as_array()
+            .map(|bs| {
+                bs.iter()
+                    .map(|b| {
+                        format!(
+                            "{} ({}, {} active)",
+                            b["address"].as_str().unwrap_or(""),
+                            b["health"].as_str().unwrap_or(""),
+                            b["active_connections"]
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut alg = s("algorithm");
+        if r["affinity_timeout"].as_u64().unwrap_or(0) > 0 {
+            alg.push_str("+affinity");
+        }
+        let _ = writeln!(
+            out,
+            "{:<28} {:<30} {:<13} {:<8} {:<18} {}",
+            s("frontend"),
+            s("service"),
+            s("scope"),
+            s("action"),
+            alg,
+            backends.join(", ")
+        );
+        let served = s("served");
+        if served != "yes" && served != "refused" {
+            let _ = writeln!(out, "{:<28} served: {served}", "");
+        }
+        let hc = s("health_check");
+        if !hc.is_empty() {
+            let _ = writeln!(out, "{:<28} health check: {hc}", "");
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -127,9 +127,19 @@ pub fn route(
             "text/plain; version=0.0.4; charset=utf-8",
             metrics.render(),
         ),
-        (Endpoints::Metrics, "/proxyMode") => {
-            ("200 OK", "text/plain; charset=utf-8", "ebpf".into())
-        }
+        (Endpoints::Metrics, "/proxyMode") => (
+            "200 OK",
+            "text/plain; charset=utf-8",
+            metrics.dataplane().map_or("ebpf", |d| d.mode()).into(),
+        ),
+        (Endpoints::Metrics, "/services") => match metrics.dataplane() {
+            Some(d) => ("200 OK", "application/json", d.services_json()),
+            None => (
+                "404 Not Found",
+                "text/plain; charset=utf-8",
+                "the eBPF dataplane: use `ferry services` (it reads the pinned maps)\n".into(),
+            ),
+        },
         _ => (
             "404 Not Found",
             "text/plain; charset=utf-8",

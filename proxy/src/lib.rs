@@ -18,3 +18,4 @@ pub mod plan;
 pub mod source;
 pub mod track;
 pub mod translate;
+pub mod userspace;

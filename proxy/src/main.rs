@@ -89,16 +89,32 @@ enum Command {
         /// /healthz and /livez (default 0.0.0.0:10256; empty: off).
         #[arg(long)]
         healthz_bind_address: Option<String>,
-        /// /metrics and /proxyMode (default 127.0.0.1:10249; empty: off).
+        /// /metrics, /proxyMode and /services (default 127.0.0.1:10249;
+        /// empty: off).
         #[arg(long)]
         metrics_bind_address: Option<String>,
+        /// Userspace dataplane: open connections and UDP sessions at most
+        /// (default 65536); beyond, new ones are reset at once.
+        #[arg(long)]
+        max_connections: Option<u64>,
+        /// Userspace dataplane: reset a TCP connection idle this long
+        /// (default 1h).
+        #[arg(long)]
+        idle_timeout: Option<String>,
+        /// Userspace dataplane: end a UDP session idle this long (default 30s).
+        #[arg(long)]
+        udp_idle_timeout: Option<String>,
     },
-    /// List every frontend in the pinned maps with its backends.
+    /// List every frontend with its backends: from the pinned maps (eBPF),
+    /// else from a userspace agent's /services endpoint.
     Services {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
         #[arg(long, default_value = "/sys/fs/bpf/ferry")]
         bpffs_path: PathBuf,
+        /// The userspace agent's --metrics-bind-address.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_address: String,
     },
     /// Which backend a flow would reach, and why, from the pinned maps.
     Explain {
@@ -156,6 +172,9 @@ fn main() -> ExitCode {
             sync_period,
             healthz_bind_address,
             metrics_bind_address,
+            max_connections,
+            idle_timeout,
+            udp_idle_timeout,
         } => {
             let file = match config {
                 Some(path) => match cli::RunSettings::load(&path) {
@@ -206,11 +225,32 @@ fn main() -> ExitCode {
             let metrics_bind_address = metrics_bind_address
                 .or(file.metrics_bind_address)
                 .unwrap_or_else(|| "127.0.0.1:10249".into());
-            if dataplane == Dataplane::Userspace {
-                return usage_error(
-                    "--dataplane",
-                    "the userspace dataplane is not built yet; use ebpf",
-                );
+            let mut userspace = ferry_proxy::userspace::UserspaceConfig::default();
+            if let Some(n) = max_connections.or(file.max_connections) {
+                if n == 0 {
+                    return usage_error("--max-connections", "must be at least 1");
+                }
+                userspace.max_connections = n;
+            }
+            for (flag, value, slot) in [
+                (
+                    "--idle-timeout",
+                    idle_timeout.or(file.idle_timeout),
+                    &mut userspace.idle_timeout,
+                ),
+                (
+                    "--udp-idle-timeout",
+                    udp_idle_timeout.or(file.udp_idle_timeout),
+                    &mut userspace.udp_idle_timeout,
+                ),
+            ] {
+                if let Some(v) = value {
+                    match cli::parse_duration(&v) {
+                        Ok(d) if !d.is_zero() => *slot = d,
+                        Ok(_) => return usage_error(flag, "must be more than 0"),
+                        Err(e) => return usage_error(flag, e),
+                    }
+                }
             }
             let cidrs = match cli::parse_cidrs(&nodeport_addresses) {
                 Ok(c) => c,
@@ -245,9 +285,10 @@ fn main() -> ExitCode {
                     Err(_) => return usage_error(flag, format!("{value:?} is not ADDRESS:PORT")),
                 }
             }
-            let Some(cgroup) = cgroup_path.or_else(cli::cgroup2_root) else {
+            let cgroup = cgroup_path.or_else(cli::cgroup2_root);
+            if dataplane == Dataplane::Ebpf && cgroup.is_none() {
                 return usage_error("--cgroup-path", "no cgroup2 filesystem is mounted");
-            };
+            }
             let cfg = AgentConfig {
                 node_name: cli::node_name(hostname_override.as_deref()),
                 nodeport_cidrs: cidrs,
@@ -270,17 +311,46 @@ fn main() -> ExitCode {
                     }
                 },
             };
-            run(cfg, source, &bpffs_path, &cgroup, &listen)
+            let dataplane = DataplaneChoice {
+                mode: dataplane,
+                bpffs: bpffs_path,
+                cgroup,
+                userspace,
+            };
+            run(cfg, source, dataplane, &listen)
         }
-        Command::Services { output, bpffs_path } => {
+        Command::Services {
+            output,
+            bpffs_path,
+            metrics_address,
+        } => {
             let maps = match BpfMaps::open(&bpffs_path, MapCapacities::default()) {
                 Ok(m) => m,
                 Err(e) => {
-                    eprintln!(
-                        "ferry services: {e} (is the agent running with --bpffs-path {}?)",
-                        bpffs_path.display()
-                    );
-                    return ExitCode::FAILURE;
+                    // No pinned maps: a userspace agent answers /services.
+                    match cli::http_get(&metrics_address, "/services") {
+                        Ok(body) => {
+                            match output {
+                                Output::Json => println!("{body}"),
+                                Output::Table => match cli::format_userspace_table(&body) {
+                                    Ok(t) => print!("{t}"),
+                                    Err(e) => {
+                                        eprintln!("ferry services: {e}");
+                                        return ExitCode::FAILURE;
+                                    }
+                                },
+                            }
+                            return ExitCode::SUCCESS;
+                        }
+                        Err(http) => {
+                            eprintln!(
+                                "ferry services: {e} (is an eBPF agent running with --bpffs-path {}?); \
+                                 and no userspace agent at {metrics_address}: {http}",
+                                bpffs_path.display()
+                            );
+                            return ExitCode::FAILURE;
+                        }
+                    }
                 }
             };
             let applied = match maps.dump() {
@@ -384,11 +454,42 @@ enum Source {
     Kube(Option<PathBuf>),
 }
 
+/// Which dataplane `ferry run` uses, and its settings.
+#[derive(Debug)]
+struct DataplaneChoice {
+    mode: Dataplane,
+    bpffs: PathBuf,
+    cgroup: Option<PathBuf>,
+    userspace: ferry_proxy::userspace::UserspaceConfig,
+}
+
+type EbpfSetup = (Box<dyn LbMaps + Send>, aya::Ebpf);
+
+/// Loads and attaches the eBPF programs and opens the pinned maps.
+fn setup_ebpf(
+    bpffs: &std::path::Path,
+    cgroup: Option<&std::path::Path>,
+) -> Result<EbpfSetup, String> {
+    let cgroup = cgroup.ok_or("no cgroup2 filesystem is mounted")?;
+    let caps = MapCapacities::default();
+    let mut ebpf = ferry_proxy::ebpf::open(bpffs, &caps)
+        .map_err(|e| format!("cannot load the eBPF programs: {e}"))?;
+    match ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, bpffs, cgroup) {
+        Ok(new) if new.is_empty() => {
+            tracing::info!(cgroup = %cgroup.display(), "socket-level programs already attached (restart)")
+        }
+        Ok(new) => tracing::info!(cgroup = %cgroup.display(), programs = ?new, "attached"),
+        Err(e) => return Err(format!("cannot attach the socket-level programs: {e}")),
+    }
+    let maps =
+        BpfMaps::open(bpffs, caps).map_err(|e| format!("cannot open the pinned maps: {e}"))?;
+    Ok((Box::new(maps), ebpf))
+}
+
 fn run(
     cfg: AgentConfig,
     source: Source,
-    bpffs: &std::path::Path,
-    cgroup: &std::path::Path,
+    dataplane: DataplaneChoice,
     listen: &[(std::net::SocketAddr, Endpoints)],
 ) -> ExitCode {
     let health_timeout = 2 * cfg.sync_period;
@@ -398,38 +499,64 @@ fn run(
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let caps = MapCapacities::default();
-    let mut ebpf = match ferry_proxy::ebpf::open(bpffs, &caps) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot load the eBPF programs");
-            return ExitCode::FAILURE;
+    let userspace = |settings: ferry_proxy::userspace::UserspaceConfig| {
+        ferry_proxy::userspace::UserspaceDataplane::new(settings).map_err(|e| e.to_string())
+    };
+    let mut ebpf = None;
+    let mut status = None;
+    let maps: Box<dyn LbMaps + Send> = match dataplane.mode {
+        Dataplane::Ebpf => match setup_ebpf(&dataplane.bpffs, dataplane.cgroup.as_deref()) {
+            Ok((maps, handle)) => {
+                ebpf = Some(handle);
+                maps
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the eBPF dataplane cannot run");
+                return ExitCode::FAILURE;
+            }
+        },
+        Dataplane::Userspace | Dataplane::Auto => {
+            let from_ebpf = if dataplane.mode == Dataplane::Auto {
+                match setup_ebpf(&dataplane.bpffs, dataplane.cgroup.as_deref()) {
+                    Ok(x) => Some(x),
+                    Err(e) => {
+                        tracing::warn!(reason = %e, "eBPF unavailable: using the userspace dataplane");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            match from_ebpf {
+                Some((maps, handle)) => {
+                    tracing::info!("dataplane: ebpf");
+                    ebpf = Some(handle);
+                    maps
+                }
+                None => match userspace(dataplane.userspace.clone()) {
+                    Ok(u) => {
+                        tracing::info!(settings = ?dataplane.userspace, "dataplane: userspace");
+                        status = Some(u.status());
+                        Box::new(u)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the userspace dataplane cannot run");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            }
         }
     };
-    match ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, bpffs, cgroup) {
-        Ok(new) if new.is_empty() => {
-            tracing::info!(cgroup = %cgroup.display(), "socket-level programs already attached (restart)")
-        }
-        Ok(new) => tracing::info!(cgroup = %cgroup.display(), programs = ?new, "attached"),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot attach the socket-level programs");
-            return ExitCode::FAILURE;
-        }
-    }
-    let maps = match BpfMaps::open(bpffs, caps) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot open the pinned maps");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut agent = match Agent::new(cfg, Box::new(maps)) {
+    let mut agent = match Agent::new(cfg, maps) {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, "cannot read the pinned maps back");
             return ExitCode::FAILURE;
         }
     };
+    if let Some(s) = status {
+        agent.metrics().set_dataplane(s);
+    }
     let stop_source = Arc::new(AtomicBool::new(false));
     for (addr, what) in listen {
         match ferry_proxy::http::serve(
@@ -479,7 +606,12 @@ fn run(
     agent.run(&rx, &STOP);
     stop_source.store(true, Ordering::Relaxed);
     let _ = source_thread.join();
-    tracing::info!("stopped; the dataplane stays programmed (ferry cleanup removes it)");
+    if ebpf.is_some() {
+        tracing::info!("stopped; the dataplane stays programmed (ferry cleanup removes it)");
+    } else {
+        tracing::info!("stopped; the userspace dataplane closed its listeners");
+    }
+    drop(agent);
     drop(ebpf);
     ExitCode::SUCCESS
 }

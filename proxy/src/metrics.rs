@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Histogram buckets (seconds) of kube-proxy's sync duration metric.
@@ -87,6 +87,24 @@ pub struct Metrics {
     pending_since_ms: AtomicU64,
     /// Set when the node is being deleted (not reported by the file source).
     node_deleting: AtomicU64,
+    /// The dataplane's own status (mode, metrics, /services), when it has one.
+    dataplane: Mutex<Option<Arc<dyn DataplaneStatus>>>,
+}
+
+/// What a dataplane adds to the agent's endpoints.
+pub trait DataplaneStatus: Send + Sync {
+    /// /proxyMode: "ebpf" or "userspace".
+    fn mode(&self) -> &'static str;
+    /// Appends its metrics (Prometheus text).
+    fn render(&self, out: &mut String);
+    /// /services: every frontend with its backends and their state (JSON).
+    fn services_json(&self) -> String;
+}
+
+impl std::fmt::Debug for dyn DataplaneStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DataplaneStatus({})", self.mode())
+    }
 }
 
 impl Default for Metrics {
@@ -105,6 +123,7 @@ impl Default for Metrics {
             gauges: Mutex::default(),
             pending_since_ms: AtomicU64::default(),
             node_deleting: AtomicU64::default(),
+            dataplane: Mutex::default(),
         }
     }
 }
@@ -200,9 +219,24 @@ impl Metrics {
         (!stale && !deleting, body)
     }
 
+    /// Installs the dataplane's status (its metrics join ours).
+    pub fn set_dataplane(&self, status: Arc<dyn DataplaneStatus>) {
+        *self.dataplane.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+    }
+
+    pub fn dataplane(&self) -> Option<Arc<dyn DataplaneStatus>> {
+        self.dataplane
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        if let Some(d) = self.dataplane() {
+            d.render(&mut out);
+        }
         if let Ok(h) = self.sync_duration.lock() {
             h.render(
                 &mut out,

@@ -173,6 +173,10 @@ pub enum TrafficPolicy {
 pub enum Algorithm {
     Random,
     Maglev,
+    /// The fewer active connections of two random backends (userspace
+    /// dataplane; the eBPF socket path has no connection counts and picks at
+    /// random).
+    LeastConnections,
 }
 
 impl Algorithm {
@@ -180,6 +184,7 @@ impl Algorithm {
         match s {
             "random" => Some(Algorithm::Random),
             "maglev" => Some(Algorithm::Maglev),
+            "least-connections" => Some(Algorithm::LeastConnections),
             _ => None,
         }
     }
@@ -188,8 +193,23 @@ impl Algorithm {
         match self {
             Algorithm::Random => "random",
             Algorithm::Maglev => "maglev",
+            Algorithm::LeastConnections => "least-connections",
         }
     }
+}
+
+/// How the userspace dataplane actively checks a Service's backends
+/// (`ferry.dev/health-check*` annotations).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ProbeSpec {
+    /// None: a TCP connect; Some(path): an HTTP GET that must answer 2xx/3xx.
+    pub http_path: Option<Arc<str>>,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    /// Consecutive failures that take a backend out.
+    pub unhealthy_threshold: u32,
+    /// Consecutive successes that bring it back.
+    pub healthy_threshold: u32,
 }
 
 /// trafficDistribution / topology-aware routing, as resolved for a Service.
@@ -233,6 +253,8 @@ pub struct ServiceInfo {
     pub topology: Topology,
     /// Explicit `ferry.dev/lb-algorithm`; None picks the per-scope default.
     pub algorithm: Option<Algorithm>,
+    /// `ferry.dev/health-check`: active checks of the userspace dataplane.
+    pub probe: Option<Arc<ProbeSpec>>,
     /// From metadata.creationTimestamp (seconds); the older Service wins a
     /// clash. 0 when unknown.
     pub created: i64,
@@ -351,6 +373,8 @@ pub struct FrontendPolicy {
     /// keep the client's source address.
     pub preserve_source: bool,
     pub source_ranges: Arc<[IpNet]>,
+    /// Active health checks (userspace dataplane only; not in the maps).
+    pub probe: Option<Arc<ProbeSpec>>,
 }
 
 /// One frontend of the desired state.

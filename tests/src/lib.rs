@@ -8,6 +8,7 @@ pub mod icmp;
 pub mod netns;
 pub mod privileged;
 pub mod servers;
+pub mod userspace;
 
 pub use netns::Netns;
 pub use privileged::require_privileged;
@@ -15,6 +16,15 @@ pub use privileged::require_privileged;
 /// The `ferry` binary next to the running test (target/debug/ferry), if it
 /// was built with its eBPF object; otherwise why not.
 pub fn ferry_binary() -> Result<std::path::PathBuf, String> {
+    let bin = ferry_path()?;
+    ferry_proxy::ebpf::object()
+        .map(|_| bin)
+        .ok_or_else(|| "ferry was built without its eBPF object".into())
+}
+
+/// The `ferry` binary next to the running test (target/debug/ferry), with
+/// or without its eBPF object.
+pub fn ferry_path() -> Result<std::path::PathBuf, String> {
     // target/debug/deps/<test> -> target/debug/ferry
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let bin = exe
@@ -28,9 +38,7 @@ pub fn ferry_binary() -> Result<std::path::PathBuf, String> {
             bin.display()
         ));
     }
-    ferry_proxy::ebpf::object()
-        .map(|_| bin)
-        .ok_or_else(|| "ferry was built without its eBPF object".into())
+    Ok(bin)
 }
 
 /// The sync-loop settings tests use: node "node-a", syncs as soon as asked,
@@ -47,5 +55,33 @@ pub fn agent_config(sources: Vec<&'static str>) -> ferry_proxy::agent::AgentConf
         health_check_servers: false,
         translate: ferry_proxy::translate::TranslateConfig::default(),
         plan: ferry_proxy::plan::PlanConfig::default(),
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing
+/// test never leaves an agent running.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    /// SIGTERM and wait (5 s at most, then SIGKILL).
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -88,24 +88,26 @@ fn service_update_via_api_reaches_a_real_connection() {
     let pins = PinDir::new("e2e").unwrap();
     let cg = TestCgroup::new("e2e").unwrap();
     let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-    let mut agent = Command::new(&bin)
-        .arg("run")
-        .arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .arg(format!("--bpffs-path={}", pins.path().display()))
-        .arg(format!("--cgroup-path={}", cg.path().display()))
-        .args([
-            "--dataplane",
-            "ebpf",
-            "--hostname-override",
-            "node-a",
-            "--min-sync-period",
-            "50ms",
-        ])
-        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let _agent = ferry_tests::KillOnDrop(
+        Command::new(&bin)
+            .arg("run")
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg(format!("--bpffs-path={}", pins.path().display()))
+            .arg(format!("--cgroup-path={}", cg.path().display()))
+            .args([
+                "--dataplane",
+                "ebpf",
+                "--hostname-override",
+                "node-a",
+                "--min-sync-period",
+                "50ms",
+            ])
+            .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
 
     until_reply(&cg, &cli, "198.18.3.2:9000");
     // The endpoint moves to the other pod through the API.
@@ -125,7 +127,5 @@ fn service_update_via_api_reaches_a_real_connection() {
         "the agent needed verbs deploy/rbac.yaml lacks"
     );
 
-    let _ = agent.kill();
-    let _ = agent.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }

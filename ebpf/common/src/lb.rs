@@ -92,6 +92,8 @@ pub const SVC_FLAG_MAGLEV: u16 = 1 << 2;
 pub const SVC_FLAG_PRESERVE_SOURCE: u16 = 1 << 3;
 /// loadBalancerSourceRanges apply.
 pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 4;
+/// ferry.dev/lb-algorithm least-connections (random in the kernel).
+pub const SVC_FLAG_LEAST_CONNECTIONS: u16 = 1 << 5;
 /// Bits 8..=9: the scope.
 pub const SVC_SCOPE_SHIFT: u16 = 8;
 pub const SVC_SCOPE_MASK: u16 = 0b11 << SVC_SCOPE_SHIFT;

@@ -12,8 +12,9 @@ use ferry_common::lb::{
     Backend4, Be16, Be32, MaglevTable, RevNat4, Service4Key, Service4Value, SourceRange4,
     BACKENDS4_MAP, BACKEND_FLAG_LOCAL, BACKEND_FLAG_TERMINATING, MAGLEV4_MAP, MAGLEV_TABLE_SIZE,
     REVNAT4_MAP, SCOPE_CLUSTER_IP, SCOPE_EXTERNAL_IP, SCOPE_LOAD_BALANCER, SCOPE_NODE_PORT,
-    SERVICES4_MAP, SOURCE_RANGES4_MAP, SVC_FLAG_DROP, SVC_FLAG_MAGLEV, SVC_FLAG_PRESERVE_SOURCE,
-    SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES, SVC_SCOPE_MASK, SVC_SCOPE_SHIFT,
+    SERVICES4_MAP, SOURCE_RANGES4_MAP, SVC_FLAG_DROP, SVC_FLAG_LEAST_CONNECTIONS, SVC_FLAG_MAGLEV,
+    SVC_FLAG_PRESERVE_SOURCE, SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES, SVC_SCOPE_MASK,
+    SVC_SCOPE_SHIFT,
 };
 use ipnet::{IpNet, Ipv4Net};
 
@@ -168,9 +169,11 @@ pub fn encode_frontend(e: &FrontendEntry) -> Service4Value {
         Action::Reject => SVC_FLAG_REJECT,
         Action::Drop => SVC_FLAG_DROP,
     };
-    if e.algorithm == Algorithm::Maglev {
-        flags |= SVC_FLAG_MAGLEV;
-    }
+    flags |= match e.algorithm {
+        Algorithm::Maglev => SVC_FLAG_MAGLEV,
+        Algorithm::LeastConnections => SVC_FLAG_LEAST_CONNECTIONS,
+        Algorithm::Random => 0,
+    };
     if e.preserve_source {
         flags |= SVC_FLAG_PRESERVE_SOURCE;
     }
@@ -208,6 +211,8 @@ pub fn decode_frontend(v: &Service4Value) -> FrontendEntry {
         action,
         algorithm: if v.flags & SVC_FLAG_MAGLEV != 0 {
             Algorithm::Maglev
+        } else if v.flags & SVC_FLAG_LEAST_CONNECTIONS != 0 {
+            Algorithm::LeastConnections
         } else {
             Algorithm::Random
         },

@@ -37,6 +37,9 @@ pub trait LbMaps {
     fn apply(&mut self, op: &MapOp) -> Result<(), DatapathError>;
     /// Every entry the maps hold, as the upserts that would recreate them.
     fn dump(&self) -> Result<Vec<MapOp>, DatapathError>;
+    /// After each sync's ops: a datapath that serves traffic itself (the
+    /// userspace one) takes the new state into use.
+    fn synced(&mut self, _desired: &crate::translate::DesiredState) {}
 }
 
 /// What [`apply_ops`] did.

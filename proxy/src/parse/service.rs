@@ -9,7 +9,8 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::{object_name, port_number, InvalidObject};
 use crate::model::{
-    Algorithm, ObjectName, Protocol, ServiceInfo, ServicePortInfo, Topology, TrafficPolicy,
+    Algorithm, ObjectName, ProbeSpec, Protocol, ServiceInfo, ServicePortInfo, Topology,
+    TrafficPolicy,
 };
 
 /// Services with this label are served only by the proxy it names.
@@ -20,6 +21,61 @@ const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hi
 const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 const MAX_AFFINITY_TIMEOUT: i32 = 86400;
+
+pub const HEALTH_CHECK_ANNOTATION: &str = "ferry.dev/health-check";
+pub const HEALTH_CHECK_INTERVAL_ANNOTATION: &str = "ferry.dev/health-check-interval";
+pub const HEALTH_CHECK_TIMEOUT_ANNOTATION: &str = "ferry.dev/health-check-timeout";
+pub const HEALTH_CHECK_UNHEALTHY_ANNOTATION: &str = "ferry.dev/health-check-unhealthy-threshold";
+pub const HEALTH_CHECK_HEALTHY_ANNOTATION: &str = "ferry.dev/health-check-healthy-threshold";
+
+/// The `ferry.dev/health-check*` annotations: `tcp` or `http:/path`, an
+/// interval and timeout ("2s", "500ms"), and thresholds (1-100).
+fn parse_probe(
+    cx: &Ctx<'_>,
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Result<Option<Arc<ProbeSpec>>, InvalidObject> {
+    let Some(kind) = annotations.get(HEALTH_CHECK_ANNOTATION) else {
+        return Ok(None);
+    };
+    let field = |a: &str| format!("metadata.annotations[{a}]");
+    let kind = kind.trim();
+    let http_path = if kind == "tcp" {
+        None
+    } else if let Some(path) = kind.strip_prefix("http:").filter(|p| p.starts_with('/')) {
+        Some(Arc::from(path))
+    } else {
+        return Err(cx.err(
+            field(HEALTH_CHECK_ANNOTATION),
+            format!("{kind:?} is not tcp or http:/path"),
+        ));
+    };
+    let duration_ms = |a: &str, default: u32| -> Result<u32, InvalidObject> {
+        match annotations.get(a) {
+            None => Ok(default),
+            Some(v) => match crate::cli::parse_duration(v) {
+                Ok(d) if (10..=3_600_000).contains(&d.as_millis()) => Ok(d.as_millis() as u32),
+                Ok(_) => Err(cx.err(field(a), format!("{v:?} is not between 10ms and 1h"))),
+                Err(e) => Err(cx.err(field(a), e)),
+            },
+        }
+    };
+    let threshold = |a: &str, default: u32| -> Result<u32, InvalidObject> {
+        match annotations.get(a) {
+            None => Ok(default),
+            Some(v) => match v.trim().parse::<u32>() {
+                Ok(n) if (1..=100).contains(&n) => Ok(n),
+                _ => Err(cx.err(field(a), format!("{v:?} is not a count from 1 to 100"))),
+            },
+        }
+    };
+    Ok(Some(Arc::new(ProbeSpec {
+        http_path,
+        interval_ms: duration_ms(HEALTH_CHECK_INTERVAL_ANNOTATION, 5000)?,
+        timeout_ms: duration_ms(HEALTH_CHECK_TIMEOUT_ANNOTATION, 1000)?,
+        unhealthy_threshold: threshold(HEALTH_CHECK_UNHEALTHY_ANNOTATION, 3)?,
+        healthy_threshold: threshold(HEALTH_CHECK_HEALTHY_ANNOTATION, 2)?,
+    })))
+}
 
 /// What Ferry does with a Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,7 +176,7 @@ pub fn parse_service(svc: &Service, proxy_name: &str) -> Result<ParsedService, I
         Some(v) => Some(Algorithm::parse(v.trim()).ok_or_else(|| {
             cx.err(
                 format!("metadata.annotations[{ALGORITHM_ANNOTATION}]"),
-                format!("{v:?} is not random or maglev"),
+                format!("{v:?} is not random, maglev or least-connections"),
             )
         })?),
     };
@@ -136,6 +192,7 @@ pub fn parse_service(svc: &Service, proxy_name: &str) -> Result<ParsedService, I
         health_check_node_port,
         topology: topology(&annotations, spec.traffic_distribution.as_deref()),
         algorithm,
+        probe: parse_probe(&cx, &annotations)?,
         created: svc
             .metadata
             .creation_timestamp

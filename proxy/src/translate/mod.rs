@@ -93,6 +93,7 @@ pub fn translate_service(
                         }),
                         affinity_timeout: svc.affinity_timeout,
                         preserve_source: scope.is_external() && external_local,
+                        probe: svc.probe.clone(),
                         source_ranges: if scope == Scope::LoadBalancer {
                             source_ranges.clone()
                         } else {

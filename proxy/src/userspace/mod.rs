@@ -1,0 +1,616 @@
+//! The userspace dataplane: the same Services without eBPF. It implements
+//! the datapath's map interface by keeping the maps in memory, and after
+//! each sync serves what they hold: a TCP listener (splice(2) both ways) or
+//! UDP socket (sessions) per forwarding frontend, the eBPF path's backend
+//! choice (slots, Maglev table, flow hash), ClientIP affinity, source
+//! ranges, active health checks and passive ejection, a connection limit.
+//! Frontend addresses go on the dummy interface `ferry0` when privileged;
+//! unprivileged, it serves what it can bind and reports the rest.
+
+mod addrs;
+pub mod health;
+mod splice;
+pub mod table;
+mod tcp;
+mod udp;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::task::AbortHandle;
+
+use crate::datapath::{DatapathError, LbMaps};
+use crate::metrics::DataplaneStatus;
+use crate::model::{Action, FastMap, L4Addr, Protocol};
+use crate::plan::{AppliedState, MapOp};
+use crate::translate::DesiredState;
+use table::{AffinityKey, Backend, Frontend, Refusal, Rng, Table};
+
+/// Settings of the userspace dataplane.
+#[derive(Debug, Clone)]
+pub struct UserspaceConfig {
+    /// Open TCP connections plus UDP sessions at most; beyond, new ones are
+    /// reset at once.
+    pub max_connections: u64,
+    pub connect_timeout: Duration,
+    /// A TCP connection with no byte either way for this long is reset.
+    pub idle_timeout: Duration,
+    pub udp_idle_timeout: Duration,
+    /// Put non-local frontend addresses on `ferry0` (needs CAP_NET_ADMIN).
+    pub manage_addresses: bool,
+    pub worker_threads: usize,
+}
+
+impl Default for UserspaceConfig {
+    fn default() -> Self {
+        UserspaceConfig {
+            max_connections: 65_536,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(3600),
+            udp_idle_timeout: Duration::from_secs(30),
+            // SAFETY: geteuid has no preconditions.
+            manage_addresses: unsafe { libc::geteuid() } == 0,
+            worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// Why a connection or datagram was refused (metric label).
+#[derive(Debug, Clone, Copy)]
+pub enum Refused {
+    NoEndpoints,
+    SourceRange,
+    NoBackend,
+    Limit,
+}
+
+const REFUSED: [(&str, Refused); 4] = [
+    ("no_endpoints", Refused::NoEndpoints),
+    ("source_range", Refused::SourceRange),
+    ("no_backend", Refused::NoBackend),
+    ("limit", Refused::Limit),
+];
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepted: AtomicU64,
+    refused: [AtomicU64; 4],
+    pub connect_failures: AtomicU64,
+    pub idle_timeouts: AtomicU64,
+    pub bytes: AtomicU64,
+    pub udp_sessions_total: AtomicU64,
+}
+
+impl Stats {
+    pub fn refused(&self, why: Refused) {
+        self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refused_count(&self, why: Refused) -> u64 {
+        self.refused[why as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// What the serving tasks share.
+#[derive(Debug)]
+pub struct Shared {
+    table: RwLock<Arc<Table>>,
+    affinity: Mutex<FastMap<AffinityKey, (L4Addr, u64)>>,
+    epoch: Instant,
+    pub cfg: UserspaceConfig,
+    pub stats: Stats,
+    /// Open connections + sessions.
+    active: AtomicU64,
+}
+
+impl Shared {
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn frontend(&self, key: &L4Addr) -> Option<Arc<Frontend>> {
+        self.table().frontends.get(key).cloned()
+    }
+
+    /// Takes a connection slot; false at the limit.
+    pub fn admit(&self) -> bool {
+        let n = self.active.fetch_add(1, Ordering::Relaxed);
+        if n >= self.cfg.max_connections {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    pub fn release(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Picks a backend with session affinity applied and recorded.
+    pub fn pick(
+        &self,
+        fe: &Frontend,
+        client: SocketAddr,
+        exclude: &[L4Addr],
+        rng: &mut Rng,
+    ) -> Result<Backend, Refusal> {
+        let now = self.now_ms();
+        let timeout = u64::from(fe.entry.affinity_timeout) * 1000;
+        let key = (fe.key, client.ip());
+        let sticky = if timeout > 0 {
+            let aff = self.affinity.lock().unwrap_or_else(|p| p.into_inner());
+            aff.get(&key).filter(|(_, exp)| *exp > now).map(|(b, _)| *b)
+        } else {
+            None
+        };
+        let b = table::choose(fe, client, exclude, sticky, now, rng)?;
+        if timeout > 0 {
+            let mut aff = self.affinity.lock().unwrap_or_else(|p| p.into_inner());
+            aff.insert(key, (b.addr, now + timeout));
+        }
+        Ok(b)
+    }
+}
+
+struct Listener {
+    task: AbortHandle,
+    sessions: Option<Arc<udp::Sessions>>,
+}
+
+/// The userspace dataplane (see the module docs).
+pub struct UserspaceDataplane {
+    mirror: AppliedState,
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Runtime,
+    listeners: FastMap<L4Addr, Listener>,
+    /// Frontends that could not be served, and why.
+    unserved: Arc<Mutex<BTreeMap<L4Addr, String>>>,
+    addresses: addrs::Addresses,
+    checkers: health::Checkers,
+    check_stats: Arc<health::CheckStats>,
+    registry: FastMap<L4Addr, Arc<table::BackendState>>,
+    generation: u64,
+}
+
+impl std::fmt::Debug for UserspaceDataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserspaceDataplane")
+            .field("listeners", &self.listeners.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UserspaceDataplane {
+    pub fn new(cfg: UserspaceConfig) -> Result<UserspaceDataplane, DatapathError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.worker_threads.max(1))
+            .thread_name("ferry-userspace")
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                DatapathError::Unsupported(format!("starting the userspace dataplane: {e}"))
+            })?;
+        Ok(UserspaceDataplane {
+            mirror: AppliedState::default(),
+            addresses: addrs::Addresses::new(cfg.manage_addresses),
+            shared: Arc::new(Shared {
+                table: RwLock::new(Arc::new(Table::default())),
+                affinity: Mutex::new(FastMap::default()),
+                epoch: Instant::now(),
+                cfg,
+                stats: Stats::default(),
+                active: AtomicU64::new(0),
+            }),
+            runtime,
+            listeners: FastMap::default(),
+            unserved: Arc::default(),
+            checkers: health::Checkers::default(),
+            check_stats: Arc::default(),
+            registry: FastMap::default(),
+            generation: 0,
+        })
+    }
+
+    /// Status for /metrics, /proxyMode and /services.
+    pub fn status(&self) -> Arc<dyn DataplaneStatus> {
+        Arc::new(Status {
+            shared: self.shared.clone(),
+            unserved: self.unserved.clone(),
+            checks: self.check_stats.clone(),
+        })
+    }
+
+    /// Frontends that could not be served, and why.
+    pub fn unserved(&self) -> BTreeMap<L4Addr, String> {
+        self.unserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Rebuilds the table from the maps and serves it.
+    fn refresh(&mut self, desired: &DesiredState) {
+        self.generation += 1;
+        let table = Arc::new(table::build(
+            &self.mirror,
+            desired,
+            &mut self.registry,
+            self.generation,
+        ));
+        *self.shared.table.write().unwrap_or_else(|p| p.into_inner()) = table.clone();
+        {
+            let now = self.shared.now_ms();
+            let mut aff = self
+                .shared
+                .affinity
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            aff.retain(|_, (_, exp)| *exp > now);
+        }
+
+        // Addresses: every frontend IP (a rejecting frontend's too, so the
+        // kernel refuses its connections at once).
+        let mut local: BTreeSet<IpAddr> = crate::agent::local_addresses(&[]).into_iter().collect();
+        let wanted_ips: BTreeSet<IpAddr> = table
+            .frontends
+            .keys()
+            .map(|k| k.ip)
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+            .collect();
+        local.retain(|ip| !self.addresses.holds(ip));
+        if let Err(e) = self.addresses.sync(&wanted_ips, &local) {
+            tracing::warn!(error = %e, "cannot manage frontend addresses");
+        }
+        let is_local = |ip: &IpAddr| ip.is_loopback() || local.contains(ip);
+
+        let wanted: BTreeSet<L4Addr> = table
+            .frontends
+            .values()
+            .filter(|f| f.entry.action == Action::Forward)
+            .map(|f| f.key)
+            .collect();
+        let shared = self.shared.clone();
+        self.listeners.retain(|k, l| {
+            if wanted.contains(k) {
+                return true;
+            }
+            l.task.abort();
+            if let Some(s) = &l.sessions {
+                s.clear(&shared);
+            }
+            false
+        });
+        let mut unserved = BTreeMap::new();
+        for key in wanted {
+            if self.listeners.contains_key(&key) {
+                continue;
+            }
+            if !self.addresses.holds(&key.ip) && !is_local(&key.ip) {
+                unserved.insert(
+                    key,
+                    if self.addresses.enabled {
+                        "the address could not be added to ferry0 or lo".to_string()
+                    } else {
+                        "the address is not on this host (as root, Ferry adds it to ferry0)"
+                            .to_string()
+                    },
+                );
+                continue;
+            }
+            match self.listen(key) {
+                Ok(l) => {
+                    self.listeners.insert(key, l);
+                }
+                Err(e) => {
+                    unserved.insert(key, e);
+                }
+            }
+        }
+        {
+            let mut old = self.unserved.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, why) in &unserved {
+                if old.get(k) != Some(why) {
+                    tracing::warn!(frontend = %k, reason = %why, "frontend not served");
+                }
+            }
+            *old = unserved;
+        }
+        self.checkers
+            .update(&table, self.runtime.handle(), &self.check_stats);
+    }
+
+    fn listen(&self, key: L4Addr) -> Result<Listener, String> {
+        let addr = SocketAddr::new(key.ip, key.port);
+        let _guard = self.runtime.enter();
+        let shared = self.shared.clone();
+        match key.protocol {
+            Protocol::Tcp => {
+                let std = tcp::bind(addr).map_err(|e| format!("binding TCP {addr}: {e}"))?;
+                let l = tokio::net::TcpListener::from_std(std)
+                    .map_err(|e| format!("binding TCP {addr}: {e}"))?;
+                let task = self
+                    .runtime
+                    .spawn(tcp::accept_loop(l, key, shared))
+                    .abort_handle();
+                Ok(Listener {
+                    task,
+                    sessions: None,
+                })
+            }
+            Protocol::Udp => {
+                let std = udp::bind(addr).map_err(|e| format!("binding UDP {addr}: {e}"))?;
+                let s = tokio::net::UdpSocket::from_std(std)
+                    .map_err(|e| format!("binding UDP {addr}: {e}"))?;
+                let sessions = Arc::new(udp::Sessions::default());
+                let task = self
+                    .runtime
+                    .spawn(udp::serve(Arc::new(s), key, shared, sessions.clone()))
+                    .abort_handle();
+                Ok(Listener {
+                    task,
+                    sessions: Some(sessions),
+                })
+            }
+            Protocol::Sctp => Err("SCTP is not served by the userspace dataplane".into()),
+        }
+    }
+}
+
+impl LbMaps for UserspaceDataplane {
+    fn apply(&mut self, op: &MapOp) -> Result<(), DatapathError> {
+        self.mirror.apply(op);
+        Ok(())
+    }
+
+    fn dump(&self) -> Result<Vec<MapOp>, DatapathError> {
+        Ok(self.mirror.entries())
+    }
+
+    fn synced(&mut self, desired: &DesiredState) {
+        self.refresh(desired);
+    }
+}
+
+impl Drop for UserspaceDataplane {
+    fn drop(&mut self) {
+        self.checkers.stop_all();
+        for (_, l) in self.listeners.drain() {
+            l.task.abort();
+        }
+        self.addresses.remove_all();
+    }
+}
+
+/// One backend row of `ferry services` (userspace).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendStatus {
+    pub address: String,
+    pub health: &'static str,
+    pub active_connections: u32,
+    pub connections_total: u64,
+    pub local: bool,
+    pub terminating: bool,
+}
+
+/// One frontend row of `ferry services` (userspace).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FrontendStatus {
+    pub frontend: String,
+    pub service: String,
+    pub scope: &'static str,
+    pub action: &'static str,
+    pub algorithm: &'static str,
+    pub affinity_timeout: u32,
+    pub health_check: String,
+    pub served: String,
+    pub backends: Vec<BackendStatus>,
+}
+
+struct Status {
+    shared: Arc<Shared>,
+    unserved: Arc<Mutex<BTreeMap<L4Addr, String>>>,
+    checks: Arc<health::CheckStats>,
+}
+
+impl Status {
+    fn rows(&self) -> Vec<FrontendStatus> {
+        let table = self.shared.table();
+        let unserved = self
+            .unserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let now = self.shared.now_ms();
+        let mut fronts: Vec<&Arc<Frontend>> = table.frontends.values().collect();
+        fronts.sort_by_key(|f| f.key);
+        fronts
+            .into_iter()
+            .map(|f| FrontendStatus {
+                frontend: f.key.to_string(),
+                service: f
+                    .service
+                    .as_ref()
+                    .map(|s| {
+                        if f.port_name.is_empty() {
+                            format!("{}/{}", s.namespace, s.name)
+                        } else {
+                            format!("{}/{}:{}", s.namespace, s.name, f.port_name)
+                        }
+                    })
+                    .unwrap_or_default(),
+                scope: f.entry.scope.name(),
+                action: f.entry.action.name(),
+                algorithm: f.entry.algorithm.name(),
+                affinity_timeout: f.entry.affinity_timeout,
+                health_check: match &f.probe {
+                    None => String::new(),
+                    Some(p) => match &p.http_path {
+                        None => format!("tcp every {} ms", p.interval_ms),
+                        Some(path) => format!("http:{path} every {} ms", p.interval_ms),
+                    },
+                },
+                served: match unserved.get(&f.key) {
+                    Some(why) => format!("no: {why}"),
+                    None if f.entry.action == Action::Forward => "yes".into(),
+                    None => "refused".into(),
+                },
+                backends: f
+                    .slots
+                    .iter()
+                    .map(|b| BackendStatus {
+                        address: b.addr.to_string(),
+                        health: b.state.describe(now),
+                        active_connections: b.state.active.load(Ordering::Relaxed),
+                        connections_total: b.state.connections_total.load(Ordering::Relaxed),
+                        local: b.local,
+                        terminating: b.terminating,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+impl DataplaneStatus for Status {
+    fn mode(&self) -> &'static str {
+        "userspace"
+    }
+
+    fn render(&self, out: &mut String) {
+        let s = &self.shared.stats;
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(
+            out,
+            "ferry_userspace_connections_active",
+            "Open TCP connections and UDP sessions.",
+            self.shared.active.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "ferry_userspace_connections_total",
+            "TCP connections forwarded to a backend.",
+            s.accepted.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(out, "# HELP ferry_userspace_refused_total Connections and datagrams refused, by reason.\n# TYPE ferry_userspace_refused_total counter");
+        for (name, why) in REFUSED {
+            let _ = writeln!(
+                out,
+                "ferry_userspace_refused_total{{reason=\"{name}\"}} {}",
+                s.refused_count(why)
+            );
+        }
+        counter(
+            out,
+            "ferry_userspace_connect_failures_total",
+            "Failed connects to a backend (each is retried on another).",
+            s.connect_failures.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "ferry_userspace_idle_timeouts_total",
+            "TCP connections reset after the idle timeout.",
+            s.idle_timeouts.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "ferry_userspace_udp_sessions_total",
+            "UDP sessions opened.",
+            s.udp_sessions_total.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "ferry_userspace_bytes_total",
+            "Bytes moved by closed TCP connections, both directions.",
+            s.bytes.load(Ordering::Relaxed),
+        );
+        let c = &self.checks;
+        counter(
+            out,
+            "ferry_health_check_probes_total",
+            "Active health check probes sent.",
+            c.probes_total.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "ferry_health_check_failures_total",
+            "Active health check probes that failed.",
+            c.probe_failures_total.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "ferry_health_check_marked_down_total",
+            "Backends taken out by a failing check.",
+            c.marked_down_total.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "ferry_health_check_marked_up_total",
+            "Backends brought back by a passing check.",
+            c.marked_up_total.load(Ordering::Relaxed),
+        );
+        let table = self.shared.table();
+        let now = self.shared.now_ms();
+        let (mut unhealthy, mut ejected, mut ejections) = (0u64, 0u64, 0u64);
+        let mut seen = BTreeSet::new();
+        for f in table.frontends.values() {
+            for b in &f.slots {
+                if seen.insert(b.addr) {
+                    match b.state.describe(now) {
+                        "unhealthy" => unhealthy += 1,
+                        "ejected" => ejected += 1,
+                        _ => {}
+                    }
+                    ejections += b.state.ejections_total.load(Ordering::Relaxed);
+                }
+            }
+        }
+        gauge(
+            out,
+            "ferry_userspace_backends_unhealthy",
+            "Backends failing their active health check.",
+            unhealthy,
+        );
+        gauge(
+            out,
+            "ferry_userspace_backends_ejected",
+            "Backends ejected after consecutive connect failures.",
+            ejected,
+        );
+        counter(
+            out,
+            "ferry_userspace_ejections_total",
+            "Passive ejections of current backends.",
+            ejections,
+        );
+        gauge(
+            out,
+            "ferry_userspace_frontends_unserved",
+            "Frontends that could not be bound.",
+            self.unserved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len() as u64,
+        );
+    }
+
+    fn services_json(&self) -> String {
+        serde_json::to_string_pretty(&self.rows())
+            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}

@@ -1,0 +1,465 @@
+//! The userspace dataplane's view of the maps: per frontend, its policy,
+//! slots and Maglev table as the sync loop applied them (so the choice of
+//! backend is the eBPF path's: same slots, same Maglev table, same flow
+//! hash), plus the Service name and active health check from the desired
+//! state. Backend health is shared state that outlives table rebuilds.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ferry_common::lb::{flow_hash4, Be16, Be32};
+use ipnet::IpNet;
+
+use crate::model::{Action, Algorithm, FastMap, L4Addr, ProbeSpec, ServiceName};
+use crate::plan::{AppliedState, FrontendEntry};
+use crate::translate::DesiredState;
+
+/// Consecutive connect failures that eject a backend (passive outlier
+/// detection), and for how long.
+pub const EJECT_AFTER_FAILURES: u32 = 5;
+pub const EJECT_FOR_MS: u64 = 10_000;
+
+/// Health and load of one backend address, shared by every frontend that
+/// uses it and kept across table rebuilds.
+#[derive(Debug)]
+pub struct BackendState {
+    /// The active health check passes (true without a check).
+    pub healthy: AtomicBool,
+    /// Consecutive failed connects to it.
+    pub connect_failures: AtomicU32,
+    /// Ejected by passive outlier detection until this time (ms since the
+    /// dataplane's epoch); 0 when not ejected.
+    pub ejected_until_ms: AtomicU64,
+    /// Connections open to it now.
+    pub active: AtomicU32,
+    pub connections_total: AtomicU64,
+    pub ejections_total: AtomicU64,
+}
+
+impl Default for BackendState {
+    fn default() -> Self {
+        BackendState {
+            healthy: AtomicBool::new(true),
+            connect_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            active: AtomicU32::new(0),
+            connections_total: AtomicU64::new(0),
+            ejections_total: AtomicU64::new(0),
+        }
+    }
+}
+
+impl BackendState {
+    /// May take new connections at `now_ms`.
+    pub fn available(&self, now_ms: u64) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// A connect succeeded.
+    pub fn connected(&self) {
+        self.connect_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// A connect failed; returns true when this failure ejected it.
+    pub fn connect_failed(&self, now_ms: u64) -> bool {
+        let n = self.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= EJECT_AFTER_FAILURES {
+            self.connect_failures.store(0, Ordering::Relaxed);
+            self.ejected_until_ms
+                .store(now_ms + EJECT_FOR_MS, Ordering::Relaxed);
+            self.ejections_total.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// "healthy", "unhealthy" (active check) or "ejected" (passive).
+    pub fn describe(&self, now_ms: u64) -> &'static str {
+        if !self.healthy.load(Ordering::Relaxed) {
+            "unhealthy"
+        } else if self.ejected_until_ms.load(Ordering::Relaxed) > now_ms {
+            "ejected"
+        } else {
+            "healthy"
+        }
+    }
+}
+
+/// One backend of a frontend.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub id: u32,
+    pub addr: L4Addr,
+    pub local: bool,
+    pub terminating: bool,
+    pub state: Arc<BackendState>,
+}
+
+/// One frontend as the userspace dataplane serves it.
+#[derive(Debug)]
+pub struct Frontend {
+    pub key: L4Addr,
+    pub service: Option<ServiceName>,
+    pub port_name: Arc<str>,
+    pub entry: FrontendEntry,
+    /// The backends new flows may go to (the slots, in slot order).
+    pub slots: Vec<Backend>,
+    /// Maglev table as indexes into `slots` (u16::MAX: not a slot).
+    pub maglev: Vec<u16>,
+    pub source_ranges: Vec<IpNet>,
+    pub probe: Option<Arc<ProbeSpec>>,
+}
+
+/// Every frontend, indexed by address; rebuilt after each sync.
+#[derive(Debug, Default)]
+pub struct Table {
+    pub frontends: FastMap<L4Addr, Arc<Frontend>>,
+    /// Bumped on each rebuild: sessions re-check their backend when it moves.
+    pub generation: u64,
+}
+
+/// Builds the table from the applied maps and the desired state; backend
+/// states come from (and new ones go into) `registry`, which forgets
+/// addresses no frontend names any more.
+pub fn build(
+    applied: &AppliedState,
+    desired: &DesiredState,
+    registry: &mut FastMap<L4Addr, Arc<BackendState>>,
+    generation: u64,
+) -> Table {
+    let mut frontends = FastMap::default();
+    let mut used: FastMap<L4Addr, ()> = FastMap::default();
+    for (key, f) in applied.frontends() {
+        let Some(entry) = f.entry else { continue };
+        let mut index_of: FastMap<u32, u16> = FastMap::default();
+        let mut slots = Vec::with_capacity(f.slots.len());
+        for id in &f.slots {
+            let Some(b) = applied.backends().get(id) else {
+                continue;
+            };
+            let state = registry.entry(b.addr).or_default().clone();
+            used.insert(b.addr, ());
+            index_of.insert(id.0, slots.len() as u16);
+            slots.push(Backend {
+                id: id.0,
+                addr: b.addr,
+                local: b.local,
+                terminating: b.terminating,
+                state,
+            });
+        }
+        let maglev = if entry.algorithm == Algorithm::Maglev {
+            applied
+                .maglev()
+                .get(&entry.id)
+                .map(|t| {
+                    t.iter()
+                        .map(|id| index_of.get(&id.0).copied().unwrap_or(u16::MAX))
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let source_ranges = if entry.source_ranges {
+            applied
+                .source_ranges()
+                .get(&entry.id)
+                .map(|r| r.iter().copied().collect())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let d = desired.frontend(key);
+        frontends.insert(
+            *key,
+            Arc::new(Frontend {
+                key: *key,
+                service: d.map(|d| d.service.clone()),
+                port_name: d.map(|d| d.port_name.clone()).unwrap_or_else(|| "".into()),
+                entry,
+                slots,
+                maglev,
+                source_ranges,
+                probe: d.and_then(|d| d.policy.probe.clone()),
+            }),
+        );
+    }
+    registry.retain(|addr, _| used.contains_key(addr));
+    Table {
+        frontends,
+        generation,
+    }
+}
+
+/// Why a new flow gets no backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The Service has no usable endpoint (or Local policy without a local
+    /// one): refused at once.
+    NoEndpoints,
+    /// loadBalancerSourceRanges do not include the client.
+    SourceRange,
+    /// Every backend was tried.
+    Exhausted,
+}
+
+impl Refusal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::NoEndpoints => "no_endpoints",
+            Refusal::SourceRange => "source_range",
+            Refusal::Exhausted => "no_backend",
+        }
+    }
+}
+
+/// A small, fast, non-cryptographic generator (xorshift64*), per task.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        ((self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) as usize * n) >> 32
+    }
+}
+
+/// Session affinity (ClientIP): the backend a client was last sent to.
+pub type AffinityKey = (L4Addr, IpAddr);
+
+/// Picks the backend for a new flow from `client`, skipping `exclude`
+/// (backends already tried for this flow). Order: source ranges, affinity,
+/// then the frontend's algorithm over the available slots; if every slot is
+/// unavailable (health checks or ejection), all slots are tried rather than
+/// refusing (fail open, as a load balancer's panic mode).
+pub fn choose(
+    fe: &Frontend,
+    client: SocketAddr,
+    exclude: &[L4Addr],
+    affinity: Option<L4Addr>,
+    now_ms: u64,
+    rng: &mut Rng,
+) -> Result<Backend, Refusal> {
+    if fe.entry.action != Action::Forward || fe.slots.is_empty() {
+        return Err(Refusal::NoEndpoints);
+    }
+    if fe.entry.source_ranges && !fe.source_ranges.iter().any(|n| n.contains(&client.ip())) {
+        return Err(Refusal::SourceRange);
+    }
+    let usable = |b: &Backend| !exclude.contains(&b.addr);
+    if let Some(addr) = affinity {
+        if let Some(b) = fe
+            .slots
+            .iter()
+            .find(|b| b.addr == addr && usable(b) && b.state.available(now_ms))
+        {
+            return Ok(b.clone());
+        }
+    }
+    let mut candidates: Vec<&Backend> = fe
+        .slots
+        .iter()
+        .filter(|b| usable(b) && b.state.available(now_ms))
+        .collect();
+    if candidates.is_empty() {
+        candidates = fe.slots.iter().filter(|b| usable(b)).collect();
+    }
+    if candidates.is_empty() {
+        return Err(Refusal::Exhausted);
+    }
+    let pick = match fe.entry.algorithm {
+        Algorithm::Maglev => {
+            let preferred = match (client.ip(), fe.key.ip) {
+                (IpAddr::V4(s), IpAddr::V4(d)) if !fe.maglev.is_empty() => {
+                    let h = flow_hash4(
+                        Be32::from_host(s.to_bits()),
+                        Be32::from_host(d.to_bits()),
+                        Be16::from_host(client.port()),
+                        Be16::from_host(fe.key.port),
+                        fe.key.protocol.number(),
+                    );
+                    fe.maglev
+                        .get(h as usize % fe.maglev.len())
+                        .and_then(|&i| fe.slots.get(usize::from(i)))
+                }
+                _ => None,
+            };
+            match preferred {
+                Some(b) if candidates.iter().any(|c| c.addr == b.addr) => b,
+                _ => candidates[rng.below(candidates.len())],
+            }
+        }
+        Algorithm::LeastConnections => {
+            let a = candidates[rng.below(candidates.len())];
+            let b = candidates[rng.below(candidates.len())];
+            if b.state.active.load(Ordering::Relaxed) < a.state.active.load(Ordering::Relaxed) {
+                b
+            } else {
+                a
+            }
+        }
+        Algorithm::Random => candidates[rng.below(candidates.len())],
+    };
+    Ok(pick.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Protocol, Scope};
+    use crate::plan::FrontendId;
+
+    fn l4(s: &str) -> L4Addr {
+        let a: SocketAddr = s.parse().unwrap();
+        L4Addr {
+            ip: a.ip(),
+            port: a.port(),
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn frontend(algorithm: Algorithm, n: usize) -> Frontend {
+        Frontend {
+            key: l4("198.19.0.10:80"),
+            service: None,
+            port_name: "".into(),
+            entry: FrontendEntry {
+                id: FrontendId(1),
+                count: n as u16,
+                scope: Scope::ClusterIp,
+                action: Action::Forward,
+                algorithm,
+                affinity_timeout: 0,
+                preserve_source: false,
+                source_ranges: false,
+            },
+            slots: (0..n)
+                .map(|i| Backend {
+                    id: i as u32 + 1,
+                    addr: l4(&format!("198.18.0.{}:8080", i + 1)),
+                    local: false,
+                    terminating: false,
+                    state: Arc::default(),
+                })
+                .collect(),
+            maglev: (0..31).map(|i| (i % n) as u16).collect(),
+            source_ranges: Vec::new(),
+            probe: None,
+        }
+    }
+
+    fn client(port: u16) -> SocketAddr {
+        SocketAddr::from(([198, 18, 9, 9], port))
+    }
+
+    #[test]
+    fn random_spreads_and_skips_unavailable_backends() {
+        let fe = frontend(Algorithm::Random, 3);
+        fe.slots[1].state.healthy.store(false, Ordering::Relaxed);
+        let mut rng = Rng::new(7);
+        let mut seen = [0; 3];
+        for p in 0..300 {
+            let b = choose(&fe, client(p), &[], None, 0, &mut rng).unwrap();
+            seen[(b.id - 1) as usize] += 1;
+        }
+        assert_eq!(seen[1], 0, "{seen:?}");
+        assert!(seen[0] > 100 && seen[2] > 100, "{seen:?}");
+    }
+
+    #[test]
+    fn every_backend_down_fails_open_and_exclusions_exhaust() {
+        let fe = frontend(Algorithm::Random, 2);
+        for b in &fe.slots {
+            b.state.healthy.store(false, Ordering::Relaxed);
+        }
+        let mut rng = Rng::new(1);
+        assert!(choose(&fe, client(1), &[], None, 0, &mut rng).is_ok());
+        let all: Vec<L4Addr> = fe.slots.iter().map(|b| b.addr).collect();
+        assert_eq!(
+            choose(&fe, client(1), &all, None, 0, &mut rng).unwrap_err(),
+            Refusal::Exhausted
+        );
+    }
+
+    #[test]
+    fn maglev_is_stable_per_flow_and_matches_the_table() {
+        let fe = frontend(Algorithm::Maglev, 3);
+        let mut rng = Rng::new(3);
+        for p in 1000..1100 {
+            let a = choose(&fe, client(p), &[], None, 0, &mut rng).unwrap();
+            let b = choose(&fe, client(p), &[], None, 0, &mut rng).unwrap();
+            assert_eq!(a.addr, b.addr);
+            let h = flow_hash4(
+                Be32::from_host(u32::from_be_bytes([198, 18, 9, 9])),
+                Be32::from_host(u32::from_be_bytes([198, 19, 0, 10])),
+                Be16::from_host(p),
+                Be16::from_host(80),
+                6,
+            );
+            assert_eq!(usize::from(fe.maglev[h as usize % 31]), (a.id - 1) as usize);
+        }
+    }
+
+    #[test]
+    fn least_connections_prefers_idle_backends() {
+        let fe = frontend(Algorithm::LeastConnections, 2);
+        fe.slots[0].state.active.store(100, Ordering::Relaxed);
+        let mut rng = Rng::new(5);
+        let idle = (0..200)
+            .filter(|p| choose(&fe, client(*p), &[], None, 0, &mut rng).unwrap().id == 2)
+            .count();
+        // Two random picks: the busy one wins only when both picks are it.
+        assert!(idle > 120, "{idle}");
+    }
+
+    #[test]
+    fn affinity_source_ranges_reject_and_ejection() {
+        let mut fe = frontend(Algorithm::Random, 3);
+        let mut rng = Rng::new(9);
+        let sticky = fe.slots[2].addr;
+        for p in 0..20 {
+            assert_eq!(
+                choose(&fe, client(p), &[], Some(sticky), 0, &mut rng)
+                    .unwrap()
+                    .addr,
+                sticky
+            );
+        }
+        // Passive ejection: after the threshold the backend takes no new
+        // flows until the ejection expires.
+        let st = &fe.slots[2].state;
+        for i in 0..EJECT_AFTER_FAILURES {
+            assert_eq!(st.connect_failed(1000), i + 1 == EJECT_AFTER_FAILURES);
+        }
+        assert!(!st.available(1000) && st.available(1000 + EJECT_FOR_MS));
+        assert_eq!(st.describe(1000), "ejected");
+        assert_ne!(
+            choose(&fe, client(1), &[], Some(sticky), 1000, &mut rng)
+                .unwrap()
+                .addr,
+            sticky
+        );
+        fe.entry.source_ranges = true;
+        fe.source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
+        assert_eq!(
+            choose(&fe, client(1), &[], None, 0, &mut rng).unwrap_err(),
+            Refusal::SourceRange
+        );
+        fe.source_ranges.push("198.18.0.0/15".parse().unwrap());
+        assert!(choose(&fe, client(1), &[], None, 0, &mut rng).is_ok());
+        fe.entry.action = Action::Reject;
+        assert_eq!(
+            choose(&fe, client(1), &[], None, 0, &mut rng).unwrap_err(),
+            Refusal::NoEndpoints
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! TCP frontends: accept, pick a backend (retrying others when a connect
+//! fails), then splice both ways.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::table::{Refusal, Rng};
+use super::{Refused, Shared};
+use crate::model::L4Addr;
+
+/// Connect attempts per client connection (each to another backend).
+const CONNECT_ATTEMPTS: usize = 3;
+
+/// A listening socket on `addr`, bound with IP_FREEBIND (the address need
+/// not be local yet) and SO_REUSEADDR.
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv4() {
+        s.set_freebind_v4(true)?;
+    } else {
+        s.set_freebind_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// Closes with a RST instead of a FIN: the client sees "connection reset"
+/// at once rather than an empty reply.
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
+}
+
+pub async fn accept_loop(listener: TcpListener, key: L4Addr, shared: Arc<Shared>) {
+    let mut seed = u64::from(key.port) ^ (shared.now_ms() << 16);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(frontend = %key, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if !shared.admit() {
+            shared.stats.refused(Refused::Limit);
+            reset(stream);
+            continue;
+        }
+        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            handle(stream, peer, key, &shared, Rng::new(seed)).await;
+            shared.release();
+        });
+    }
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, key: L4Addr, shared: &Shared, mut rng: Rng) {
+    let Some(fe) = shared.frontend(&key) else {
+        shared.stats.refused(Refused::NoEndpoints);
+        return reset(client);
+    };
+    let mut tried: Vec<L4Addr> = Vec::new();
+    let (backend, server) = loop {
+        let backend = match shared.pick(&fe, peer, &tried, &mut rng) {
+            Ok(b) => b,
+            Err(r) => {
+                shared.stats.refused(match r {
+                    Refusal::NoEndpoints => Refused::NoEndpoints,
+                    Refusal::SourceRange => Refused::SourceRange,
+                    Refusal::Exhausted => Refused::NoBackend,
+                });
+                return reset(client);
+            }
+        };
+        let target = SocketAddr::new(backend.addr.ip, backend.addr.port);
+        match tokio::time::timeout(shared.cfg.connect_timeout, TcpStream::connect(target)).await {
+            Ok(Ok(server)) => {
+                backend.state.connected();
+                break (backend, server);
+            }
+            Ok(Err(_)) | Err(_) => {
+                shared
+                    .stats
+                    .connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                if backend.state.connect_failed(shared.now_ms()) {
+                    tracing::warn!(frontend = %key, backend = %backend.addr,
+                        "backend ejected after consecutive connect failures");
+                }
+                tried.push(backend.addr);
+                if tried.len() >= CONNECT_ATTEMPTS {
+                    shared.stats.refused(Refused::NoBackend);
+                    return reset(client);
+                }
+            }
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    backend.state.active.fetch_add(1, Ordering::Relaxed);
+    backend
+        .state
+        .connections_total
+        .fetch_add(1, Ordering::Relaxed);
+    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let moved = super::splice::proxy(&client, &server, shared.cfg.idle_timeout).await;
+    backend.state.active.fetch_sub(1, Ordering::Relaxed);
+    match moved {
+        Ok(m) if m.idle_timeout => {
+            shared.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+            reset(client);
+            reset(server);
+        }
+        Ok(m) => {
+            shared
+                .stats
+                .bytes
+                .fetch_add(m.to_backend + m.to_client, Ordering::Relaxed);
+        }
+        Err(_) => {
+            // A reset on one side: pass it on.
+            reset(client);
+            reset(server);
+        }
+    }
+}
