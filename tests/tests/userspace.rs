@@ -382,9 +382,7 @@ fn privileged_service_addresses_on_ferry0_in_a_namespace() {
         "",
         "",
     );
-    let backend = ns
-        .run(|| EchoBackend::start("127.0.0.1:28081"))
-        .unwrap();
+    let backend = ns.run(|| EchoBackend::start("127.0.0.1:28081")).unwrap();
     let dir = std::env::temp_dir().join(format!("ferry-us-priv-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("cluster.yaml"), yaml).unwrap();

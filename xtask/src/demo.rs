@@ -4,7 +4,8 @@
 //! --source file:...` with the eBPF dataplane, bounded traffic with a live
 //! per-backend table, then one endpoint removed while traffic flows. Every
 //! namespace, cgroup, pin and process is removed at the end, also on error
-//! or Ctrl-C.
+//! or Ctrl-C. Without root (or with `--userspace`) the same story runs on
+//! loopback with the userspace dataplane: no namespace, no privilege.
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -26,32 +27,73 @@ extern "C" fn on_sigint(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::Relaxed);
 }
 
-const PODS: [&str; 3] = ["198.18.0.11", "198.18.0.12", "198.18.0.13"];
-const NODE_IP: &str = "198.18.0.1";
-const CLUSTER_IP: &str = "198.19.0.10";
-const NODE_PORT: u16 = 30080;
 const TOTAL_REQUESTS: u32 = 800;
 
-pub fn run(root: &Path) -> Result<()> {
-    if !deps::is_root() {
-        bail!(
-            "the demo needs root: it creates network namespaces and loads eBPF programs \
-             (the userspace dataplane, which will run it unprivileged, is not built yet)"
-        );
-    }
+/// The demo's addresses: in namespaces (eBPF) or on loopback (userspace).
+struct Net {
+    pods: [&'static str; 3],
+    node_ip: &'static str,
+    cluster_ip: &'static str,
+    second_cluster_ip: &'static str,
+    port: u16,
+    target_port: u16,
+    node_port: u16,
+}
+
+const NAMESPACES: Net = Net {
+    pods: ["198.18.0.11", "198.18.0.12", "198.18.0.13"],
+    node_ip: "198.18.0.1",
+    cluster_ip: "198.19.0.10",
+    second_cluster_ip: "198.19.0.11",
+    port: 80,
+    target_port: 8080,
+    node_port: 30080,
+};
+
+const LOOPBACK: Net = Net {
+    pods: ["127.0.40.11", "127.0.40.12", "127.0.40.13"],
+    node_ip: "127.0.40.1",
+    cluster_ip: "127.0.40.10",
+    second_cluster_ip: "127.0.40.20",
+    port: 18000,
+    target_port: 18080,
+    node_port: 30080,
+};
+
+/// The userspace agent's metrics address (`ferry services` asks it).
+const DEMO_METRICS: &str = "127.0.40.1:18249";
+
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    let userspace = args.iter().any(|a| a == "--userspace") || !deps::is_root();
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
-    deps::ensure()?;
-    ebpf::build(root)?;
-    crate::run(
-        Command::new(deps::cargo())
+    if userspace {
+        if !deps::is_root() {
+            println!("== not root: the demo runs on loopback with the userspace dataplane");
+        }
+        let mut build = Command::new(deps::cargo());
+        build
             .current_dir(root)
-            .args(["build", "--locked", "-p", "ferry-proxy", "--bin", "ferry"])
-            .env("FERRY_EBPF_OBJECT", ebpf::object_path(root)),
-    )?;
+            .args(["build", "--locked", "-p", "ferry-proxy", "--bin", "ferry"]);
+        // Same build flags as `cargo xtask test` when the object exists (no
+        // rebuild); the userspace dataplane does not need it.
+        if ebpf::object_path(root).is_file() {
+            build.env("FERRY_EBPF_OBJECT", ebpf::object_path(root));
+        }
+        crate::run(&mut build)?;
+    } else {
+        deps::ensure()?;
+        ebpf::build(root)?;
+        crate::run(
+            Command::new(deps::cargo())
+                .current_dir(root)
+                .args(["build", "--locked", "-p", "ferry-proxy", "--bin", "ferry"])
+                .env("FERRY_EBPF_OBJECT", ebpf::object_path(root)),
+        )?;
+    }
     let ferry = root.join("target/debug/ferry");
     let tag = format!("ferry-demo-{}", std::process::id());
-    let mut demo = Demo::new(&tag)?;
+    let mut demo = Demo::new(&tag, userspace)?;
     let result = demo.play(&ferry);
     demo.cleanup(&ferry);
     result
@@ -68,6 +110,8 @@ struct Demo {
     agent: Option<Child>,
     stop_servers: Arc<AtomicBool>,
     cleaned: bool,
+    userspace: bool,
+    net: &'static Net,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -115,15 +159,25 @@ fn in_netns<T: Send + 'static>(
 }
 
 impl Demo {
-    fn new(tag: &str) -> Result<Demo> {
+    fn new(tag: &str, userspace: bool) -> Result<Demo> {
         let dir = std::env::temp_dir().join(tag);
         std::fs::create_dir_all(&dir)?;
         Ok(Demo {
             tag: tag.into(),
             namespaces: Vec::new(),
-            pins: PathBuf::from("/sys/fs/bpf").join(tag),
+            pins: if userspace {
+                dir.join("no-bpffs")
+            } else {
+                PathBuf::from("/sys/fs/bpf").join(tag)
+            },
             cgroup: None,
-            cgroup_root: cgroup2_root()?,
+            cgroup_root: if userspace {
+                PathBuf::new()
+            } else {
+                cgroup2_root()?
+            },
+            userspace,
+            net: if userspace { &LOOPBACK } else { &NAMESPACES },
             dir,
             agent: None,
             stop_servers: Arc::new(AtomicBool::new(false)),
@@ -139,7 +193,135 @@ impl Demo {
         Ok(full)
     }
 
+    /// The userspace variant's set-up: backends on loopback, the agent
+    /// with `--dataplane userspace`.
+    fn start_userspace(&mut self, ferry: &Path) -> Result<()> {
+        let net = self.net;
+        println!(
+            "== the cluster on loopback: node {}, pods {:?} (HTTP on :{})",
+            net.node_ip, net.pods, net.target_port
+        );
+        for (i, pod_ip) in net.pods.iter().enumerate() {
+            let listener = TcpListener::bind((*pod_ip, net.target_port))
+                .with_context(|| format!("binding {pod_ip}:{}", net.target_port))?;
+            serve_http(
+                listener,
+                format!("pod-{}", i + 1),
+                self.stop_servers.clone(),
+            );
+        }
+        self.write_yaml(&net.pods)?;
+        println!(
+            "== starting ferry run --dataplane userspace --source file:{}",
+            self.dir.display()
+        );
+        let log = File::create(self.dir.join("ferry.log"))?;
+        // As root, the agent still runs unprivileged (as nobody): the
+        // userspace dataplane needs no privilege on loopback.
+        let mut cmd = if deps::is_root() {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+                .arg(ferry);
+            println!("== (root: the agent runs as nobody via setpriv)");
+            c
+        } else {
+            Command::new(ferry)
+        };
+        let child = cmd
+            .args([
+                "run",
+                "--dataplane",
+                "userspace",
+                "--hostname-override",
+                "node-demo",
+            ])
+            .arg(format!("--source=file:{}", self.dir.display()))
+            .args(["--min-sync-period", "100ms"])
+            .args([
+                "--healthz-bind-address",
+                "127.0.0.1:0",
+                "--metrics-bind-address",
+                DEMO_METRICS,
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting ferry")?;
+        self.agent = Some(child);
+        Ok(())
+    }
+
     fn play(&mut self, ferry: &Path) -> Result<()> {
+        let net = self.net;
+        let (node_ip, cluster_ip, node_port, port) =
+            (net.node_ip, net.cluster_ip, net.node_port, net.port);
+        let node = if self.userspace {
+            self.start_userspace(ferry)?;
+            None
+        } else {
+            Some(self.start_namespaces(ferry)?)
+        };
+        self.wait_for_backends(ferry, 3)?;
+        println!("{}", self.services(ferry)?);
+
+        println!("== {TOTAL_REQUESTS} requests, a new connection each, alternating ClusterIP {cluster_ip}:{port} and NodePort {node_ip}:{node_port}");
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let targets: [SocketAddr; 2] = [
+            format!("{cluster_ip}:{port}").parse()?,
+            format!("{node_ip}:{node_port}").parse()?,
+        ];
+        let client = traffic(node.clone(), targets, TOTAL_REQUESTS, tally.clone());
+        // Halfway through, while traffic flows, pod-3 leaves the Service.
+        while tally_done(&tally) < TOTAL_REQUESTS / 2 && !client.is_finished() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        println!("\n== removing pod-3's endpoint from the EndpointSlice while traffic flows (pod-3 keeps running)");
+        self.write_yaml(&net.pods[..2])?;
+        self.wait_for_backends(ferry, 2)?;
+        let pod3_at_switch = pod3(&tally);
+        println!("== ferry programmed the change; pod-3 had served {pod3_at_switch} requests");
+        client
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        println!("\n\n{}", self.services(ferry)?);
+        if !self.userspace {
+            let explain = Command::new(ferry)
+                .args([
+                    "explain",
+                    "198.18.0.1:40000",
+                    &format!("{node_ip}:{node_port}/TCP"),
+                    "--bpffs-path",
+                ])
+                .arg(&self.pins)
+                .output()?;
+            println!(
+                "$ ferry explain 198.18.0.1:40000 {node_ip}:{node_port}/TCP\n{}",
+                String::from_utf8_lossy(&explain.stdout)
+            );
+        }
+
+        let t = lock(&tally);
+        let pod3_total = t.per_backend.get("pod-3").copied().unwrap_or(0);
+        println!(
+            "== result: {} requests, {} failed; pod-3 got {} new connections after the change was programmed",
+            t.done,
+            t.failed,
+            pod3_total - pod3_at_switch
+        );
+        if t.failed > 0 || pod3_total != pod3_at_switch || t.per_backend.len() != 3 {
+            bail!(
+                "the demo did not behave as expected; ferry's log: {}",
+                self.dir.join("ferry.log").display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The eBPF variant's set-up; returns the node namespace the client
+    /// runs in.
+    fn start_namespaces(&mut self, ferry: &Path) -> Result<String> {
+        const PODS: [&str; 3] = NAMESPACES.pods;
+        const NODE_IP: &str = NAMESPACES.node_ip;
         println!("== building the cluster: node {NODE_IP} (bridge), pods {PODS:?}");
         let node = self.netns("node")?;
         ip(&["-n", &node, "link", "add", "br0", "type", "bridge"])?;
@@ -210,57 +392,19 @@ impl Demo {
         // This process becomes the client: it joins the cgroup the
         // socket-level programs are attached to and talks from the node.
         std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())?;
-        self.wait_for_backends(ferry, 3)?;
-        println!("{}", self.services(ferry)?);
-
-        println!("== {TOTAL_REQUESTS} requests, a new connection each, alternating ClusterIP {CLUSTER_IP}:80 and NodePort {NODE_IP}:{NODE_PORT}");
-        let tally = Arc::new(Mutex::new(Tally::default()));
-        let client = traffic(&node, TOTAL_REQUESTS, tally.clone());
-        // Halfway through, while traffic flows, pod-3 leaves the Service.
-        while tally_done(&tally) < TOTAL_REQUESTS / 2 && !client.is_finished() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        println!("\n== removing pod-3's endpoint from the EndpointSlice while traffic flows (pod-3 keeps running)");
-        self.write_yaml(&PODS[..2])?;
-        self.wait_for_backends(ferry, 2)?;
-        let pod3_at_switch = pod3(&tally);
-        println!("== ferry programmed the change; pod-3 had served {pod3_at_switch} requests");
-        client
-            .join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-        println!("\n\n{}", self.services(ferry)?);
-        let explain = Command::new(ferry)
-            .args([
-                "explain",
-                "198.18.0.1:40000",
-                &format!("{NODE_IP}:{NODE_PORT}/TCP"),
-                "--bpffs-path",
-            ])
-            .arg(&self.pins)
-            .output()?;
-        println!(
-            "$ ferry explain 198.18.0.1:40000 {NODE_IP}:{NODE_PORT}/TCP\n{}",
-            String::from_utf8_lossy(&explain.stdout)
-        );
-
-        let t = lock(&tally);
-        let pod3_total = t.per_backend.get("pod-3").copied().unwrap_or(0);
-        println!(
-            "== result: {} requests, {} failed; pod-3 got {} new connections after the change was programmed",
-            t.done,
-            t.failed,
-            pod3_total - pod3_at_switch
-        );
-        if t.failed > 0 || pod3_total != pod3_at_switch || t.per_backend.len() != 3 {
-            bail!(
-                "the demo did not behave as expected; ferry's log: {}",
-                self.dir.join("ferry.log").display()
-            );
-        }
-        Ok(())
+        Ok(node)
     }
 
     fn write_yaml(&self, pods: &[&str]) -> Result<()> {
+        let Net {
+            node_ip,
+            cluster_ip,
+            second_cluster_ip,
+            port,
+            target_port,
+            node_port,
+            ..
+        } = *self.net;
         let services = format!(
             r#"apiVersion: v1
 kind: Node
@@ -268,22 +412,22 @@ metadata:
   name: node-demo
 status:
   addresses:
-  - {{type: InternalIP, address: {NODE_IP}}}
+  - {{type: InternalIP, address: {node_ip}}}
 ---
 apiVersion: v1
 kind: Service
 metadata: {{name: web, namespace: demo}}
 spec:
-  clusterIP: {CLUSTER_IP}
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
+  clusterIP: {cluster_ip}
+  ports: [{{name: http, port: {port}, targetPort: {target_port}}}]
 ---
 apiVersion: v1
 kind: Service
 metadata: {{name: web-nodeport, namespace: demo}}
 spec:
   type: NodePort
-  clusterIP: 198.19.0.11
-  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}]
+  clusterIP: {second_cluster_ip}
+  ports: [{{name: http, port: {port}, targetPort: {target_port}, nodePort: {node_port}}}]
 "#
         );
         let mut slices = String::new();
@@ -297,7 +441,7 @@ spec:
                 })
                 .collect();
             slices.push_str(&format!(
-                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{}\n",
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports: [{{name: http, port: {target_port}}}]\nendpoints:\n{}\n",
                 endpoints.join("\n")
             ));
         }
@@ -311,7 +455,12 @@ spec:
 
     fn services(&self, ferry: &Path) -> Result<String> {
         let out = Command::new(ferry)
-            .args(["services", "--bpffs-path"])
+            .args([
+                "services",
+                "--metrics-address",
+                DEMO_METRICS,
+                "--bpffs-path",
+            ])
             .arg(&self.pins)
             .output()?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -330,13 +479,23 @@ spec:
                 }
             }
             let out = Command::new(ferry)
-                .args(["services", "-o", "json", "--bpffs-path"])
+                .args([
+                    "services",
+                    "-o",
+                    "json",
+                    "--metrics-address",
+                    DEMO_METRICS,
+                    "--bpffs-path",
+                ])
                 .arg(&self.pins)
                 .output()?;
             if let Ok(rows) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
                 let count = rows.as_array().and_then(|rows| {
                     rows.iter()
-                        .find(|r| r["frontend"] == format!("{CLUSTER_IP}:80/TCP"))
+                        .find(|r| {
+                            r["frontend"]
+                                == format!("{}:{}/TCP", self.net.cluster_ip, self.net.port)
+                        })
                         .and_then(|r| r["backends"].as_array().map(|b| b.len()))
                 });
                 if count == Some(n) {
@@ -444,21 +603,20 @@ fn pod3(t: &Mutex<Tally>) -> u32 {
 /// `count` HTTP requests from the node namespace on a thread, a new
 /// connection each, alternating ClusterIP and NodePort, with a live table.
 fn traffic(
-    node_ns: &str,
+    node_ns: Option<String>,
+    targets: [SocketAddr; 2],
     count: u32,
     tally: Arc<Mutex<Tally>>,
 ) -> std::thread::JoinHandle<Result<()>> {
-    let path = format!("/var/run/netns/{node_ns}");
     std::thread::spawn(move || {
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-        // SAFETY: setns on a valid namespace fd changes only this thread.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {path}: {}", std::io::Error::last_os_error());
+        if let Some(node_ns) = node_ns {
+            let path = format!("/var/run/netns/{node_ns}");
+            let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+            // SAFETY: setns on a valid namespace fd changes only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns {path}: {}", std::io::Error::last_os_error());
+            }
         }
-        let targets: [SocketAddr; 2] = [
-            format!("{CLUSTER_IP}:80").parse()?,
-            format!("{NODE_IP}:{NODE_PORT}").parse()?,
-        ];
         for i in 0..count {
             if INTERRUPTED.load(Ordering::Relaxed) {
                 bail!("interrupted");

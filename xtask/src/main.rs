@@ -16,7 +16,8 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
-  demo         a namespace cluster, ferry run from YAML files, live traffic
+  demo [--userspace]
+               a namespace cluster, ferry run from YAML files, live traffic
                through a ClusterIP and a NodePort, one endpoint removed (root)
   build-ebpf   build the eBPF programs into target/ebpf/ferry-ebpf.o
   test         install what is missing, build the eBPF programs, run fmt,
@@ -42,7 +43,7 @@ fn main() -> ExitCode {
         Some("build-ebpf") => ebpf::build(&workspace_root()).map(|_| ()),
         Some("test") => test::run(&workspace_root()),
         Some("bench") => bench::run(&workspace_root(), &args[1..]),
-        Some("demo") => demo::run(&workspace_root()),
+        Some("demo") => demo::run(&workspace_root(), &args[1..]),
         Some("deploy-check") => deploy::check(&workspace_root()),
         Some("kind") => kind::run(&workspace_root(), &args[1..]),
         Some("help" | "-h" | "--help") | None => {
