@@ -11,9 +11,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("core") | None => core(root, args.iter().any(|a| a == "--quick")),
         Some("control-plane") => control_plane(root, args.iter().any(|a| a == "--quick")),
+        Some("dataplane") => crate::dataplane::run(root, &args[1..]),
         Some(other) => bail!(
-            "unknown benchmark set {other:?}: `cargo xtask bench core|control-plane [--quick]` \
-             (the dataplane harness is not built yet)"
+            "unknown benchmark set {other:?}: `cargo xtask bench core|control-plane|dataplane [--quick]`"
         ),
     }
 }

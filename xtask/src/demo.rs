@@ -129,7 +129,7 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn cgroup2_root() -> Result<PathBuf> {
+pub fn cgroup2_root() -> Result<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/mounts")?;
     mounts
         .lines()

@@ -49,6 +49,36 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Installs the programs `cargo xtask bench dataplane` drives (wrk, iperf3,
+/// nginx, haproxy, nft, iptables), when missing and root on Debian.
+pub fn ensure_bench_tools() -> Result<()> {
+    let missing: Vec<&str> = crate::dataplane::TOOLS
+        .iter()
+        .filter(|(bin, _)| {
+            find_on_path(bin).is_none() && !Path::new("/usr/sbin").join(bin).is_file()
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !(is_root() && is_debian()) {
+        anyhow::bail!(
+            "missing benchmark tools; install the Debian packages: {}",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing benchmark tools: {}", missing.join(" "));
+    crate::run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    crate::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("installing benchmark tools")
+}
+
 /// Whether `python3 -m kubernetes_validate` works.
 pub fn kubernetes_validate_installed() -> bool {
     Command::new("python3")

@@ -2,6 +2,7 @@
 //! every check and test; the README's commands all start here.
 
 mod bench;
+mod dataplane;
 mod demo;
 mod deploy;
 mod deps;
@@ -25,6 +26,11 @@ commands:
   bench core [--quick]
                criterion benches of translate + plan, one EndpointSlice
                change at 10,000 Services, Maglev builds; prints a table
+  bench control-plane [--quick]
+               10,000 Services from the fake API server into the eBPF maps
+  bench dataplane [--quick]
+               Ferry vs direct, iptables, nftables, IPVS, HAProxy in
+               namespaces (wrk, iperf3); bench-results/dataplane-*.{csv,md,svg}
   deploy-check render deploy/ with kustomize and validate it (--strict,
                Kubernetes 1.33)
   kind up|load|deploy|e2e|down|all [--conformance]
