@@ -899,12 +899,25 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 .is_none_or(|o| o.iter().any(|k| k == r.key()) || *r == r.baseline())
         })
         .collect();
+    let flag = |name: &str| -> Result<Option<u64>> {
+        match args.iter().position(|a| a == name) {
+            None => Ok(None),
+            Some(i) => args
+                .get(i + 1)
+                .and_then(|v| v.parse().ok())
+                .filter(|v| *v > 0)
+                .map(Some)
+                .with_context(|| format!("{name} takes a positive number")),
+        }
+    };
     let s = Settings {
         quick,
-        seconds: if quick { 1 } else { 5 },
-        repeats: if quick { 1 } else { 5 },
+        seconds: flag("--seconds")?.unwrap_or(if quick { 1 } else { 5 }),
+        repeats: flag("--repeats")?.unwrap_or(if quick { 1 } else { 5 }) as usize,
         connections: 32,
     };
+    // --max-services 1: skip the 10,000-Service scale.
+    let scales_wanted = flag("--max-services")?;
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
     deps::ensure()?;
@@ -932,7 +945,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut loads: Vec<f64> = Vec::new();
     let mut unavailable: BTreeMap<Row, String> = BTreeMap::new();
     let mut programming: BTreeMap<(usize, Row), Duration> = BTreeMap::new();
-    let scales: Vec<usize> = if quick {
+    let scales: Vec<usize> = if quick || scales_wanted == Some(1) {
         vec![0]
     } else {
         vec![0, EXTRA_SERVICES]

@@ -54,7 +54,10 @@ impl Default for UserspaceConfig {
             udp_idle_timeout: Duration::from_secs(30),
             // SAFETY: geteuid has no preconditions.
             manage_addresses: unsafe { libc::geteuid() } == 0,
-            worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            worker_threads: std::env::var("FERRY_USERSPACE_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         }
     }
 }
@@ -334,8 +337,7 @@ impl UserspaceDataplane {
         match key.protocol {
             Protocol::Tcp => {
                 let std = tcp::bind(addr).map_err(|e| format!("binding TCP {addr}: {e}"))?;
-                let l = tokio::net::TcpListener::from_std(std)
-                    .map_err(|e| format!("binding TCP {addr}: {e}"))?;
+                let l = splice::register(std).map_err(|e| format!("binding TCP {addr}: {e}"))?;
                 let task = self
                     .runtime
                     .spawn(tcp::accept_loop(l, key, shared))

@@ -1,18 +1,34 @@
-//! Zero-copy TCP proxying with splice(2): socket -> pipe -> socket, driven
-//! by tokio readiness. Half-close is forwarded (EOF on one side shuts down
-//! the write side of the other) and the connection ends when both
-//! directions finished or nothing moved for the idle timeout.
+//! TCP proxying: small messages through a userspace buffer, bulk flows
+//! zero-copy with splice(2) (socket -> pipe -> socket). Sockets are driven
+//! through tokio's `AsyncFd`, so a read that returned less than asked can
+//! clear the readiness at once (tokio's tick check makes that race-free)
+//! instead of paying another read that only says EAGAIN: one receive per
+//! message, as HAProxy does. Half-close is forwarded (EOF on one side shuts
+//! down the write side of the other); the connection ends when both
+//! directions finished, on an error, or after the idle timeout.
 
-use std::io;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::Interest;
-use tokio::net::TcpStream;
+use tokio::io::unix::AsyncFd;
+
+/// A non-blocking TCP socket registered with the reactor.
+pub type Sock = AsyncFd<TcpStream>;
+
+/// Registers a socket that owns its descriptor with the reactor.
+pub fn register<T: std::os::fd::AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `inner` (a std TcpStream or TcpListener) owns its descriptor:
+    // it stays open and the same until the AsyncFd drops it.
+    Ok(unsafe { AsyncFd::register(inner) }?)
+}
 
 /// Bytes a pipe holds at most per splice call (the default pipe size).
 const CHUNK: usize = 64 * 1024;
+/// Bytes copied through userspace per read before switching to splice.
+const SMALL: usize = 8 * 1024;
 
 /// A non-blocking pipe (read end, write end).
 struct Pipe {
@@ -62,45 +78,102 @@ fn stamp(epoch: Instant) -> u64 {
     epoch.elapsed().as_millis() as u64
 }
 
+/// Reads once into `buf` when readable; a short read clears readiness.
+async fn read_some(from: &Sock, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        let mut guard = from.readable().await?;
+        match guard.try_io(|s| s.get_ref().read(buf)) {
+            Ok(Ok(n)) => {
+                if n > 0 && n < buf.len() {
+                    guard.clear_ready();
+                }
+                return Ok(n);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// Writes all of `buf`.
+async fn write_all(to: &Sock, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let mut guard = to.writable().await?;
+        match guard.try_io(|s| s.get_ref().write(buf)) {
+            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+    Ok(())
+}
+
+/// Forwards an EOF as a half-close, unless the other direction already
+/// ended: then both sockets are about to be closed anyway.
+fn shutdown_write(to: &Sock, first_eof: &AtomicBool) {
+    if !first_eof.swap(true, Ordering::Relaxed) {
+        let _ = to.get_ref().shutdown(std::net::Shutdown::Write);
+    }
+}
+
 /// One direction: `from` -> `to` until EOF; then shuts down `to`'s write
-/// side. Returns the bytes moved.
+/// side. Returns the bytes moved. Small messages (requests, replies) are
+/// copied through a userspace buffer, which costs fewer system calls than
+/// two splices; once a read fills the buffer the flow is bulk and the rest
+/// moves with splice(2), without a copy (HAProxy's "splice-auto").
 async fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
+    from: &Sock,
+    to: &Sock,
     activity: &AtomicU64,
+    first_eof: &AtomicBool,
     epoch: Instant,
 ) -> io::Result<u64> {
-    let pipe = Pipe::new()?;
     let mut total = 0u64;
+    let mut buf = vec![0u8; SMALL];
+    loop {
+        let n = read_some(from, &mut buf).await?;
+        if n == 0 {
+            shutdown_write(to, first_eof);
+            return Ok(total);
+        }
+        activity.store(stamp(epoch), Ordering::Relaxed);
+        write_all(to, &buf[..n]).await?;
+        total += n as u64;
+        if n == SMALL {
+            break;
+        }
+    }
+    // Bulk: zero-copy from here on.
+    drop(buf);
+    let pipe = Pipe::new()?;
     loop {
         // Fill the pipe from the socket.
         let n = loop {
-            from.readable().await?;
-            match from.try_io(Interest::READABLE, || {
-                splice(from.as_raw_fd(), pipe.w.as_raw_fd(), CHUNK)
-            }) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+            let mut guard = from.readable().await?;
+            match guard.try_io(|s| splice(s.as_raw_fd(), pipe.w.as_raw_fd(), CHUNK)) {
+                Ok(Ok(n)) => {
+                    if n > 0 && n < CHUNK {
+                        guard.clear_ready();
+                    }
+                    break n;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
             }
         };
         if n == 0 {
-            // EOF: forward the half-close.
-            // SAFETY: shutdown on a socket descriptor we borrow.
-            unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+            shutdown_write(to, first_eof);
             return Ok(total);
         }
         activity.store(stamp(epoch), Ordering::Relaxed);
         // Drain the pipe into the other socket.
         let mut left = n;
         while left > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(pipe.r.as_raw_fd(), to.as_raw_fd(), left)
-            }) {
-                Ok(m) => left -= m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+            let mut guard = to.writable().await?;
+            match guard.try_io(|s| splice(pipe.r.as_raw_fd(), s.as_raw_fd(), left)) {
+                Ok(Ok(m)) => left -= m,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
             }
         }
         total += n as u64;
@@ -117,13 +190,14 @@ pub struct Moved {
 
 /// Proxies `client` <-> `backend` until both sides closed, an error, or
 /// `idle` without a byte in either direction.
-pub async fn proxy(client: &TcpStream, backend: &TcpStream, idle: Duration) -> io::Result<Moved> {
+pub async fn proxy(client: &Sock, backend: &Sock, idle: Duration) -> io::Result<Moved> {
     let epoch = Instant::now();
     let activity = AtomicU64::new(0);
+    let first_eof = AtomicBool::new(false);
     let both = async {
         tokio::try_join!(
-            one_way(client, backend, &activity, epoch),
-            one_way(backend, client, &activity, epoch)
+            one_way(client, backend, &activity, &first_eof, epoch),
+            one_way(backend, client, &activity, &first_eof, epoch)
         )
     };
     let watchdog = async {

@@ -6,8 +6,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
 
+use tokio::io::unix::AsyncFd;
+
+use super::splice::Sock;
 use super::table::{Refusal, Rng};
 use super::{Refused, Shared};
 use crate::model::L4Addr;
@@ -34,41 +38,101 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 
 /// Closes with a RST instead of a FIN: the client sees "connection reset"
 /// at once rather than an empty reply.
-fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
-    drop(stream);
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
-pub async fn accept_loop(listener: TcpListener, key: L4Addr, shared: Arc<Shared>) {
+/// accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC (one system call).
+fn accept_nonblocking(l: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+    // SAFETY: accept4 writes at most `len` bytes into the zeroed storage
+    // try_init hands it.
+    let (fd, peer) = unsafe {
+        socket2::SockAddr::try_init(|storage, len| {
+            let fd = libc::accept4(
+                l.as_raw_fd(),
+                storage.cast(),
+                len,
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            );
+            if fd < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(fd)
+            }
+        })
+    }?;
+    // SAFETY: a new connected socket we own.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let peer = peer
+        .as_socket()
+        .ok_or_else(|| io::Error::other("accepted a non-IP peer"))?;
+    Ok((stream, peer))
+}
+
+/// A non-blocking connect to `target` (one socket(2) with SOCK_NONBLOCK).
+async fn connect(target: SocketAddr) -> io::Result<Sock> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        Some(socket2::Protocol::TCP),
+    )?;
+    match s.connect(&target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let sock = super::splice::register(TcpStream::from(s))?;
+    let _ = sock.writable().await?;
+    match sock.get_ref().take_error()? {
+        None => Ok(sock),
+        Some(e) => Err(e),
+    }
+}
+
+pub async fn accept_loop(listener: AsyncFd<TcpListener>, key: L4Addr, shared: Arc<Shared>) {
     let mut seed = u64::from(key.port) ^ (shared.now_ms() << 16);
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
+        let mut guard = match listener.readable().await {
+            Ok(g) => g,
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(frontend = %key, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
+                tracing::warn!(frontend = %key, error = %e, "listener failed");
+                return;
             }
         };
-        if !shared.admit() {
-            shared.stats.refused(Refused::Limit);
-            reset(stream);
-            continue;
+        // Take every queued connection, then wait again.
+        loop {
+            let (stream, peer) = match accept_nonblocking(listener.get_ref()) {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready();
+                    break;
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(frontend = %key, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    break;
+                }
+            };
+            if !shared.admit() {
+                shared.stats.refused(Refused::Limit);
+                reset(&stream);
+                continue;
+            }
+            seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                handle(stream, peer, key, &shared, Rng::new(seed)).await;
+                shared.release();
+            });
         }
-        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            handle(stream, peer, key, &shared, Rng::new(seed)).await;
-            shared.release();
-        });
     }
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, key: L4Addr, shared: &Shared, mut rng: Rng) {
     let Some(fe) = shared.frontend(&key) else {
         shared.stats.refused(Refused::NoEndpoints);
-        return reset(client);
+        return reset(&client);
     };
     let mut tried: Vec<L4Addr> = Vec::new();
     let (backend, server) = loop {
@@ -80,11 +144,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, key: L4Addr, shared: &Share
                     Refusal::SourceRange => Refused::SourceRange,
                     Refusal::Exhausted => Refused::NoBackend,
                 });
-                return reset(client);
+                return reset(&client);
             }
         };
         let target = SocketAddr::new(backend.addr.ip, backend.addr.port);
-        match tokio::time::timeout(shared.cfg.connect_timeout, TcpStream::connect(target)).await {
+        match tokio::time::timeout(shared.cfg.connect_timeout, connect(target)).await {
             Ok(Ok(server)) => {
                 backend.state.connected();
                 break (backend, server);
@@ -101,13 +165,17 @@ async fn handle(client: TcpStream, peer: SocketAddr, key: L4Addr, shared: &Share
                 tried.push(backend.addr);
                 if tried.len() >= CONNECT_ATTEMPTS {
                     shared.stats.refused(Refused::NoBackend);
-                    return reset(client);
+                    return reset(&client);
                 }
             }
         }
     };
     let _ = client.set_nodelay(true);
-    let _ = server.set_nodelay(true);
+    let _ = server.get_ref().set_nodelay(true);
+    let client = match super::splice::register(client) {
+        Ok(c) => c,
+        Err(_) => return,
+    };
     backend.state.active.fetch_add(1, Ordering::Relaxed);
     backend
         .state
@@ -119,8 +187,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, key: L4Addr, shared: &Share
     match moved {
         Ok(m) if m.idle_timeout => {
             shared.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
-            reset(client);
-            reset(server);
+            reset(client.get_ref());
+            reset(server.get_ref());
         }
         Ok(m) => {
             shared
@@ -130,8 +198,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, key: L4Addr, shared: &Share
         }
         Err(_) => {
             // A reset on one side: pass it on.
-            reset(client);
-            reset(server);
+            reset(client.get_ref());
+            reset(server.get_ref());
         }
     }
 }
