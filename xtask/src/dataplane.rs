@@ -851,6 +851,55 @@ fn measure(t: &Topo, row: Row, s: &Settings) -> Result<BTreeMap<Metric, f64>> {
     Ok(out)
 }
 
+/// Idle connections held open for the memory measurement.
+const IDLE_CONNECTIONS: usize = 2000;
+
+/// Resident memory of a process, KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Memory per idle connection of a proxy process: its RSS with
+/// [`IDLE_CONNECTIONS`] idle client connections open (from the client
+/// namespace, each accepted and connected to a backend) minus before.
+fn idle_memory(t: &Topo, proc_name: &str, target: &str) -> Result<f64> {
+    let pid = t
+        .procs
+        .iter()
+        .find(|(n, _)| n == proc_name)
+        .map(|(_, c)| c.id())
+        .context("no such process")?;
+    let before = rss_kib(pid).context("reading RSS")?;
+    let ns = format!("/var/run/netns/{}", t.client());
+    let addr: std::net::SocketAddr = target.parse()?;
+    let conns = std::thread::spawn(move || -> Result<Vec<std::net::TcpStream>> {
+        let f = File::open(&ns)?;
+        // SAFETY: setns on a valid namespace fd changes only this thread.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {ns}: {}", std::io::Error::last_os_error());
+        }
+        let mut v = Vec::with_capacity(IDLE_CONNECTIONS);
+        for _ in 0..IDLE_CONNECTIONS {
+            v.push(std::net::TcpStream::connect_timeout(
+                &addr,
+                Duration::from_secs(2),
+            )?);
+        }
+        Ok(v)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = rss_kib(pid).context("reading RSS")?;
+    drop(conns);
+    Ok(after.saturating_sub(before) as f64 / IDLE_CONNECTIONS as f64)
+}
+
 /// Samples of one (scale, row, metric).
 type Samples = BTreeMap<(usize, Row, Metric), Vec<f64>>;
 
@@ -945,6 +994,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut loads: Vec<f64> = Vec::new();
     let mut unavailable: BTreeMap<Row, String> = BTreeMap::new();
     let mut programming: BTreeMap<(usize, Row), Duration> = BTreeMap::new();
+    let mut memory: BTreeMap<Row, f64> = BTreeMap::new();
     let scales: Vec<usize> = if quick || scales_wanted == Some(1) {
         vec![0]
     } else {
@@ -985,6 +1035,20 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                     loads.push(loadavg());
                     for (m, v) in measure(&t, row, &s)? {
                         samples.entry((extra, row, m)).or_default().push(v);
+                    }
+                }
+            }
+            let userspace_proc = format!("ferry-{}", Row::FerryUserspace as u8);
+            for (row, name) in [
+                (Row::FerryUserspace, userspace_proc.as_str()),
+                (Row::Haproxy, "haproxy"),
+            ] {
+                if ready.contains(&row) {
+                    match idle_memory(&t, name, &row.http_target()) {
+                        Ok(kib) => {
+                            memory.insert(row, kib);
+                        }
+                        Err(e) => eprintln!("  {}: idle memory not measured: {e:#}", row.name()),
                     }
                 }
             }
@@ -1037,6 +1101,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         samples,
         unavailable,
         programming,
+        memory,
         loads,
         took: started.elapsed(),
     };
@@ -1056,6 +1121,8 @@ struct Report {
     samples: Samples,
     unavailable: BTreeMap<Row, String>,
     programming: BTreeMap<(usize, Row), Duration>,
+    /// Resident memory per idle connection, KiB.
+    memory: BTreeMap<Row, f64>,
     loads: Vec<f64>,
     took: Duration,
 }
@@ -1158,6 +1225,12 @@ impl Report {
                     extra + 2,
                     d.as_secs_f64()
                 );
+            }
+        }
+        if !self.memory.is_empty() {
+            let _ = writeln!(md, "\nResident memory per idle connection ({IDLE_CONNECTIONS} idle client connections, each with its backend connection; process RSS only, kernel socket buffers not included):\n\n| row | KiB per connection |\n|---|---|");
+            for (row, kib) in &self.memory {
+                let _ = writeln!(md, "| {} | {kib:.2} |", row.name());
             }
         }
         std::fs::write(dir.join(format!("dataplane-{mode}.md")), &md)?;

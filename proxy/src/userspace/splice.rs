@@ -129,6 +129,9 @@ async fn one_way(
     epoch: Instant,
 ) -> io::Result<u64> {
     let mut total = 0u64;
+    // Allocated when the first byte arrives: an idle connection holds no
+    // buffer (memory per idle connection: docs/BENCHMARKS.md).
+    let _ = from.readable().await?;
     let mut buf = vec![0u8; SMALL];
     loop {
         let n = read_some(from, &mut buf).await?;
