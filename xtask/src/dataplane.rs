@@ -163,16 +163,19 @@ enum Metric {
     P99Ms,
     ThroughputGbps,
     NodeCpuPct,
+    /// wrk's socket errors and non-2xx answers, both wrk runs.
+    Errors,
 }
 
 impl Metric {
-    const ALL: [Metric; 6] = [
+    const ALL: [Metric; 7] = [
         Metric::RpsKeepAlive,
         Metric::RpsNewConnection,
         Metric::P50Ms,
         Metric::P99Ms,
         Metric::ThroughputGbps,
         Metric::NodeCpuPct,
+        Metric::Errors,
     ];
 
     fn name(self) -> &'static str {
@@ -183,6 +186,7 @@ impl Metric {
             Metric::P99Ms => "p99 ms (new connection)",
             Metric::ThroughputGbps => "iperf3 Gbit/s",
             Metric::NodeCpuPct => "machine CPU % (new connection)",
+            Metric::Errors => "errors",
         }
     }
 
@@ -194,6 +198,7 @@ impl Metric {
             Metric::P99Ms => "p99_ms",
             Metric::ThroughputGbps => "iperf3_gbps",
             Metric::NodeCpuPct => "cpu_pct",
+            Metric::Errors => "errors",
         }
     }
 }
@@ -826,6 +831,7 @@ fn measure(t: &Topo, row: Row, s: &Settings) -> Result<BTreeMap<Metric, f64>> {
     out.insert(Metric::P50Ms, nc.p50_ms);
     out.insert(Metric::P99Ms, nc.p99_ms);
     out.insert(Metric::NodeCpuPct, cpu);
+    out.insert(Metric::Errors, (ka.errors + nc.errors) as f64);
     let o = client_cmd(
         t,
         row,
@@ -961,12 +967,13 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     };
     let s = Settings {
         quick,
-        seconds: flag("--seconds")?.unwrap_or(if quick { 1 } else { 5 }),
+        seconds: flag("--seconds")?.unwrap_or(if quick { 1 } else { 4 }),
         repeats: flag("--repeats")?.unwrap_or(if quick { 1 } else { 5 }) as usize,
         connections: 32,
     };
     // --max-services 1: skip the 10,000-Service scale.
     let scales_wanted = flag("--max-services")?;
+    let repeats_given = args.iter().any(|a| a == "--repeats");
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
     deps::ensure()?;
@@ -1077,13 +1084,19 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                         continue;
                     }
                 }
-                for rep in 0..s.repeats {
+                // One row at a time: fewer repeats keep the run under 15 minutes.
+                let repeats_at_scale = if repeats_given {
+                    s.repeats
+                } else {
+                    s.repeats.min(3)
+                };
+                for rep in 0..repeats_at_scale {
                     check_interrupted()?;
                     eprintln!(
                         "[{:>4.0}s] {extra} extra Services, run {}/{}: {}",
                         started.elapsed().as_secs_f64(),
                         rep + 1,
-                        s.repeats,
+                        repeats_at_scale,
                         row.name()
                     );
                     loads.push(loadavg());
@@ -1178,7 +1191,16 @@ impl Report {
             v
         };
         for extra in scales {
-            let _ = writeln!(md, "#### {} Service(s) programmed\n", extra + 1);
+            let runs = self
+                .samples
+                .iter()
+                .find(|(k, _)| k.0 == extra)
+                .map_or(0, |(_, v)| v.len());
+            let _ = writeln!(
+                md,
+                "#### {} Service(s) programmed ({runs} runs per row)\n",
+                extra + 1
+            );
             let _ = write!(md, "| row |");
             for m in Metric::ALL {
                 let _ = write!(md, " {} |", m.name());
@@ -1199,7 +1221,7 @@ impl Report {
                     };
                     let (lo, hi) = min_max(v);
                     let ratio = match (m, self.ratio(extra, row, m)) {
-                        (Metric::NodeCpuPct, _) | (_, None) => String::new(),
+                        (Metric::NodeCpuPct | Metric::Errors, _) | (_, None) => String::new(),
                         (_, Some(r)) => format!(" [{r:.2}x]"),
                     };
                     let _ = write!(md, " {} ({}-{}){ratio} |", fmt(median(v)), fmt(lo), fmt(hi));
