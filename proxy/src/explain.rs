@@ -9,6 +9,21 @@ use ferry_common::lb::{flow_hash4, Be16, Be32};
 use crate::model::{Action, Algorithm, L4Addr};
 use crate::plan::{AppliedState, BackendId};
 
+/// The eBPF programs' flow hash of `src` -> `dst` (IPv4 only): what picks
+/// a Maglev slot, in the kernel and in the userspace dataplane alike.
+pub fn flow_hash(src: SocketAddr, dst: &L4Addr) -> Option<u32> {
+    match (src.ip(), dst.ip) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => Some(flow_hash4(
+            Be32::from_host(s.to_bits()),
+            Be32::from_host(d.to_bits()),
+            Be16::from_host(src.port()),
+            Be16::from_host(dst.port),
+            dst.protocol.number(),
+        )),
+        _ => None,
+    }
+}
+
 /// Explains the flow `src` -> `dst`.
 pub fn explain(applied: &AppliedState, src: SocketAddr, dst: L4Addr) -> String {
     let mut out = format!("flow {src} -> {dst}\n");
@@ -83,15 +98,8 @@ pub fn explain(applied: &AppliedState, src: SocketAddr, dst: L4Addr) -> String {
         }
     );
     if e.algorithm == Algorithm::Maglev {
-        match (applied.maglev().get(&e.id), src.ip(), dst.ip) {
-            (Some(table), IpAddr::V4(s), IpAddr::V4(d)) if !table.is_empty() => {
-                let h = flow_hash4(
-                    Be32::from_host(s.to_bits()),
-                    Be32::from_host(d.to_bits()),
-                    Be16::from_host(src.port()),
-                    Be16::from_host(dst.port),
-                    dst.protocol.number(),
-                );
+        match (applied.maglev().get(&e.id), flow_hash(src, &dst)) {
+            (Some(table), Some(h)) if !table.is_empty() => {
                 let slot = h as usize % table.len();
                 let _ = writeln!(
                     out,

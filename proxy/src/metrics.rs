@@ -58,6 +58,19 @@ impl Histogram {
     }
 }
 
+/// Appends one counter sample with its HELP and TYPE lines.
+pub fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
+}
+
+/// Appends one gauge sample with its HELP and TYPE lines.
+pub fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
 /// Gauges set after each sync.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Gauges {
@@ -251,15 +264,6 @@ impl Metrics {
                 "In Cluster Network Programming Latency in seconds",
             );
         }
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
         counter(
             &mut out,
             "kubeproxy_sync_proxy_rules_service_changes_total",

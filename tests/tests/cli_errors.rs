@@ -38,7 +38,9 @@ fn bad_flags_exit_2_naming_the_setting() {
     refused(&["--sync-period", "3d"], "--sync-period");
     refused(&["--source", "etcd"], "--source");
     refused(&["--dataplane", "fpga"], "--dataplane");
-    refused(&["--dataplane", "userspace"], "--dataplane");
+    refused(&["--max-connections", "0"], "--max-connections");
+    refused(&["--idle-timeout", "forever"], "--idle-timeout");
+    refused(&["--udp-idle-timeout", "0s"], "--udp-idle-timeout");
     refused(
         &["--nodeport-addresses", "10.0.0.0/33"],
         "--nodeport-addresses",

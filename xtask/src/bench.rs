@@ -76,21 +76,7 @@ pub fn control_plane(root: &Path, quick: bool) -> Result<()> {
     if !deps::is_root() {
         bail!("bench control-plane needs root (it runs ferry with the eBPF dataplane)");
     }
-    crate::ebpf::build(root)?;
-    crate::run(
-        Command::new(deps::cargo())
-            .current_dir(root)
-            .args([
-                "build",
-                "--release",
-                "--locked",
-                "-p",
-                "ferry-proxy",
-                "--bin",
-                "ferry",
-            ])
-            .env("FERRY_EBPF_OBJECT", crate::ebpf::object_path(root)),
-    )?;
+    let ferry = crate::ebpf::build_release_ferry(root)?;
     let (services, changes) = if quick {
         ("1000", "50")
     } else {
@@ -110,7 +96,7 @@ pub fn control_plane(root: &Path, quick: bool) -> Result<()> {
                 "control_plane_e2e",
                 "--",
             ])
-            .arg(root.join("target/release/ferry"))
+            .arg(&ferry)
             .args([services, changes]),
     )?;
     println!("\nload average before the run: {}", load.trim());

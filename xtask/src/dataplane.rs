@@ -978,22 +978,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
     deps::ensure()?;
     deps::ensure_bench_tools()?;
-    crate::ebpf::build(root)?;
-    crate::run(
-        Command::new(deps::cargo())
-            .current_dir(root)
-            .args([
-                "build",
-                "--release",
-                "--locked",
-                "-p",
-                "ferry-proxy",
-                "--bin",
-                "ferry",
-            ])
-            .env("FERRY_EBPF_OBJECT", crate::ebpf::object_path(root)),
-    )?;
-    let ferry = root.join("target/release/ferry");
+    let ferry = crate::ebpf::build_release_ferry(root)?;
     let tag = format!("ferry-bdp-{}", std::process::id());
     let started = Instant::now();
     let mut t = Topo::build(&tag, ferry)?;

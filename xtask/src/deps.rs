@@ -69,14 +69,7 @@ pub fn ensure_bench_tools() -> Result<()> {
         );
     }
     eprintln!("xtask: installing benchmark tools: {}", missing.join(" "));
-    crate::run(Command::new("apt-get").arg("update").arg("-qq"))?;
-    crate::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .context("installing benchmark tools")
+    apt_install(&missing).context("installing benchmark tools")
 }
 
 /// Whether `python3 -m kubernetes_validate` works.
@@ -85,6 +78,17 @@ pub fn kubernetes_validate_installed() -> bool {
         .args(["-c", "import kubernetes_validate"])
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// `apt-get update` then `apt-get install` of `packages`.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    crate::run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    crate::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 pub fn is_root() -> bool {
@@ -121,14 +125,7 @@ pub fn ensure() -> Result<()> {
     if !missing.is_empty() {
         if is_root() {
             eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
-            crate::run(Command::new("apt-get").arg("update").arg("-qq"))?;
-            crate::run(
-                Command::new("apt-get")
-                    .args(["install", "-y", "-qq", "--no-install-recommends"])
-                    .args(&missing)
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            )
-            .context("installing Debian packages")?;
+            apt_install(&missing).context("installing Debian packages")?;
         } else {
             eprintln!(
                 "xtask: missing Debian packages (not root, not installing): {}",

@@ -95,3 +95,24 @@ pub fn check_object(bytes: &[u8]) -> Result<Vec<String>> {
     }
     Ok(programs)
 }
+
+/// Builds the release `ferry` with the eBPF object embedded and returns its
+/// path (the benchmarks run this binary).
+pub fn build_release_ferry(root: &Path) -> Result<std::path::PathBuf> {
+    build(root)?;
+    crate::run(
+        std::process::Command::new(crate::deps::cargo())
+            .current_dir(root)
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "-p",
+                "ferry-proxy",
+                "--bin",
+                "ferry",
+            ])
+            .env("FERRY_EBPF_OBJECT", object_path(root)),
+    )?;
+    Ok(root.join("target/release/ferry"))
+}

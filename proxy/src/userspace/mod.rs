@@ -30,6 +30,25 @@ use crate::plan::{AppliedState, MapOp};
 use crate::translate::DesiredState;
 use table::{AffinityKey, Backend, Frontend, Refusal, Rng, Table};
 
+/// A socket bound to `addr` with SO_REUSEADDR and IP_FREEBIND (the address
+/// need not be local yet), non-blocking.
+fn bind_socket(
+    addr: SocketAddr,
+    ty: socket2::Type,
+    proto: socket2::Protocol,
+) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, Some(proto))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv4() {
+        s.set_freebind_v4(true)?;
+    } else {
+        s.set_freebind_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
 /// Settings of the userspace dataplane.
 #[derive(Debug, Clone)]
 pub struct UserspaceConfig {
@@ -69,6 +88,16 @@ pub enum Refused {
     SourceRange,
     NoBackend,
     Limit,
+}
+
+impl From<Refusal> for Refused {
+    fn from(r: Refusal) -> Refused {
+        match r {
+            Refusal::NoEndpoints => Refused::NoEndpoints,
+            Refusal::SourceRange => Refused::SourceRange,
+            Refusal::Exhausted => Refused::NoBackend,
+        }
+    }
 }
 
 const REFUSED: [(&str, Refused); 4] = [
@@ -487,27 +516,15 @@ impl DataplaneStatus for Status {
     }
 
     fn render(&self, out: &mut String) {
+        use crate::metrics::{counter, gauge};
         let s = &self.shared.stats;
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
+        let c = &self.checks;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         gauge(
             out,
             "ferry_userspace_connections_active",
             "Open TCP connections and UDP sessions.",
-            self.shared.active.load(Ordering::Relaxed),
-        );
-        counter(
-            out,
-            "ferry_userspace_connections_total",
-            "TCP connections forwarded to a backend.",
-            s.accepted.load(Ordering::Relaxed),
+            load(&self.shared.active),
         );
         let _ = writeln!(out, "# HELP ferry_userspace_refused_total Connections and datagrams refused, by reason.\n# TYPE ferry_userspace_refused_total counter");
         for (name, why) in REFUSED {
@@ -517,55 +534,56 @@ impl DataplaneStatus for Status {
                 s.refused_count(why)
             );
         }
-        counter(
-            out,
-            "ferry_userspace_connect_failures_total",
-            "Failed connects to a backend (each is retried on another).",
-            s.connect_failures.load(Ordering::Relaxed),
-        );
-        counter(
-            out,
-            "ferry_userspace_idle_timeouts_total",
-            "TCP connections reset after the idle timeout.",
-            s.idle_timeouts.load(Ordering::Relaxed),
-        );
-        counter(
-            out,
-            "ferry_userspace_udp_sessions_total",
-            "UDP sessions opened.",
-            s.udp_sessions_total.load(Ordering::Relaxed),
-        );
-        counter(
-            out,
-            "ferry_userspace_bytes_total",
-            "Bytes moved by closed TCP connections, both directions.",
-            s.bytes.load(Ordering::Relaxed),
-        );
-        let c = &self.checks;
-        counter(
-            out,
-            "ferry_health_check_probes_total",
-            "Active health check probes sent.",
-            c.probes_total.load(Ordering::Relaxed),
-        );
-        counter(
-            out,
-            "ferry_health_check_failures_total",
-            "Active health check probes that failed.",
-            c.probe_failures_total.load(Ordering::Relaxed),
-        );
-        counter(
-            out,
-            "ferry_health_check_marked_down_total",
-            "Backends taken out by a failing check.",
-            c.marked_down_total.load(Ordering::Relaxed),
-        );
-        counter(
-            out,
-            "ferry_health_check_marked_up_total",
-            "Backends brought back by a passing check.",
-            c.marked_up_total.load(Ordering::Relaxed),
-        );
+        let counters: [(&str, &str, u64); 9] = [
+            (
+                "ferry_userspace_connections_total",
+                "TCP connections forwarded to a backend.",
+                load(&s.accepted),
+            ),
+            (
+                "ferry_userspace_connect_failures_total",
+                "Failed connects to a backend (each is retried on another).",
+                load(&s.connect_failures),
+            ),
+            (
+                "ferry_userspace_idle_timeouts_total",
+                "TCP connections reset after the idle timeout.",
+                load(&s.idle_timeouts),
+            ),
+            (
+                "ferry_userspace_udp_sessions_total",
+                "UDP sessions opened.",
+                load(&s.udp_sessions_total),
+            ),
+            (
+                "ferry_userspace_bytes_total",
+                "Bytes moved by closed TCP connections, both directions.",
+                load(&s.bytes),
+            ),
+            (
+                "ferry_health_check_probes_total",
+                "Active health check probes sent.",
+                load(&c.probes_total),
+            ),
+            (
+                "ferry_health_check_failures_total",
+                "Active health check probes that failed.",
+                load(&c.probe_failures_total),
+            ),
+            (
+                "ferry_health_check_marked_down_total",
+                "Backends taken out by a failing check.",
+                load(&c.marked_down_total),
+            ),
+            (
+                "ferry_health_check_marked_up_total",
+                "Backends brought back by a passing check.",
+                load(&c.marked_up_total),
+            ),
+        ];
+        for (name, help, v) in counters {
+            counter(out, name, help, v);
+        }
         let table = self.shared.table();
         let now = self.shared.now_ms();
         let (mut unhealthy, mut ejected, mut ejections) = (0u64, 0u64, 0u64);
@@ -582,6 +600,11 @@ impl DataplaneStatus for Status {
                 }
             }
         }
+        let unserved = self
+            .unserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as u64;
         gauge(
             out,
             "ferry_userspace_backends_unhealthy",
@@ -604,10 +627,7 @@ impl DataplaneStatus for Status {
             out,
             "ferry_userspace_frontends_unserved",
             "Frontends that could not be bound.",
-            self.unserved
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .len() as u64,
+            unserved,
         );
     }
 

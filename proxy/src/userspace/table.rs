@@ -8,7 +8,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use ferry_common::lb::{flow_hash4, Be16, Be32};
 use ipnet::IpNet;
 
 use crate::model::{Action, Algorithm, FastMap, L4Addr, ProbeSpec, ServiceName};
@@ -278,19 +277,11 @@ pub fn choose(
     }
     let pick = match fe.entry.algorithm {
         Algorithm::Maglev => {
-            let preferred = match (client.ip(), fe.key.ip) {
-                (IpAddr::V4(s), IpAddr::V4(d)) if !fe.maglev.is_empty() => {
-                    let h = flow_hash4(
-                        Be32::from_host(s.to_bits()),
-                        Be32::from_host(d.to_bits()),
-                        Be16::from_host(client.port()),
-                        Be16::from_host(fe.key.port),
-                        fe.key.protocol.number(),
-                    );
-                    fe.maglev
-                        .get(h as usize % fe.maglev.len())
-                        .and_then(|&i| fe.slots.get(usize::from(i)))
-                }
+            let preferred = match crate::explain::flow_hash(client, &fe.key) {
+                Some(h) if !fe.maglev.is_empty() => fe
+                    .maglev
+                    .get(h as usize % fe.maglev.len())
+                    .and_then(|&i| fe.slots.get(usize::from(i))),
                 _ => None,
             };
             match preferred {
@@ -317,6 +308,7 @@ mod tests {
     use super::*;
     use crate::model::{Protocol, Scope};
     use crate::plan::FrontendId;
+    use ferry_common::lb::{flow_hash4, Be16, Be32};
 
     fn l4(s: &str) -> L4Addr {
         let a: SocketAddr = s.parse().unwrap();

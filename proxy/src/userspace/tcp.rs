@@ -12,27 +12,18 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use tokio::io::unix::AsyncFd;
 
 use super::splice::Sock;
-use super::table::{Refusal, Rng};
+use super::table::Rng;
 use super::{Refused, Shared};
 use crate::model::L4Addr;
 
 /// Connect attempts per client connection (each to another backend).
 const CONNECT_ATTEMPTS: usize = 3;
 
-/// A listening socket on `addr`, bound with IP_FREEBIND (the address need
-/// not be local yet) and SO_REUSEADDR.
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let domain = socket2::Domain::for_address(addr);
-    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    if addr.is_ipv4() {
-        s.set_freebind_v4(true)?;
-    } else {
-        s.set_freebind_v6(true)?;
-    }
-    s.bind(&addr.into())?;
+/// A listening socket on `addr` (IP_FREEBIND: the address need not be
+/// local yet).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = super::bind_socket(addr, socket2::Type::STREAM, socket2::Protocol::TCP)?;
     s.listen(4096)?;
-    s.set_nonblocking(true)?;
     Ok(s.into())
 }
 
@@ -139,11 +130,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, key: L4Addr, shared: &Share
         let backend = match shared.pick(&fe, peer, &tried, &mut rng) {
             Ok(b) => b,
             Err(r) => {
-                shared.stats.refused(match r {
-                    Refusal::NoEndpoints => Refused::NoEndpoints,
-                    Refusal::SourceRange => Refused::SourceRange,
-                    Refusal::Exhausted => Refused::NoBackend,
-                });
+                shared.stats.refused(Refused::from(r));
                 return reset(&client);
             }
         };

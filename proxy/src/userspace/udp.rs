@@ -12,23 +12,13 @@ use std::sync::{Arc, Mutex};
 use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 
-use super::table::{Refusal, Rng};
+use super::table::Rng;
 use super::{Refused, Shared};
 use crate::model::{FastMap, L4Addr};
 
 /// A UDP socket on `addr` with IP_FREEBIND.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
-    let domain = socket2::Domain::for_address(addr);
-    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    s.set_reuse_address(true)?;
-    if addr.is_ipv4() {
-        s.set_freebind_v4(true)?;
-    } else {
-        s.set_freebind_v6(true)?;
-    }
-    s.bind(&addr.into())?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
+    Ok(super::bind_socket(addr, socket2::Type::DGRAM, socket2::Protocol::UDP)?.into())
 }
 
 struct Session {
@@ -84,16 +74,12 @@ pub async fn serve(
                 let backend = match shared.pick(&fe, client, &[], &mut rng) {
                     Ok(b) => b,
                     Err(r) => {
-                        shared.stats.refused(match r {
-                            Refusal::NoEndpoints => Refused::NoEndpoints,
-                            Refusal::SourceRange => Refused::SourceRange,
-                            Refusal::Exhausted => Refused::NoBackend,
-                        });
+                        shared.stats.refused(Refused::from(r));
                         continue;
                     }
                 };
-                if let Some(old) = &old {
-                    if old.backend == backend.addr {
+                match old {
+                    Some(old) if old.backend == backend.addr => {
                         // Same backend after all: keep the socket.
                         let s = Arc::new(Session {
                             backend: old.backend,
@@ -104,11 +90,14 @@ pub async fn serve(
                         });
                         sessions.lock().insert(client, s.clone());
                         s
-                    } else {
-                        old.reply.abort();
-                        shared.release();
-                        sessions.lock().remove(&client);
-                        match open(
+                    }
+                    old => {
+                        if let Some(old) = old {
+                            old.reply.abort();
+                            shared.release();
+                            sessions.lock().remove(&client);
+                        }
+                        let opened = open(
                             &front,
                             client,
                             backend.addr,
@@ -118,27 +107,11 @@ pub async fn serve(
                             table.generation,
                             now,
                         )
-                        .await
-                        {
+                        .await;
+                        match opened {
                             Some(s) => s,
                             None => continue,
                         }
-                    }
-                } else {
-                    match open(
-                        &front,
-                        client,
-                        backend.addr,
-                        &key,
-                        &shared,
-                        &sessions,
-                        table.generation,
-                        now,
-                    )
-                    .await
-                    {
-                        Some(s) => s,
-                        None => continue,
                     }
                 }
             }
