@@ -439,6 +439,48 @@ fn iptables_rules(row: Row, extra: usize) -> String {
     s
 }
 
+/// One Service's endpoint moves (x0 from b1 to b2), applied the way
+/// today's kube-proxy does: iptables-restore --noflush of the changed
+/// chains only (MinimizeIPTablesRestore), or one nft transaction that
+/// rewrites the Service's chain.
+fn one_change(row: Row) -> Option<(&'static str, Vec<&'static str>, String)> {
+    match row {
+        Row::IptablesLegacy | Row::IptablesNft => Some((
+            if row == Row::IptablesLegacy {
+                "iptables-legacy-restore"
+            } else {
+                "iptables-nft-restore"
+            },
+            vec!["--noflush"],
+            format!(
+                "*nat\n:KUBE-SEP-X0 - [0:0]\n-A KUBE-SEP-X0 -p tcp -m tcp -j DNAT --to-destination {}:80\nCOMMIT\n",
+                BACKENDS[1]
+            ),
+        )),
+        Row::Nftables => Some((
+            "nft",
+            vec!["-f"],
+            format!(
+                "flush chain ip ferry-bench-kp svc-x0\nadd rule ip ferry-bench-kp svc-x0 meta l4proto tcp dnat to {}:80\n",
+                BACKENDS[1]
+            ),
+        )),
+        _ => None,
+    }
+}
+
+/// Times [`one_change`] for a row programmed with its extra Services.
+fn time_one_change(t: &Topo, row: Row) -> Result<Option<Duration>> {
+    let Some((tool, args, input)) = one_change(row) else {
+        return Ok(None);
+    };
+    let file = t.dir.join(format!("{tool}.change"));
+    std::fs::write(&file, input)?;
+    let start = Instant::now();
+    sh(t.exec(&t.node(), tool).args(&args).arg(&file))?;
+    Ok(Some(start.elapsed()))
+}
+
 /// `nft -f` input in kube-proxy's nftables shape: a verdict map from
 /// address . protocol . port to a per-Service chain, which picks an
 /// endpoint chain with `numgen random`.
@@ -987,6 +1029,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut unavailable: BTreeMap<Row, String> = BTreeMap::new();
     let mut programming: BTreeMap<(usize, Row), Duration> = BTreeMap::new();
     let mut memory: BTreeMap<Row, f64> = BTreeMap::new();
+    let mut changes: BTreeMap<Row, Duration> = BTreeMap::new();
     let scales: Vec<usize> = if quick || scales_wanted == Some(1) {
         vec![0]
     } else {
@@ -1069,6 +1112,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                         continue;
                     }
                 }
+                if let Some(d) = time_one_change(&t, row)? {
+                    changes.insert(row, d);
+                }
                 // One row at a time: fewer repeats keep the run under 15 minutes.
                 let repeats_at_scale = if repeats_given {
                     s.repeats
@@ -1099,6 +1145,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         samples,
         unavailable,
         programming,
+        changes,
         memory,
         loads,
         took: started.elapsed(),
@@ -1119,6 +1166,8 @@ struct Report {
     samples: Samples,
     unavailable: BTreeMap<Row, String>,
     programming: BTreeMap<(usize, Row), Duration>,
+    /// One Service change applied at 10,000 Services.
+    changes: BTreeMap<Row, Duration>,
     /// Resident memory per idle connection, KiB.
     memory: BTreeMap<Row, f64>,
     loads: Vec<f64>,
@@ -1234,6 +1283,17 @@ impl Report {
                 );
             }
         }
+        if !self.changes.is_empty() {
+            let _ = writeln!(md, "\nOne Service's endpoint changed with {} Services programmed, applied as kube-proxy does today (iptables-restore --noflush of the changed chains; one nft transaction). Ferry's figure is the end-to-end change latency of `cargo xtask bench control-plane`:\n\n| row | time |\n|---|---|", EXTRA_SERVICES + 2);
+            for (row, d) in &self.changes {
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.1} ms |",
+                    row.name(),
+                    d.as_secs_f64() * 1000.0
+                );
+            }
+        }
         if !self.memory.is_empty() {
             let _ = writeln!(md, "\nResident memory per idle connection ({IDLE_CONNECTIONS} idle client connections, each with its backend connection; process RSS only, kernel socket buffers not included):\n\n| row | KiB per connection |\n|---|---|");
             for (row, kib) in &self.memory {
@@ -1336,6 +1396,14 @@ mod tests {
         let n = nft_rules(Row::Nftables, 2);
         assert!(n.contains("numgen random mod 3"));
         assert!(n.contains("198.19.100.2 . tcp . 80 : goto svc-x1"));
+        let (tool, args, change) = one_change(Row::IptablesNft).unwrap();
+        assert_eq!((tool, args), ("iptables-nft-restore", vec!["--noflush"]));
+        assert!(change.contains(":KUBE-SEP-X0") && change.ends_with("COMMIT\n"));
+        assert!(one_change(Row::Nftables)
+            .unwrap()
+            .2
+            .contains("flush chain ip ferry-bench-kp svc-x0"));
+        assert!(one_change(Row::Haproxy).is_none());
         let y = ferry_yaml(Row::FerryUserspace, 2);
         assert_eq!(y.matches("kind: Service\n").count(), 4);
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
