@@ -338,8 +338,10 @@ fn connection_limit_resets_extra_clients_and_idle_connections_end() {
         })
         .collect();
     // A fourth client is reset at once instead of queueing.
-    let mut extra = LineClient::connect("127.35.0.1:28080").unwrap();
-    assert!(extra.ask("extra").is_err());
+    // (The reset may already be there when connect() returns.)
+    if let Ok(mut extra) = LineClient::connect("127.35.0.1:28080") {
+        assert!(extra.ask("extra").is_err());
+    }
     assert!(
         agent
             .metric("ferry_userspace_refused_total{reason=\"limit\"}")
