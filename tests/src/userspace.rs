@@ -5,8 +5,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -196,7 +196,7 @@ pub fn udp_ask(sock: &UdpSocket, to: &str, what: &str) -> Result<(SocketAddr, St
 /// `ferry run --dataplane userspace --source file:DIR/cluster.yaml`.
 #[derive(Debug)]
 pub struct UserspaceAgent {
-    child: Child,
+    child: crate::KillOnDrop,
     pub dir: PathBuf,
     pub metrics: String,
 }
@@ -250,7 +250,7 @@ impl UserspaceAgent {
             .spawn()
             .context("starting ferry")?;
         Ok(UserspaceAgent {
-            child,
+            child: crate::KillOnDrop(child),
             dir,
             metrics,
         })
@@ -304,33 +304,14 @@ impl UserspaceAgent {
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
     }
-
-    /// SIGTERM, then wait (2 s, then SIGKILL).
-    pub fn stop(&mut self) {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Drop for UserspaceAgent {
     fn drop(&mut self) {
-        self.stop();
+        // SIGTERM first: the agent removes the addresses it added.
+        self.child.terminate();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// The path of a file inside the agent's directory.
-pub fn in_dir(agent: &UserspaceAgent, name: &str) -> PathBuf {
-    Path::new(&agent.dir).join(name)
 }
 
 /// A Service + EndpointSlice pair as YAML. `endpoints` are
