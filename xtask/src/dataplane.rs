@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::deps;
+use crate::host::{bridge_port, ip, sh, terminate};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -226,21 +227,6 @@ fn ns_name(tag: &str, n: &str) -> String {
     format!("{tag}-{n}")
 }
 
-fn sh(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn ip(args: &[&str]) -> Result<String> {
-    sh(Command::new("ip").args(args))
-}
-
 impl Topo {
     fn node(&self) -> String {
         ns_name(&self.tag, "node")
@@ -279,14 +265,7 @@ impl Topo {
         let mut keep = Vec::new();
         for (name, mut child) in self.procs.drain(..) {
             if name == what {
-                // SAFETY: signalling our own child.
-                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
+                terminate(&mut child, Duration::from_secs(10));
             } else {
                 keep.push((name, child));
             }
@@ -332,23 +311,13 @@ impl Topo {
             .args(["-qw", "net.ipv4.ip_forward=1"]))?;
         for (i, addr) in BACKENDS.iter().enumerate() {
             let b = t.add_ns(&format!("b{}", i + 1))?;
-            let host_if = format!("vb{}", i + 1);
-            ip(&[
-                "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
-                "netns", &b,
-            ])?;
-            ip(&["-n", &node, "link", "set", &host_if, "master", "br0", "up"])?;
-            ip(&[
-                "-n",
+            bridge_port(
+                &node,
+                &format!("vb{}", i + 1),
                 &b,
-                "addr",
-                "add",
                 &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &b, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &b, "route", "add", "default", "via", "198.18.1.1"])?;
+                Some("198.18.1.1"),
+            )?;
             let conf = t.dir.join(format!("nginx-b{}.conf", i + 1));
             let run = t.dir.join(format!("nginx-b{}", i + 1));
             std::fs::create_dir_all(&run)?;
@@ -375,11 +344,7 @@ impl Topo {
 impl Drop for Topo {
     fn drop(&mut self) {
         for (_, mut child) in self.procs.drain(..) {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            std::thread::sleep(Duration::from_millis(50));
-            let _ = child.kill();
-            let _ = child.wait();
+            terminate(&mut child, Duration::from_millis(50));
         }
         let _ = Command::new(&self.ferry)
             .args(["cleanup", "--bpffs-path"])
@@ -651,7 +616,7 @@ fn setup(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration>, Strin
                 let cg = match &t.cgroup {
                     Some(c) => c.clone(),
                     None => {
-                        let root = crate::demo::cgroup2_root().map_err(e)?;
+                        let root = crate::host::cgroup2_root().map_err(e)?;
                         let c = root.join(&t.tag);
                         std::fs::create_dir_all(&c).map_err(|x| x.to_string())?;
                         t.cgroup = Some(c.clone());

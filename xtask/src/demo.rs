@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::host::{bridge_port, cgroup2_root, ip};
 use crate::{deps, ebpf};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -67,30 +68,23 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let userspace = args.iter().any(|a| a == "--userspace") || !deps::is_root();
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
-    if userspace {
-        if !deps::is_root() {
-            println!("== not root: the demo runs on loopback with the userspace dataplane");
-        }
-        let mut build = Command::new(deps::cargo());
-        build
-            .current_dir(root)
-            .args(["build", "--locked", "-p", "ferry-proxy", "--bin", "ferry"]);
-        // Same build flags as `cargo xtask test` when the object exists (no
-        // rebuild); the userspace dataplane does not need it.
-        if ebpf::object_path(root).is_file() {
-            build.env("FERRY_EBPF_OBJECT", ebpf::object_path(root));
-        }
-        crate::run(&mut build)?;
-    } else {
+    if !userspace {
         deps::ensure()?;
         ebpf::build(root)?;
-        crate::run(
-            Command::new(deps::cargo())
-                .current_dir(root)
-                .args(["build", "--locked", "-p", "ferry-proxy", "--bin", "ferry"])
-                .env("FERRY_EBPF_OBJECT", ebpf::object_path(root)),
-        )?;
+    } else if !deps::is_root() {
+        println!("== not root: the demo runs on loopback with the userspace dataplane");
     }
+    let mut build = Command::new(deps::cargo());
+    build
+        .current_dir(root)
+        .args(["build", "--locked", "-p", "ferry-proxy", "--bin", "ferry"]);
+    // The eBPF object is embedded when it exists (always for the eBPF demo;
+    // for the userspace one it keeps the build flags of `cargo xtask test`,
+    // so nothing is rebuilt).
+    if ebpf::object_path(root).is_file() {
+        build.env("FERRY_EBPF_OBJECT", ebpf::object_path(root));
+    }
+    crate::run(&mut build)?;
     let ferry = root.join("target/debug/ferry");
     let tag = format!("ferry-demo-{}", std::process::id());
     let mut demo = Demo::new(&tag, userspace)?;
@@ -112,32 +106,6 @@ struct Demo {
     cleaned: bool,
     userspace: bool,
     net: &'static Net,
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-pub fn cgroup2_root() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts")?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-        .context("no cgroup2 filesystem is mounted")
 }
 
 /// Runs `f` on a thread inside network namespace `ns`.
@@ -337,22 +305,13 @@ impl Demo {
         ip(&["-n", &node, "link", "set", "br0", "up"])?;
         for (i, pod_ip) in PODS.iter().enumerate() {
             let pod = self.netns(&format!("pod{}", i + 1))?;
-            let host_if = format!("veth{}", i + 1);
-            ip(&[
-                "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
-                "netns", &pod,
-            ])?;
-            ip(&["-n", &node, "link", "set", &host_if, "master", "br0", "up"])?;
-            ip(&[
-                "-n",
+            bridge_port(
+                &node,
+                &format!("veth{}", i + 1),
                 &pod,
-                "addr",
-                "add",
                 &format!("{pod_ip}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &pod, "link", "set", "eth0", "up"])?;
+                None,
+            )?;
             let name = format!("pod-{}", i + 1);
             let listener = in_netns(&pod, || Ok(TcpListener::bind("0.0.0.0:8080")?))?;
             serve_http(listener, name, self.stop_servers.clone());
@@ -517,17 +476,7 @@ spec:
         self.cleaned = true;
         self.stop_servers.store(true, Ordering::Relaxed);
         if let Some(mut agent) = self.agent.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if matches!(agent.try_wait(), Ok(Some(_))) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = agent.kill();
-            let _ = agent.wait();
+            crate::host::terminate(&mut agent, Duration::from_secs(5));
         }
         let _ = Command::new(ferry)
             .args(["cleanup", "--bpffs-path"])

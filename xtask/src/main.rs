@@ -7,6 +7,7 @@ mod demo;
 mod deploy;
 mod deps;
 mod ebpf;
+mod host;
 mod kind;
 mod test;
 
