@@ -307,8 +307,10 @@ impl Topo {
         ip(&["-n", &node, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &node, "addr", "add", "198.18.1.1/24", "dev", "br0"])?;
         ip(&["-n", &node, "link", "set", "br0", "up"])?;
-        sh(t.exec(&node, "sysctl")
-            .args(["-qw", "net.ipv4.ip_forward=1"]))?;
+        // Forwarding in the node namespace (sh, not sysctl: procps is not
+        // an essential package).
+        sh(t.exec(&node, "sh")
+            .args(["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]))?;
         for (i, addr) in BACKENDS.iter().enumerate() {
             let b = t.add_ns(&format!("b{}", i + 1))?;
             bridge_port(
