@@ -137,6 +137,8 @@ fn main() {
             "",
             "--dataplane",
             "ebpf",
+            "--interfaces",
+            "none",
             "--hostname-override",
             "node-0",
         ])

@@ -28,6 +28,7 @@ pub struct RunSettings {
     pub max_connections: Option<u64>,
     pub idle_timeout: Option<String>,
     pub udp_idle_timeout: Option<String>,
+    pub interfaces: Option<String>,
 }
 
 impl RunSettings {
@@ -70,6 +71,25 @@ pub fn parse_cidrs(s: &str) -> Result<Vec<IpNet>, String> {
                 .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from))
                 .map(|n| n.trunc())
                 .map_err(|_| format!("{c:?} is not a CIDR"))
+        })
+        .collect()
+}
+
+/// Parses `--interfaces`: comma-separated interface names; "none" (or an
+/// empty list) attaches the TC path nowhere.
+pub fn parse_interfaces(s: &str) -> Result<Vec<String>, String> {
+    if s.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            if n.len() > 15 || n.contains(['/', ' ', ':']) || n == "." || n == ".." {
+                Err(format!("{n:?} is not an interface name"))
+            } else {
+                Ok(n.to_string())
+            }
         })
         .collect()
 }

@@ -104,6 +104,12 @@ enum Command {
         /// Userspace dataplane: end a UDP session idle this long (default 30s).
         #[arg(long)]
         udp_idle_timeout: Option<String>,
+        /// eBPF dataplane: interfaces the TC programs (NodePort,
+        /// LoadBalancer and externalIP traffic from outside) attach to,
+        /// comma-separated; `none` for none (default: every interface
+        /// holding a global IPv4 address, except loopback and pod veths).
+        #[arg(long)]
+        interfaces: Option<String>,
     },
     /// List every frontend with its backends: from the pinned maps (eBPF),
     /// else from a userspace agent's /services endpoint.
@@ -175,6 +181,7 @@ fn main() -> ExitCode {
             max_connections,
             idle_timeout,
             udp_idle_timeout,
+            interfaces,
         } => {
             let file = match config {
                 Some(path) => match cli::RunSettings::load(&path) {
@@ -252,6 +259,13 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            let interfaces = match interfaces.or(file.interfaces) {
+                Some(list) => match cli::parse_interfaces(&list) {
+                    Ok(l) => Some(l),
+                    Err(e) => return usage_error("--interfaces", e),
+                },
+                None => None,
+            };
             let cidrs = match cli::parse_cidrs(&nodeport_addresses) {
                 Ok(c) => c,
                 Err(e) => return usage_error("--nodeport-addresses", e),
@@ -315,6 +329,7 @@ fn main() -> ExitCode {
                 mode: dataplane,
                 bpffs: bpffs_path,
                 cgroup,
+                interfaces,
                 userspace,
             };
             run(cfg, source, dataplane, &listen)
@@ -460,17 +475,20 @@ struct DataplaneChoice {
     mode: Dataplane,
     bpffs: PathBuf,
     cgroup: Option<PathBuf>,
+    /// TC interfaces (None: the default ones).
+    interfaces: Option<Vec<String>>,
     userspace: ferry_proxy::userspace::UserspaceConfig,
 }
 
 type EbpfSetup = (Box<dyn LbMaps + Send>, aya::Ebpf);
 
 /// Loads and attaches the eBPF programs and opens the pinned maps.
-fn setup_ebpf(
-    bpffs: &std::path::Path,
-    cgroup: Option<&std::path::Path>,
-) -> Result<EbpfSetup, String> {
-    let cgroup = cgroup.ok_or("no cgroup2 filesystem is mounted")?;
+fn setup_ebpf(dataplane: &DataplaneChoice) -> Result<EbpfSetup, String> {
+    let bpffs = dataplane.bpffs.as_path();
+    let cgroup = dataplane
+        .cgroup
+        .as_deref()
+        .ok_or("no cgroup2 filesystem is mounted")?;
     let caps = MapCapacities::default();
     let mut ebpf = ferry_proxy::ebpf::open(bpffs, &caps)
         .map_err(|e| format!("cannot load the eBPF programs: {e}"))?;
@@ -480,6 +498,18 @@ fn setup_ebpf(
         }
         Ok(new) => tracing::info!(cgroup = %cgroup.display(), programs = ?new, "attached"),
         Err(e) => return Err(format!("cannot attach the socket-level programs: {e}")),
+    }
+    let interfaces = dataplane
+        .interfaces
+        .clone()
+        .unwrap_or_else(ferry_proxy::ebpf::tc::default_interfaces);
+    match ferry_proxy::ebpf::tc::attach_tc(&mut ebpf, bpffs, &interfaces) {
+        Ok(done) => {
+            for a in done {
+                tracing::info!(interface = %a.interface, direction = a.direction, replaced = a.replaced, "TC program attached");
+            }
+        }
+        Err(e) => return Err(format!("cannot attach the TC programs: {e}")),
     }
     let maps =
         BpfMaps::open(bpffs, caps).map_err(|e| format!("cannot open the pinned maps: {e}"))?;
@@ -505,7 +535,7 @@ fn run(
     let mut ebpf = None;
     let mut status = None;
     let maps: Box<dyn LbMaps + Send> = match dataplane.mode {
-        Dataplane::Ebpf => match setup_ebpf(&dataplane.bpffs, dataplane.cgroup.as_deref()) {
+        Dataplane::Ebpf => match setup_ebpf(&dataplane) {
             Ok((maps, handle)) => {
                 ebpf = Some(handle);
                 maps
@@ -517,7 +547,7 @@ fn run(
         },
         Dataplane::Userspace | Dataplane::Auto => {
             let from_ebpf = if dataplane.mode == Dataplane::Auto {
-                match setup_ebpf(&dataplane.bpffs, dataplane.cgroup.as_deref()) {
+                match setup_ebpf(&dataplane) {
                     Ok(x) => Some(x),
                     Err(e) => {
                         tracing::warn!(reason = %e, "eBPF unavailable: using the userspace dataplane");

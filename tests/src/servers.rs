@@ -1,6 +1,7 @@
 //! Test backends: TCP and UDP servers that answer every request with their
-//! own address, so a client can tell which backend it reached. Bounded:
-//! they stop when dropped, or after two minutes.
+//! own address (and, if asked, the client address they saw), so a client
+//! can tell which backend it reached and whether its source was kept.
+//! Bounded: they stop when dropped, or after two minutes.
 
 use std::io::Write;
 use std::net::{TcpListener, UdpSocket};
@@ -19,6 +20,22 @@ pub struct Servers {
 
 impl Servers {
     pub fn start(tcp: Vec<TcpListener>, udp: Vec<UdpSocket>) -> Servers {
+        Servers::spawn(tcp, udp, false)
+    }
+
+    /// Servers answering "OWN_ADDRESS PEER_ADDRESS".
+    pub fn start_with_peer(tcp: Vec<TcpListener>, udp: Vec<UdpSocket>) -> Servers {
+        Servers::spawn(tcp, udp, true)
+    }
+
+    fn spawn(tcp: Vec<TcpListener>, udp: Vec<UdpSocket>, with_peer: bool) -> Servers {
+        let answer = move |me: &str, peer: std::net::SocketAddr| {
+            if with_peer {
+                format!("{me} {peer}")
+            } else {
+                me.to_string()
+            }
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut threads = Vec::new();
@@ -29,14 +46,14 @@ impl Servers {
                 let me = l.local_addr().expect("test server socket").to_string();
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     match l.accept() {
-                        Ok((mut s, _)) => {
+                        Ok((mut s, peer)) => {
                             // Read the request first: closing with unread
                             // data would reset the connection.
                             let _ = s.set_nonblocking(false);
                             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                             let mut buf = [0u8; 64];
                             let _ = std::io::Read::read(&mut s, &mut buf);
-                            let _ = s.write_all(me.as_bytes());
+                            let _ = s.write_all(answer(&me, peer).as_bytes());
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(2)),
                     }
@@ -52,7 +69,7 @@ impl Servers {
                 let mut buf = [0u8; 256];
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     if let Ok((_, from)) = u.recv_from(&mut buf) {
-                        let _ = u.send_to(me.as_bytes(), from);
+                        let _ = u.send_to(answer(&me, from).as_bytes(), from);
                     }
                 }
             }));

@@ -61,6 +61,9 @@ impl AgentProc {
             .args([
                 "--dataplane",
                 "ebpf",
+                // The root namespace's interfaces are not the test's.
+                "--interfaces",
+                "none",
                 "--hostname-override",
                 "node-a",
                 "--min-sync-period",

@@ -41,6 +41,8 @@ fn bad_flags_exit_2_naming_the_setting() {
     refused(&["--max-connections", "0"], "--max-connections");
     refused(&["--idle-timeout", "forever"], "--idle-timeout");
     refused(&["--udp-idle-timeout", "0s"], "--udp-idle-timeout");
+    refused(&["--interfaces", "eth0,a/b"], "--interfaces");
+    refused(&["--interfaces", "a-name-longer-than-15"], "--interfaces");
     refused(
         &["--nodeport-addresses", "10.0.0.0/33"],
         "--nodeport-addresses",

@@ -97,6 +97,9 @@ fn service_update_via_api_reaches_a_real_connection() {
             .args([
                 "--dataplane",
                 "ebpf",
+                // The root namespace's interfaces are not the test's.
+                "--interfaces",
+                "none",
                 "--hostname-override",
                 "node-a",
                 "--min-sync-period",

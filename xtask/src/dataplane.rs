@@ -625,7 +625,7 @@ fn setup(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration>, Strin
                         c
                     }
                 };
-                cmd.args(["--dataplane", "ebpf"])
+                cmd.args(["--dataplane", "ebpf", "--interfaces", "none"])
                     .arg(format!("--bpffs-path={}", t.pins.display()))
                     .arg(format!("--cgroup-path={}", cg.display()));
             }

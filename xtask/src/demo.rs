@@ -329,6 +329,9 @@ impl Demo {
                 "run",
                 "--dataplane",
                 "ebpf",
+                // The host's own interfaces stay untouched by the demo.
+                "--interfaces",
+                "none",
                 "--hostname-override",
                 "node-demo",
             ])

@@ -5,7 +5,9 @@
 /// At most 15 bytes (the kernel's BPF object name limit).
 pub const TC_COUNTERS_MAP: &str = "ferry_counters";
 
-/// Name of the TC ingress program in the eBPF object.
+/// Name of the TC ingress program in the eBPF object: it counts every
+/// frame by class, translates flows entering the node to Services and
+/// reverses replies to SNATed flows.
 pub const TC_INGRESS_PROGRAM: &str = "ferry_tc_ingress";
 
 /// What a packet seen by the TC program was, by its L3/L4 header.

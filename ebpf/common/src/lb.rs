@@ -52,6 +52,13 @@ pub const SOURCE_RANGES4_MAP: &str = "ferry_srcrng4";
 pub const SOCK_REVNAT4_MAP: &str = "ferry_sknat4";
 /// Per-CPU datapath counters, indexed by [`LbCounter`].
 pub const LB_COUNTERS_MAP: &str = "ferry_lbstat";
+/// Connection tracking of the TC path (LRU): both directions of every
+/// translated flow.
+pub const CT4_MAP: &str = "ferry_ct4";
+
+/// The TC egress program: reverses replies of translated flows leaving
+/// the node (the ingress one is [`crate::counters::TC_INGRESS_PROGRAM`]).
+pub const TC_EGRESS_PROGRAM: &str = "ferry_tc_egress";
 
 /// Maglev table size compiled into the programs (prime).
 pub const MAGLEV_TABLE_SIZE: u32 = 16381;
@@ -194,6 +201,61 @@ pub struct SockRevNat4Value {
     pub frontend_id: u32,
 }
 
+/// A conntrack entry for the packets of a flow as they arrive from the
+/// client (frontend as destination).
+pub const CT_FORWARD: u8 = 0;
+/// A conntrack entry for the replies of a flow as they arrive from the
+/// backend (backend as source).
+pub const CT_REPLY: u8 = 1;
+
+/// Key of the conntrack map: a packet's 5-tuple as seen on the wire, and
+/// the direction it stands for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct4Key {
+    pub src: Be32,
+    pub dst: Be32,
+    pub sport: Be16,
+    pub dport: Be16,
+    pub proto: u8,
+    /// [`CT_FORWARD`] or [`CT_REPLY`].
+    pub dir: u8,
+    pub pad: u16,
+}
+
+/// Value of the conntrack map: what to rewrite.
+///
+/// Forward: destination := `addr:port` (the backend); when `nat_addr` is
+/// set, source := `nat_addr:nat_port` (SNAT to the node).
+/// Reply: source := `addr:port` (the frontend); when `nat_addr` is set,
+/// destination := `nat_addr:nat_port` (the client, undoing the SNAT).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct4Value {
+    /// bpf_ktime_get_ns() of the last packet.
+    pub last_ns: u64,
+    /// Forward: the backend, checked on every packet so a flow to a backend
+    /// that left moves to a live one.
+    pub backend_id: u32,
+    pub frontend_id: u32,
+    pub addr: Be32,
+    pub nat_addr: Be32,
+    pub port: Be16,
+    pub nat_port: Be16,
+    pub flags: u8,
+    pub pad: [u8; 3],
+}
+
+/// SNAT ports the TC path allocates when the client's own port is taken
+/// (above the default ephemeral range, 32768-60999, so node sockets and
+/// SNATed flows do not meet).
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_COUNT: u16 = 4_500;
+
+/// Tags a client address as the affinity key of the TC path (socket-level
+/// affinity keys are netns cookies, far below this bit).
+pub const AFFINITY_CLIENT_ADDR: u64 = 1 << 62;
+
 /// Slots of the per-CPU LB counters map.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,9 +270,70 @@ pub enum LbCounter {
     SockLookupMiss = 3,
     /// Session affinity reused a backend.
     SockAffinityHit = 4,
+    /// TC: a new flow entering the node was sent to a backend.
+    TcNewFlow = 5,
+    /// TC: a packet of a tracked flow was translated.
+    TcTracked = 6,
+    /// TC: a reply was translated back to the frontend.
+    TcReply = 7,
+    /// TC: refused (TCP RST / ICMP port unreachable): no backend.
+    TcRejected = 8,
+    /// TC: dropped by a Local traffic policy without a local backend.
+    TcDropped = 9,
+    /// TC: dropped by loadBalancerSourceRanges.
+    TcSourceDenied = 10,
+    /// TC: a tracked flow's backend was gone; it moved to a live one.
+    TcRepicked = 11,
+    /// TC: forwarded with bpf_fib_lookup + redirect (else the stack routes).
+    TcRedirected = 12,
+    /// TC: no free SNAT port: dropped.
+    TcSnatExhausted = 13,
+    /// TC: a slot or backend was missing mid-update: dropped.
+    TcLookupMiss = 14,
 }
 
-pub const LB_COUNTERS: u32 = 5;
+pub const LB_COUNTERS: u32 = 15;
+
+impl LbCounter {
+    pub const ALL: [LbCounter; LB_COUNTERS as usize] = [
+        LbCounter::SockTranslated,
+        LbCounter::SockRejected,
+        LbCounter::SockDropped,
+        LbCounter::SockLookupMiss,
+        LbCounter::SockAffinityHit,
+        LbCounter::TcNewFlow,
+        LbCounter::TcTracked,
+        LbCounter::TcReply,
+        LbCounter::TcRejected,
+        LbCounter::TcDropped,
+        LbCounter::TcSourceDenied,
+        LbCounter::TcRepicked,
+        LbCounter::TcRedirected,
+        LbCounter::TcSnatExhausted,
+        LbCounter::TcLookupMiss,
+    ];
+
+    /// Lower-case name, a bounded metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            LbCounter::SockTranslated => "sock_translated",
+            LbCounter::SockRejected => "sock_rejected",
+            LbCounter::SockDropped => "sock_dropped",
+            LbCounter::SockLookupMiss => "sock_lookup_miss",
+            LbCounter::SockAffinityHit => "sock_affinity_hit",
+            LbCounter::TcNewFlow => "tc_new_flow",
+            LbCounter::TcTracked => "tc_tracked",
+            LbCounter::TcReply => "tc_reply",
+            LbCounter::TcRejected => "tc_rejected",
+            LbCounter::TcDropped => "tc_dropped",
+            LbCounter::TcSourceDenied => "tc_source_denied",
+            LbCounter::TcRepicked => "tc_repicked",
+            LbCounter::TcRedirected => "tc_redirected",
+            LbCounter::TcSnatExhausted => "tc_snat_exhausted",
+            LbCounter::TcLookupMiss => "tc_lookup_miss",
+        }
+    }
+}
 
 #[cfg(feature = "user")]
 mod pod {
@@ -227,6 +350,8 @@ mod pod {
     unsafe impl aya::Pod for SourceRange4 {}
     unsafe impl aya::Pod for SockRevNat4Key {}
     unsafe impl aya::Pod for SockRevNat4Value {}
+    unsafe impl aya::Pod for Ct4Key {}
+    unsafe impl aya::Pod for Ct4Value {}
 }
 
 #[cfg(test)]
@@ -245,6 +370,8 @@ mod tests {
         assert_eq!(size_of::<SourceRange4>(), 8);
         assert_eq!(size_of::<SockRevNat4Key>(), 16);
         assert_eq!(size_of::<SockRevNat4Value>(), 12);
+        assert_eq!(size_of::<Ct4Key>(), 16);
+        assert_eq!(size_of::<Ct4Value>(), 32);
         assert_eq!(size_of::<MaglevTable>(), 4 * MAGLEV_TABLE_SIZE as usize);
     }
 

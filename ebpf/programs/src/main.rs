@@ -5,6 +5,8 @@
 #![no_main]
 
 mod maps;
+mod nat;
+mod pick;
 mod sock;
 mod tc;
 

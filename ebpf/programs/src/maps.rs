@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use ferry_common::lb::{
-    Affinity4Key, AffinityValue, Backend4, MaglevTable, RevNat4, Service4Key, Service4Value,
-    SockRevNat4Key, SockRevNat4Value, SourceRange4, LB_COUNTERS,
+    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, MaglevTable, RevNat4, Service4Key,
+    Service4Value, SockRevNat4Key, SockRevNat4Value, SourceRange4, LB_COUNTERS,
 };
 
 /// Maps whose entries are allocated on use (Maglev tables are 64 KiB each).
@@ -36,8 +36,11 @@ pub static SOURCE_RANGES4: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(16_384, 0
 pub static SOCK_REVNAT4: LruHashMap<SockRevNat4Key, SockRevNat4Value> =
     LruHashMap::pinned(262_144, 0);
 
+#[map(name = "ferry_ct4")]
+pub static CT4: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(262_144, 0);
+
 #[map(name = "ferry_lbstat")]
-pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LB_COUNTERS, 0);
+pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(LB_COUNTERS, 0);
 
 #[inline(always)]
 pub fn count(counter: ferry_common::lb::LbCounter) {

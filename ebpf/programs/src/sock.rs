@@ -4,16 +4,17 @@
 //! so applications only ever see the address they asked for.
 
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use ferry_common::lb::{
-    Affinity4Key, AffinityValue, Backend4, Be16, Be32, LbCounter, Service4Key, Service4Value,
-    SockRevNat4Key, SockRevNat4Value, BACKEND_FLAG_TERMINATING, SVC_FLAG_DROP, SVC_FLAG_REJECT,
+    Be16, Be32, LbCounter, Service4Key, Service4Value, SockRevNat4Key, SockRevNat4Value,
+    SVC_FLAG_DROP, SVC_FLAG_REJECT,
 };
 
-use crate::maps::{count, AFFINITY4, BACKENDS4, SERVICES4, SOCK_REVNAT4};
+use crate::maps::{count, SERVICES4, SOCK_REVNAT4};
+use crate::pick;
 
 /// Verdicts of cgroup sock_addr programs.
 const ALLOW: i32 = 1;
@@ -55,7 +56,7 @@ pub fn ferry_getpeer4(ctx: SockAddrContext) -> i32 {
 fn try_translate(ctx: &SockAddrContext, datagram: bool) -> Result<i32, i64> {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let mut key = Service4Key {
+    let key = Service4Key {
         addr: Be32(sa.user_ip4),
         // user_port holds the port in network order in its low 16 bits.
         port: Be16(sa.user_port as u16),
@@ -89,32 +90,23 @@ fn try_translate(ctx: &SockAddrContext, datagram: bool) -> Result<i32, i64> {
         count(LbCounter::SockRejected);
         return Ok(DENY);
     }
-    let (backend_id, backend, slot) = match affinity_backend(client, &svc, key) {
+    let picked = match pick::affinity_backend(client, &svc, key) {
         Some(hit) => {
             count(LbCounter::SockAffinityHit);
             hit
         }
-        None => {
-            // SAFETY: plain helper call.
-            let pick = unsafe { bpf_get_prandom_u32() } % u32::from(svc.count);
-            key.slot = pick as u16 + 1;
-            let Some(slot) = SERVICES4.get_ptr(key) else {
+        None => match pick::random_slot(&svc, key) {
+            Some(p) => p,
+            None => {
                 count(LbCounter::SockLookupMiss);
                 return Ok(DENY);
-            };
-            // SAFETY: a pointer from a successful lookup.
-            let id = unsafe { (*slot).backend_id };
-            let Some(be) = BACKENDS4.get_ptr(id) else {
-                count(LbCounter::SockLookupMiss);
-                return Ok(DENY);
-            };
-            // SAFETY: as above.
-            (id, unsafe { *be }, key.slot)
-        }
+            }
+        },
     };
     if svc.affinity_timeout != 0 {
-        remember_affinity(client, &svc, backend_id, &backend, slot);
+        pick::remember_affinity(client, &svc, &picked);
     }
+    let backend = picked.backend;
     // SAFETY: plain helper call on our context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let rev_key = SockRevNat4Key {
@@ -134,78 +126,6 @@ fn try_translate(ctx: &SockAddrContext, datagram: bool) -> Result<i32, i64> {
     sa.user_port = u32::from(backend.port.0);
     count(LbCounter::SockTranslated);
     Ok(ALLOW)
-}
-
-/// The backend this client used within the affinity timeout, if it still
-/// exists and is not terminating.
-#[inline(always)]
-fn affinity_backend(
-    client: u64,
-    svc: &Service4Value,
-    mut svc_key: Service4Key,
-) -> Option<(u32, Backend4, u16)> {
-    if svc.affinity_timeout == 0 {
-        return None;
-    }
-    let key = Affinity4Key {
-        client,
-        frontend_id: svc.frontend_id,
-        pad: 0,
-    };
-    let hit = AFFINITY4.get_ptr(key)?;
-    // SAFETY: a pointer from a successful lookup.
-    let hit = unsafe { *hit };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.saturating_sub(hit.last_used_ns) > u64::from(svc.affinity_timeout) * 1_000_000_000 {
-        return None;
-    }
-    // The backend must still be in the slot it was picked from.
-    if hit.slot == 0 || hit.slot > svc.count {
-        return None;
-    }
-    svc_key.slot = hit.slot;
-    let slot = SERVICES4.get_ptr(svc_key)?;
-    // SAFETY: a pointer from a successful lookup.
-    if unsafe { (*slot).backend_id } != hit.backend_id {
-        return None;
-    }
-    let be = BACKENDS4.get_ptr(hit.backend_id)?;
-    // SAFETY: as above.
-    let be = unsafe { *be };
-    // The ID may name another backend by now (deleted, then reused).
-    if be.addr != hit.backend_addr || be.port != hit.backend_port {
-        return None;
-    }
-    if be.flags & BACKEND_FLAG_TERMINATING != 0 {
-        return None;
-    }
-    Some((hit.backend_id, be, hit.slot))
-}
-
-#[inline(always)]
-fn remember_affinity(
-    client: u64,
-    svc: &Service4Value,
-    backend_id: u32,
-    backend: &Backend4,
-    slot: u16,
-) {
-    let key = Affinity4Key {
-        client,
-        frontend_id: svc.frontend_id,
-        pad: 0,
-    };
-    let value = AffinityValue {
-        backend_id,
-        backend_addr: backend.addr,
-        // SAFETY: plain helper call.
-        last_used_ns: unsafe { bpf_ktime_get_ns() },
-        backend_port: backend.port,
-        slot,
-        pad: [0; 4],
-    };
-    let _ = AFFINITY4.insert(key, value, 0);
 }
 
 /// Shows the Service address instead of the backend (UDP replies,

@@ -1,13 +1,17 @@
-//! TC ingress program: classifies every frame entering an interface and
-//! counts packets and bytes per traffic class; it never changes a verdict.
+//! TC programs on the interfaces traffic enters and leaves the node by.
+//! Ingress counts every frame by class, then hands IPv4 TCP/UDP to the
+//! translation in [`crate::nat`]; egress reverses replies of translated
+//! flows that leave the node. Frames that are no Service's pass untouched.
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::{classifier, map},
     maps::PerCpuArray,
     programs::TcContext,
 };
 use ferry_common::counters::{ClassCounter, TrafficClass, ETH_P_IP, TRAFFIC_CLASSES};
+
+use crate::nat;
 
 /// Offset of the EtherType in an Ethernet header.
 const ETHERTYPE_OFFSET: usize = 12;
@@ -22,7 +26,19 @@ static COUNTERS: PerCpuArray<ClassCounter> = PerCpuArray::with_max_entries(TRAFF
 pub fn ferry_tc_ingress(ctx: TcContext) -> i32 {
     // A frame too short to classify is still passed on untouched.
     let _ = try_count(&ctx);
-    TC_ACT_OK
+    match nat::parse(&ctx) {
+        // A failed rewrite must not leave half a translation on the wire.
+        Ok(Some(flow)) => nat::ingress(&ctx, &flow).unwrap_or(TC_ACT_SHOT),
+        _ => TC_ACT_OK,
+    }
+}
+
+#[classifier]
+pub fn ferry_tc_egress(ctx: TcContext) -> i32 {
+    match nat::parse(&ctx) {
+        Ok(Some(flow)) => nat::egress(&ctx, &flow).unwrap_or(TC_ACT_SHOT),
+        _ => TC_ACT_OK,
+    }
 }
 
 #[inline(always)]

@@ -32,6 +32,8 @@ pub struct MapCapacities {
     pub affinity: u32,
     pub sock_revnat: u32,
     pub source_ranges: u32,
+    /// Conntrack entries of the TC path (two per flow).
+    pub conntrack: u32,
 }
 
 impl Default for MapCapacities {
@@ -43,6 +45,7 @@ impl Default for MapCapacities {
             affinity: 65_536,
             sock_revnat: 262_144,
             source_ranges: 16_384,
+            conntrack: 524_288,
         }
     }
 }

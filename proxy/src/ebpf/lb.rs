@@ -125,3 +125,23 @@ pub fn remove_pins(dir: &Path) {
         let _ = std::fs::remove_dir(&sub);
     }
 }
+
+/// The datapath's event counters ([`ferry_common::lb::LbCounter`]) from the
+/// map pinned under `dir`, summed over CPUs, by name.
+pub fn read_lb_counters(dir: &Path) -> Result<Vec<(&'static str, u64)>, EbpfError> {
+    use ferry_common::lb::{LbCounter, LB_COUNTERS_MAP};
+    let path = dir.join(LB_COUNTERS_MAP);
+    let map_err = |source| EbpfError::Map {
+        name: LB_COUNTERS_MAP.into(),
+        source: Box::new(source),
+    };
+    let data = aya::maps::MapData::from_pin(&path).map_err(map_err)?;
+    let array: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_err)?;
+    let mut out = Vec::with_capacity(LbCounter::ALL.len());
+    for c in LbCounter::ALL {
+        let per_cpu = array.get(&(c as u32), 0).map_err(map_err)?;
+        out.push((c.name(), per_cpu.iter().sum()));
+    }
+    Ok(out)
+}

@@ -3,6 +3,7 @@
 
 pub mod counters;
 pub mod lb;
+pub mod tc;
 
 use std::path::Path;
 
@@ -79,6 +80,7 @@ pub fn open(pin_dir: &Path, caps: &MapCapacities) -> Result<Ebpf, EbpfError> {
         .map_max_entries(maps::AFFINITY4_MAP, caps.affinity)
         .map_max_entries(maps::SOCK_REVNAT4_MAP, caps.sock_revnat)
         .map_max_entries(maps::SOURCE_RANGES4_MAP, caps.source_ranges)
+        .map_max_entries(maps::CT4_MAP, caps.conntrack)
         .load(bytes)
         .map_err(|e| EbpfError::Parse(Box::new(e)))
 }

@@ -1,0 +1,598 @@
+//! Service translation in TC for IPv4 TCP and UDP: a new flow to a
+//! frontend gets a backend (affinity, Maglev or a random slot), a
+//! conntrack entry for each direction, DNAT, and SNAT to the node when the
+//! backend is elsewhere and the policy is Cluster (or the client is the
+//! backend itself); later packets follow their entry, replies are reversed.
+//! The packet then leaves by bpf_fib_lookup + redirect when the FIB knows
+//! the way, else the stack routes it. A frontend without backends answers
+//! a SYN with a RST and a datagram with an ICMP port unreachable.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_SRC, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+    },
+    helpers::{
+        bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
+    },
+    maps::lpm_trie::Key as LpmKey,
+    programs::TcContext,
+};
+use ferry_common::counters::{ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use ferry_common::lb::{
+    flow_hash4, Be16, Be32, Ct4Key, Ct4Value, LbCounter, Service4Key, SourceRange4,
+    AFFINITY_CLIENT_ADDR, BACKEND_FLAG_LOCAL, CT_FORWARD, CT_REPLY, SNAT_PORT_COUNT, SNAT_PORT_MIN,
+    SVC_FLAG_DROP, SVC_FLAG_MAGLEV, SVC_FLAG_PRESERVE_SOURCE, SVC_FLAG_REJECT,
+    SVC_FLAG_SOURCE_RANGES,
+};
+
+use crate::maps::{count, BACKENDS4, CT4, SERVICES4, SOURCE_RANGES4};
+use crate::pick::{self, Picked};
+
+const ETH_HLEN: usize = 14;
+const IP_OFF: usize = ETH_HLEN;
+const IP_TTL: usize = IP_OFF + 8;
+const IP_CSUM: usize = IP_OFF + 10;
+const IP_SRC: usize = IP_OFF + 12;
+const IP_DST: usize = IP_OFF + 16;
+const AF_INET: u8 = 2;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+/// A SNAT reply entry idle this long may be given to a new flow.
+const SNAT_REUSE_NS: u64 = 600 * 1_000_000_000;
+
+/// The IPv4 TCP/UDP header fields the translation needs.
+pub struct Flow {
+    pub src: Be32,
+    pub dst: Be32,
+    pub sport: Be16,
+    pub dport: Be16,
+    pub proto: u8,
+    /// Offset of the L4 header.
+    pub l4: usize,
+    pub tcp_flags: u8,
+}
+
+impl Flow {
+    #[inline(always)]
+    fn key(&self, dir: u8) -> Ct4Key {
+        Ct4Key {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            dir,
+            pad: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn csum_off(&self) -> usize {
+        if self.proto == IPPROTO_TCP {
+            self.l4 + 16
+        } else {
+            self.l4 + 6
+        }
+    }
+
+    /// UDP may carry no checksum (0), which must stay 0.
+    #[inline(always)]
+    fn csum_flags(&self) -> u64 {
+        if self.proto == IPPROTO_UDP {
+            u64::from(BPF_F_MARK_MANGLED_0)
+        } else {
+            0
+        }
+    }
+}
+
+/// The flow of an IPv4 TCP or UDP packet; None for anything else (and for
+/// fragments after the first, which carry no ports).
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Result<Option<Flow>, i64> {
+    if u16::from_be(ctx.load::<u16>(12)?) != ETH_P_IP {
+        return Ok(None);
+    }
+    let vihl: u8 = ctx.load(IP_OFF)?;
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return Ok(None);
+    }
+    if u16::from_be(ctx.load::<u16>(IP_OFF + 6)?) & 0x1fff != 0 {
+        return Ok(None);
+    }
+    let proto: u8 = ctx.load(IP_OFF + 9)?;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Ok(None);
+    }
+    let l4 = IP_OFF + ihl;
+    Ok(Some(Flow {
+        src: Be32(ctx.load::<u32>(IP_SRC)?),
+        dst: Be32(ctx.load::<u32>(IP_DST)?),
+        sport: Be16(ctx.load::<u16>(l4)?),
+        dport: Be16(ctx.load::<u16>(l4 + 2)?),
+        proto,
+        l4,
+        tcp_flags: if proto == IPPROTO_TCP {
+            ctx.load::<u8>(l4 + 13)?
+        } else {
+            0
+        },
+    }))
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Ingress: replies of SNATed flows, tracked flows, then new flows to a
+/// frontend.
+#[inline(always)]
+pub fn ingress(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
+    if let Some(ct) = CT4.get_ptr_mut(f.key(CT_REPLY)) {
+        // SAFETY: a pointer from a successful lookup.
+        let v = unsafe {
+            (*ct).last_ns = now();
+            *ct
+        };
+        reverse(ctx, f, &v)?;
+        count(LbCounter::TcReply);
+        let dst = if v.nat_addr.0 != 0 { v.nat_addr } else { f.dst };
+        return forward(ctx, v.addr, dst);
+    }
+    if let Some(ct) = CT4.get_ptr_mut(f.key(CT_FORWARD)) {
+        // SAFETY: a pointer from a successful lookup.
+        let v = unsafe { *ct };
+        if backend_unchanged(&v) {
+            // SAFETY: as above.
+            unsafe { (*ct).last_ns = now() };
+            translate(ctx, f, &v)?;
+            count(LbCounter::TcTracked);
+            let src = if v.nat_addr.0 != 0 { v.nat_addr } else { f.src };
+            return forward(ctx, src, v.addr);
+        }
+        // The backend left: this flow goes to a live one (UDP must not be
+        // blackholed on a stale entry).
+        count(LbCounter::TcRepicked);
+    }
+    new_flow(ctx, f)
+}
+
+/// Egress: replies of flows translated without SNAT (their backend runs
+/// on this node behind an interface Ferry is not attached to).
+#[inline(always)]
+pub fn egress(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
+    let Some(ct) = CT4.get_ptr_mut(f.key(CT_REPLY)) else {
+        return Ok(TC_ACT_OK);
+    };
+    // SAFETY: a pointer from a successful lookup.
+    let v = unsafe {
+        (*ct).last_ns = now();
+        *ct
+    };
+    reverse(ctx, f, &v)?;
+    count(LbCounter::TcReply);
+    Ok(TC_ACT_OK)
+}
+
+/// The tracked backend still exists at the same address.
+#[inline(always)]
+fn backend_unchanged(v: &Ct4Value) -> bool {
+    match BACKENDS4.get_ptr(v.backend_id) {
+        // SAFETY: a pointer from a successful lookup.
+        Some(be) => unsafe { (*be).addr == v.addr && (*be).port == v.port },
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn new_flow(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
+    let svc_key = Service4Key {
+        addr: f.dst,
+        port: f.dport,
+        slot: 0,
+        proto: f.proto,
+        pad: [0; 3],
+    };
+    let Some(svc) = SERVICES4.get_ptr(svc_key) else {
+        return Ok(TC_ACT_OK);
+    };
+    // SAFETY: a pointer from a successful lookup.
+    let svc = unsafe { *svc };
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 {
+        let key = LpmKey::new(
+            64,
+            SourceRange4 {
+                frontend_id: Be32::from_host(svc.frontend_id),
+                addr: f.src,
+            },
+        );
+        if SOURCE_RANGES4.get(key).is_none() {
+            count(LbCounter::TcSourceDenied);
+            return Ok(TC_ACT_SHOT);
+        }
+    }
+    if svc.flags & SVC_FLAG_DROP != 0 {
+        count(LbCounter::TcDropped);
+        return Ok(TC_ACT_SHOT);
+    }
+    if svc.flags & SVC_FLAG_REJECT != 0 || svc.count == 0 {
+        count(LbCounter::TcRejected);
+        return reject(ctx, f);
+    }
+    let client = AFFINITY_CLIENT_ADDR | u64::from(f.src.to_host());
+    let picked = match pick::affinity_backend(client, &svc, svc_key) {
+        Some(hit) => Some(hit),
+        None if svc.flags & SVC_FLAG_MAGLEV != 0 && svc.affinity_timeout == 0 => {
+            pick::maglev(&svc, flow_hash4(f.src, f.dst, f.sport, f.dport, f.proto))
+        }
+        None => pick::random_slot(&svc, svc_key),
+    };
+    let Some(picked) = picked else {
+        count(LbCounter::TcLookupMiss);
+        return Ok(TC_ACT_SHOT);
+    };
+    if svc.affinity_timeout != 0 {
+        pick::remember_affinity(client, &svc, &picked);
+    }
+    let be = picked.backend;
+    // Replies must come back through this node: SNAT when the backend is
+    // on another node and the source need not be kept, and always when the
+    // client is the backend itself (hairpin).
+    let snat = (svc.flags & SVC_FLAG_PRESERVE_SOURCE == 0 && be.flags & BACKEND_FLAG_LOCAL == 0)
+        || be.addr == f.src;
+    let mut fib = fib_params(ctx, if snat { Be32(0) } else { f.src }, be.addr);
+    let rc = fib_lookup(ctx, &mut fib, if snat { BPF_FIB_LOOKUP_SRC } else { 0 });
+    let (nat_addr, nat_port) = if snat {
+        let addr = if rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+            // SAFETY: the union member the IPv4 lookup filled in.
+            Be32(unsafe { fib.__bindgen_anon_3.ipv4_src })
+        } else {
+            f.dst
+        };
+        match snat_port(f, &picked, addr) {
+            Some(port) => (addr, port),
+            None => {
+                count(LbCounter::TcSnatExhausted);
+                return Ok(TC_ACT_SHOT);
+            }
+        }
+    } else {
+        (Be32(0), Be16(0))
+    };
+    track(f, &svc, &picked, nat_addr, nat_port)?;
+    let v = Ct4Value {
+        last_ns: 0,
+        backend_id: picked.id,
+        frontend_id: svc.frontend_id,
+        addr: be.addr,
+        nat_addr,
+        port: be.port,
+        nat_port,
+        flags: 0,
+        pad: [0; 3],
+    };
+    translate(ctx, f, &v)?;
+    count(LbCounter::TcNewFlow);
+    finish(ctx, &fib, rc)
+}
+
+/// Writes both conntrack entries of a new flow.
+#[inline(always)]
+fn track(
+    f: &Flow,
+    svc: &ferry_common::lb::Service4Value,
+    picked: &Picked,
+    nat_addr: Be32,
+    nat_port: Be16,
+) -> Result<(), i64> {
+    let snat = nat_addr.0 != 0;
+    let t = now();
+    let reply_key = Ct4Key {
+        src: picked.backend.addr,
+        dst: if snat { nat_addr } else { f.src },
+        sport: picked.backend.port,
+        dport: if snat { nat_port } else { f.sport },
+        proto: f.proto,
+        dir: CT_REPLY,
+        pad: 0,
+    };
+    let reply = Ct4Value {
+        last_ns: t,
+        backend_id: picked.id,
+        frontend_id: svc.frontend_id,
+        addr: f.dst,
+        nat_addr: if snat { f.src } else { Be32(0) },
+        port: f.dport,
+        nat_port: if snat { f.sport } else { Be16(0) },
+        flags: 0,
+        pad: [0; 3],
+    };
+    let fwd = Ct4Value {
+        last_ns: t,
+        backend_id: picked.id,
+        frontend_id: svc.frontend_id,
+        addr: picked.backend.addr,
+        nat_addr,
+        port: picked.backend.port,
+        nat_port,
+        flags: 0,
+        pad: [0; 3],
+    };
+    CT4.insert(reply_key, reply, 0).map_err(i64::from)?;
+    CT4.insert(f.key(CT_FORWARD), fwd, 0).map_err(i64::from)
+}
+
+/// A source port for the SNATed flow whose reply tuple no other live flow
+/// holds: the client's own port if free, else one of a few hashed picks in
+/// the SNAT range.
+#[inline(always)]
+fn snat_port(f: &Flow, picked: &Picked, addr: Be32) -> Option<Be16> {
+    let hash = flow_hash4(f.src, f.dst, f.sport, f.dport, f.proto);
+    let mut port = f.sport;
+    let t = now();
+    for i in 0..4u32 {
+        let key = Ct4Key {
+            src: picked.backend.addr,
+            dst: addr,
+            sport: picked.backend.port,
+            dport: port,
+            proto: f.proto,
+            dir: CT_REPLY,
+            pad: 0,
+        };
+        match CT4.get_ptr(key) {
+            None => return Some(port),
+            Some(v) => {
+                // SAFETY: a pointer from a successful lookup.
+                let v = unsafe { *v };
+                let same_flow = v.nat_addr == f.src && v.nat_port == f.sport;
+                if same_flow || t.saturating_sub(v.last_ns) > SNAT_REUSE_NS {
+                    return Some(port);
+                }
+            }
+        }
+        let step = hash.wrapping_add(i.wrapping_mul(7919)) % u32::from(SNAT_PORT_COUNT);
+        port = Be16::from_host(SNAT_PORT_MIN + step as u16);
+    }
+    None
+}
+
+/// Forward direction: destination to the backend, source to the SNAT
+/// address when there is one.
+#[inline(always)]
+fn translate(ctx: &TcContext, f: &Flow, v: &Ct4Value) -> Result<(), i64> {
+    set_addr(ctx, f, IP_DST, f.dst, v.addr)?;
+    set_port(ctx, f, f.l4 + 2, f.dport, v.port)?;
+    if v.nat_addr.0 != 0 {
+        set_addr(ctx, f, IP_SRC, f.src, v.nat_addr)?;
+        set_port(ctx, f, f.l4, f.sport, v.nat_port)?;
+    }
+    Ok(())
+}
+
+/// Reply direction: source back to the frontend, destination back to the
+/// client when the flow was SNATed.
+#[inline(always)]
+fn reverse(ctx: &TcContext, f: &Flow, v: &Ct4Value) -> Result<(), i64> {
+    set_addr(ctx, f, IP_SRC, f.src, v.addr)?;
+    set_port(ctx, f, f.l4, f.sport, v.port)?;
+    if v.nat_addr.0 != 0 {
+        set_addr(ctx, f, IP_DST, f.dst, v.nat_addr)?;
+        set_port(ctx, f, f.l4 + 2, f.dport, v.nat_port)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn set_addr(ctx: &TcContext, f: &Flow, off: usize, old: Be32, new: Be32) -> Result<(), i64> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.store(off, &new.0, 0)?;
+    ctx.l3_csum_replace(IP_CSUM, u64::from(old.0), u64::from(new.0), 4)?;
+    ctx.l4_csum_replace(
+        f.csum_off(),
+        u64::from(old.0),
+        u64::from(new.0),
+        u64::from(BPF_F_PSEUDO_HDR) | 4 | f.csum_flags(),
+    )
+}
+
+#[inline(always)]
+fn set_port(ctx: &TcContext, f: &Flow, off: usize, old: Be16, new: Be16) -> Result<(), i64> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.store(off, &new.0, 0)?;
+    ctx.l4_csum_replace(
+        f.csum_off(),
+        u64::from(old.0),
+        u64::from(new.0),
+        2 | f.csum_flags(),
+    )
+}
+
+#[inline(always)]
+fn fib_params(ctx: &TcContext, src: Be32, dst: Be32) -> FibParams {
+    // SAFETY: an all-zero bpf_fib_lookup is valid (plain integers).
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    // SAFETY: the kernel hands every TC program a valid skb.
+    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    p.__bindgen_anon_3.ipv4_src = src.0;
+    p.__bindgen_anon_4.ipv4_dst = dst.0;
+    p
+}
+
+#[inline(always)]
+fn fib_lookup(ctx: &TcContext, p: &mut FibParams, flags: u32) -> u32 {
+    // SAFETY: the helper reads and fills `p`, which lives on our stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            p,
+            core::mem::size_of::<FibParams>() as i32,
+            flags,
+        )
+    };
+    rc as u32
+}
+
+/// Sends the translated packet to `dst` (seen from `src`).
+#[inline(always)]
+fn forward(ctx: &TcContext, src: Be32, dst: Be32) -> Result<i32, i64> {
+    let mut fib = fib_params(ctx, src, dst);
+    let rc = fib_lookup(ctx, &mut fib, 0);
+    finish(ctx, &fib, rc)
+}
+
+/// Redirects by the FIB result (what the stack's forwarding would have
+/// done: new MACs, TTL - 1); anything the FIB cannot answer (local
+/// delivery, no route, fragmentation needed, forwarding off) goes to the
+/// stack with the translation applied.
+#[inline(always)]
+fn finish(ctx: &TcContext, fib: &FibParams, rc: u32) -> Result<i32, i64> {
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Ok(TC_ACT_OK);
+    }
+    let ttl: u8 = ctx.load(IP_TTL)?;
+    if ttl <= 1 {
+        return Ok(TC_ACT_OK);
+    }
+    let old: u16 = ctx.load(IP_TTL)?;
+    ctx.store(IP_TTL, &(ttl - 1), 0)?;
+    let new: u16 = ctx.load(IP_TTL)?;
+    ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 2)?;
+    count(LbCounter::TcRedirected);
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        ctx.store(0, &fib.dmac, 0)?;
+        ctx.store(6, &fib.smac, 0)?;
+        // SAFETY: plain helper call.
+        return Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as i32);
+    }
+    // SAFETY: plain helper call; a null neighbour means "the packet's own
+    // destination".
+    Ok(unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+}
+
+/// Answers a flow to a frontend without backends where it came from: a
+/// TCP SYN gets a RST, a UDP datagram an ICMP port unreachable (from the
+/// Service address). Anything else of such a flow is dropped.
+#[inline(always)]
+fn reject(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
+    if f.l4 != IP_OFF + 20 {
+        return Ok(TC_ACT_SHOT);
+    }
+    let macs: [u8; 12] = ctx.load(0)?;
+    if f.proto == IPPROTO_TCP {
+        if f.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
+            return Ok(TC_ACT_SHOT);
+        }
+        let seq = u32::from_be(ctx.load::<u32>(f.l4 + 4)?);
+        let pkt = tcp_rst(&macs, f, seq.wrapping_add(1));
+        resize(ctx, pkt.len())?;
+        ctx.store(0, &pkt, 0)?;
+    } else {
+        let quoted: [u8; 28] = ctx.load(IP_OFF)?;
+        let pkt = icmp_unreachable(&macs, f, &quoted);
+        resize(ctx, pkt.len())?;
+        ctx.store(0, &pkt, 0)?;
+    }
+    // SAFETY: the kernel hands every TC program a valid skb.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain helper call: out of the interface it came in by.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+#[inline(always)]
+fn resize(ctx: &TcContext, len: usize) -> Result<(), i64> {
+    // SAFETY: plain helper call on our skb.
+    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) };
+    if rc < 0 {
+        return Err(rc);
+    }
+    Ok(())
+}
+
+/// Ethernet back to the sender, and an IPv4 header from `src` to `dst`.
+#[inline(always)]
+fn headers(pkt: &mut [u8], macs: &[u8; 12], src: Be32, dst: Be32, total: u16, proto: u8) {
+    pkt[..6].copy_from_slice(&macs[6..]);
+    pkt[6..12].copy_from_slice(&macs[..6]);
+    pkt[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    let ip = &mut pkt[ETH_HLEN..ETH_HLEN + 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6] = 0x40; // don't fragment
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.0.to_ne_bytes());
+    ip[16..20].copy_from_slice(&dst.0.to_ne_bytes());
+    let mut hdr = [0u8; 20];
+    hdr.copy_from_slice(ip);
+    let sum = fold(sum_words(&hdr));
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// RST|ACK for a SYN: from the frontend back to the client.
+#[inline(always)]
+fn tcp_rst(macs: &[u8; 12], f: &Flow, ack: u32) -> [u8; 54] {
+    let mut pkt = [0u8; 54];
+    headers(&mut pkt, macs, f.dst, f.src, 40, IPPROTO_TCP);
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&f.dport.0.to_ne_bytes());
+    tcp[2..4].copy_from_slice(&f.sport.0.to_ne_bytes());
+    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = TCP_RST | TCP_ACK;
+    let mut pseudo = [0u8; 12];
+    pseudo[0..4].copy_from_slice(&f.dst.0.to_ne_bytes());
+    pseudo[4..8].copy_from_slice(&f.src.0.to_ne_bytes());
+    pseudo[9] = IPPROTO_TCP;
+    pseudo[10..12].copy_from_slice(&20u16.to_be_bytes());
+    let sum = fold(sum_words(&pseudo) + sum_words(&tcp));
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    pkt[34..54].copy_from_slice(&tcp);
+    pkt
+}
+
+/// ICMP destination unreachable / port unreachable quoting the datagram's
+/// IPv4 header and first 8 bytes, from the frontend to the client.
+#[inline(always)]
+fn icmp_unreachable(macs: &[u8; 12], f: &Flow, quoted: &[u8; 28]) -> [u8; 70] {
+    let mut pkt = [0u8; 70];
+    headers(&mut pkt, macs, f.dst, f.src, 56, IPPROTO_ICMP);
+    let mut icmp = [0u8; 36];
+    icmp[0] = 3; // destination unreachable
+    icmp[1] = 3; // port unreachable
+    icmp[8..36].copy_from_slice(quoted);
+    let sum = fold(sum_words(&icmp));
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    pkt[34..70].copy_from_slice(&icmp);
+    pkt
+}
+
+/// One's-complement sum of big-endian 16-bit words.
+#[inline(always)]
+fn sum_words<const N: usize>(b: &[u8; N]) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i + 1 < N {
+        sum += u32::from(u16::from_be_bytes([b[i], b[i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

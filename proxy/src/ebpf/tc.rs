@@ -1,0 +1,163 @@
+//! Attaching the TC programs (tcx ingress and egress) to the interfaces
+//! traffic enters the node by, with their links pinned beside the maps.
+//! A link already pinned (a restart, an upgrade) gets the freshly loaded
+//! program swapped in atomically: no packet meets an interface without a
+//! program. `remove_pins` detaches them with everything else.
+
+use std::path::{Path, PathBuf};
+
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::Ebpf;
+use ferry_common::counters::TC_INGRESS_PROGRAM;
+use ferry_common::lb::TC_EGRESS_PROGRAM;
+
+use super::{load_program, EbpfError};
+
+/// Where the link of `program` on `interface` is pinned.
+pub fn tc_link_pin(dir: &Path, interface: &str, attach: &str) -> PathBuf {
+    dir.join("links").join(format!("tc-{interface}-{attach}"))
+}
+
+/// What attaching did on one interface and direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcAttached {
+    pub interface: String,
+    pub direction: &'static str,
+    /// The link was pinned already: the program in it was replaced.
+    pub replaced: bool,
+}
+
+/// Attaches ingress and egress programs to every interface in
+/// `interfaces` (by name, in the calling thread's network namespace).
+pub fn attach_tc(
+    ebpf: &mut Ebpf,
+    dir: &Path,
+    interfaces: &[String],
+) -> Result<Vec<TcAttached>, EbpfError> {
+    let mut out = Vec::new();
+    for (program, attach, direction) in [
+        (TC_INGRESS_PROGRAM, TcAttachType::Ingress, "ingress"),
+        (TC_EGRESS_PROGRAM, TcAttachType::Egress, "egress"),
+    ] {
+        if interfaces.is_empty() {
+            break;
+        }
+        load_program(ebpf, program)?;
+        let prog_err = |source| EbpfError::Program {
+            name: program.into(),
+            source: Box::new(source),
+        };
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(program)
+            .ok_or_else(|| EbpfError::MissingProgram {
+                name: program.into(),
+            })?
+            .try_into()
+            .map_err(prog_err)?;
+        for interface in interfaces {
+            let pin = tc_link_pin(dir, interface, direction);
+            let link_err = |cause: String| EbpfError::Link {
+                path: pin.display().to_string(),
+                cause: format!("{program} on {interface}: {cause}"),
+            };
+            let (id, replaced) = match PinnedLink::from_pin(&pin) {
+                Ok(old) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(old))
+                        .map_err(|e| link_err(e.to_string()))?;
+                    (prog.attach_to_link(link).map_err(prog_err)?, true)
+                }
+                Err(LinkError::SyscallError(e))
+                    if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    (prog.attach(interface, attach).map_err(prog_err)?, false)
+                }
+                Err(e) => return Err(link_err(e.to_string())),
+            };
+            let link = prog.take_link(id).map_err(prog_err)?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(|e: LinkError| link_err(e.to_string()))?;
+            if replaced {
+                std::fs::remove_file(&pin).map_err(|e| link_err(e.to_string()))?;
+            }
+            fd.pin(&pin).map_err(|e| link_err(e.to_string()))?;
+            out.push(TcAttached {
+                interface: interface.clone(),
+                direction,
+                replaced,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The interfaces the TC path attaches to by default: those holding a
+/// global IPv4 address, except loopback and pod veths (`veth*`, `lxc*`,
+/// `cali*`), whose traffic the socket-level programs already translate.
+pub fn default_interfaces() -> Vec<String> {
+    let mut names = Vec::new();
+    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free below.
+    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
+        return names;
+    }
+    let mut cur = addrs;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a non-null sockaddr of the list.
+        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: an AF_INET address is a sockaddr_in.
+        let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+        let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+        // SAFETY: a NUL-terminated name from getifaddrs.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        if ip.is_loopback() || ip.is_link_local() || is_pod_link(&name) {
+            continue;
+        }
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    // SAFETY: the list getifaddrs returned.
+    unsafe { libc::freeifaddrs(addrs) };
+    names
+}
+
+fn is_pod_link(name: &str) -> bool {
+    ["veth", "lxc", "cali", "lo"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_links_and_loopback_are_not_default_interfaces() {
+        assert!(is_pod_link("veth1a2b3c"));
+        assert!(is_pod_link("lxc_health"));
+        assert!(is_pod_link("lo"));
+        assert!(!is_pod_link("eth0"));
+        assert!(!default_interfaces().iter().any(|n| n == "lo"));
+    }
+
+    #[test]
+    fn link_pins_name_interface_and_direction() {
+        assert_eq!(
+            tc_link_pin(Path::new("/sys/fs/bpf/ferry"), "eth0", "ingress"),
+            PathBuf::from("/sys/fs/bpf/ferry/links/tc-eth0-ingress")
+        );
+    }
+}
