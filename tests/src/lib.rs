@@ -6,6 +6,8 @@ pub mod deploy;
 pub mod fake_api;
 pub mod icmp;
 pub mod netns;
+pub mod objects;
+pub mod packets;
 pub mod privileged;
 pub mod servers;
 pub mod userspace;

@@ -14,17 +14,14 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use ferry_proxy::agent::runner::SyncKind;
 use ferry_proxy::agent::Agent;
 use ferry_proxy::datapath::{BpfMaps, MapCapacities};
-use ferry_proxy::source::SourceEvent;
 use ferry_tests::bpf::PinDir;
 use ferry_tests::netns::VethLink;
+use ferry_tests::objects::{service, slice, sync};
 use ferry_tests::servers::Servers;
 use ferry_tests::userspace::{EchoBackend, LineClient};
 use ferry_tests::{require_privileged, Netns};
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 fn object_present() -> Result<(), String> {
     ferry_proxy::ebpf::object()
@@ -81,82 +78,6 @@ fn topology(tag: &str) -> Topology {
         srv,
         pod,
     }
-}
-
-fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> T {
-    serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
-}
-
-/// A Service of `kind` with one port (80 -> `target`), `extra` spec lines
-/// (indented four spaces) and an optional LoadBalancer ingress address.
-fn service(name: &str, proto: &str, node_port: u16, target: u16, extra: &str) -> Service {
-    let mut lb_ip = String::new();
-    for line in extra.lines() {
-        if let Some(ip) = line.trim().strip_prefix("# lb ") {
-            lb_ip = format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {ip}\n");
-        }
-    }
-    yaml(&format!(
-        "metadata: {{name: {name}, namespace: default}}
-spec:
-    clusterIP: 198.19.0.{node_port_low}
-    type: {kind}
-    ports:
-    - {{port: 80, targetPort: {target}, protocol: {proto}, nodePort: {node_port}}}
-{extra}
-{lb_ip}",
-        node_port_low = node_port % 250 + 1,
-        kind = if lb_ip.is_empty() {
-            "NodePort"
-        } else {
-            "LoadBalancer"
-        },
-    ))
-}
-
-/// An EndpointSlice: (address, node, ready, terminating) per endpoint.
-fn slice(service: &str, proto: &str, port: u16, eps: &[(&str, &str, bool, bool)]) -> EndpointSlice {
-    let mut text = format!(
-        "metadata:
-  name: {service}-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: {service}}}
-addressType: IPv4
-ports: [{{port: {port}, protocol: {proto}}}]
-endpoints:
-"
-    );
-    for (ip, node, ready, terminating) in eps {
-        text.push_str(&format!(
-            "- addresses: [{ip}]\n  nodeName: {node}\n  conditions: {{ready: {ready}, serving: true, terminating: {terminating}}}\n"
-        ));
-    }
-    if eps.is_empty() {
-        text.push_str("[]\n");
-        text = text.replace("endpoints:\n[]", "endpoints: []");
-    }
-    yaml(&text)
-}
-
-fn node_object() -> Node {
-    yaml(
-        "metadata: {name: node-a}
-status:
-  addresses:
-  - {type: InternalIP, address: 198.18.20.1}
-  - {type: InternalIP, address: 198.18.21.1}",
-    )
-}
-
-fn sync(agent: &mut Agent, services: &[Service], slices: &[EndpointSlice]) {
-    agent.handle(SourceEvent::Snapshot {
-        source: "test",
-        services: services.to_vec(),
-        slices: slices.to_vec(),
-        nodes: vec![node_object()],
-    });
-    let report = agent.sync(SyncKind::Incremental).unwrap();
-    assert_eq!(report.plan_errors, 0);
 }
 
 /// One request over a new TCP connection from the client namespace.
