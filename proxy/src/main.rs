@@ -586,6 +586,12 @@ fn run(
     };
     if let Some(s) = status {
         agent.metrics().set_dataplane(s);
+    } else if ebpf.is_some() {
+        agent
+            .metrics()
+            .set_dataplane(Arc::new(ferry_proxy::ebpf::status::EbpfStatus {
+                dir: dataplane.bpffs.clone(),
+            }));
     }
     let stop_source = Arc::new(AtomicBool::new(false));
     for (addr, what) in listen {

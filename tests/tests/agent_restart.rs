@@ -265,6 +265,17 @@ fn established_stream_survives_sigkill_and_restart() {
         "{metrics}"
     );
     assert!(http_get(&served(&log, "Metrics"), "/proxyMode").ends_with("ebpf"));
+    // The programs' own counters: the stream's connect() was translated.
+    let translated = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_datapath_events_total{event=\"sock_translated\"} "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(translated.is_some_and(|n| n > 0), "{metrics}");
+    let services_json = http_get(&served(&log, "Metrics"), "/services");
+    assert!(
+        services_json.contains("198.19.0.20:80/TCP"),
+        "{services_json}"
+    );
 
     // New connections work, and a change is picked up.
     write_yaml(&dir, &["198.18.2.3"]);

@@ -84,17 +84,31 @@ fn tc_ingress_packet_fixtures() {
 
     // A SYN to the NodePort: DNAT to the backend and, the backend being on
     // another node with policy Cluster, SNAT to the node (the frontend's
-    // address when the FIB has no source), keeping the client's port.
+    // address when the FIB has no source) and a port of the SNAT range.
     let syn = tcp((CLIENT, 40000), (NODE, 30080), TCP_SYN, 1000, b"");
     let r = run.run(&syn, 1).unwrap();
     assert_eq!(r.verdict, TC_ACT_OK);
     let p = parse(&r.out).unwrap();
-    assert_eq!((p.src, p.sport), (NODE, 40000));
+    let snat_port = p.sport;
+    assert_eq!(p.src, NODE);
+    assert!((61_000..=65_535).contains(&snat_port), "{snat_port}");
     assert_eq!((p.dst, p.dport), (BACKEND, 8080));
     assert_eq!((p.tcp_flags, p.seq, p.ttl), (TCP_SYN, 1000, 64));
 
+    // The node's own connection from the client's port number to the same
+    // backend is not mistaken for the SNATed flow.
+    let own = tcp((BACKEND, 8080), (NODE, 40000), TCP_SYN | TCP_ACK, 1, b"");
+    let r = run.run(&own, 1).unwrap();
+    assert_eq!((r.verdict, &r.out), (TC_ACT_OK, &own));
+
     // The backend's SYN-ACK: back to the client, from the NodePort.
-    let synack = tcp((BACKEND, 8080), (NODE, 40000), TCP_SYN | TCP_ACK, 5000, b"");
+    let synack = tcp(
+        (BACKEND, 8080),
+        (NODE, snat_port),
+        TCP_SYN | TCP_ACK,
+        5000,
+        b"",
+    );
     let r = run.run(&synack, 1).unwrap();
     assert_eq!(r.verdict, TC_ACT_OK);
     let p = parse(&r.out).unwrap();
@@ -111,7 +125,10 @@ fn tc_ingress_packet_fixtures() {
     );
     let r = run.run(&data, 1).unwrap();
     let p = parse(&r.out).unwrap();
-    assert_eq!((p.dst, p.dport, p.src), (BACKEND, 8080, NODE));
+    assert_eq!(
+        (p.dst, p.dport, p.src, p.sport),
+        (BACKEND, 8080, NODE, snat_port)
+    );
     assert_eq!(p.payload, b"GET / HTTP/1.1\r\n");
 
     // Local policy: DNAT only, the client address is kept.
@@ -209,9 +226,7 @@ fn tc_ingress_packet_fixtures() {
     let mac: Vec<String> = p.src_mac.iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(mac.join(":"), fx0_mac);
     assert_eq!(p.ttl, 63);
-    assert_eq!(
-        (p.src, p.sport, p.dst, p.dport),
-        (NODE_INT, 41000, BACKEND, 8080)
-    );
+    assert_eq!((p.src, p.dst, p.dport), (NODE_INT, BACKEND, 8080));
+    assert!(p.sport >= 61_000, "{}", p.sport);
     drop(peer);
 }

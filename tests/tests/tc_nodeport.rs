@@ -350,6 +350,33 @@ fn nodeport_loadbalancer_and_externalip_through_tc() {
     let (_, after) = udp_ask(&sock, "198.18.20.1:30053").unwrap();
     assert!(after.starts_with(other), "{after}");
     assert!(moved.elapsed() < Duration::from_secs(1));
+    // ... and the sweeper removes every conntrack entry of the removed
+    // backend within a second.
+    let removed: std::net::Ipv4Addr = chosen.split(':').next().unwrap().parse().unwrap();
+    let stale = || {
+        let data = aya::maps::MapData::from_pin(pins.path().join("ferry_ct4")).unwrap();
+        let ct: aya::maps::HashMap<_, ferry_common::lb::Ct4Key, ferry_common::lb::Ct4Value> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap();
+        ct.iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                let backend = if k.dir == ferry_common::lb::CT_FORWARD {
+                    v.addr
+                } else {
+                    k.src
+                };
+                backend.to_host() == removed.to_bits() && k.proto == 17
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while stale() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "conntrack entries of {removed} left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let counters = ferry_proxy::ebpf::lb::read_lb_counters(pins.path()).unwrap();
     for name in [

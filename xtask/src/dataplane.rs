@@ -39,6 +39,10 @@ extern "C" fn on_sigint(_: libc::c_int) {
 
 const EXTRA_SERVICES: usize = 10_000;
 const BACKENDS: [&str; 3] = ["198.18.1.11", "198.18.1.12", "198.18.1.13"];
+/// The node's address on the client link (NodePort frontends).
+const NODE_ADDRESS: &str = "198.18.0.1";
+const NODE_PORT_HTTP: u16 = 30080;
+const NODE_PORT_IPERF: u16 = 30201;
 /// Debian packages the harness runs.
 pub const TOOLS: &[(&str, &str)] = &[
     ("wrk", "wrk"),
@@ -138,13 +142,23 @@ impl Row {
     fn http_target(self) -> String {
         match self {
             Row::Direct | Row::DirectFromNode => format!("{}:80", BACKENDS[0]),
+            Row::FerryEbpfNodePort => format!("{NODE_ADDRESS}:{NODE_PORT_HTTP}"),
             _ => format!("{}:80", self.service_ip()),
+        }
+    }
+
+    fn iperf_port(self) -> u16 {
+        if self == Row::FerryEbpfNodePort {
+            NODE_PORT_IPERF
+        } else {
+            5201
         }
     }
 
     fn iperf_target(self) -> String {
         match self {
             Row::Direct | Row::DirectFromNode => BACKENDS[0].to_string(),
+            Row::FerryEbpfNodePort => NODE_ADDRESS.to_string(),
             _ => self.iperf_ip(),
         }
     }
@@ -343,15 +357,25 @@ impl Topo {
     }
 }
 
+impl Topo {
+    /// Each eBPF row pins its own maps: at 1 Service both agents run at
+    /// once, and one agent's resync would prune the other's frontends.
+    fn pins_for(&self, row: Row) -> PathBuf {
+        PathBuf::from(format!("{}-{}", self.pins.display(), row.key()))
+    }
+}
+
 impl Drop for Topo {
     fn drop(&mut self) {
         for (_, mut child) in self.procs.drain(..) {
             terminate(&mut child, Duration::from_millis(50));
         }
-        let _ = Command::new(&self.ferry)
-            .args(["cleanup", "--bpffs-path"])
-            .arg(&self.pins)
-            .output();
+        for row in [Row::FerryEbpfClusterIp, Row::FerryEbpfNodePort] {
+            let _ = Command::new(&self.ferry)
+                .args(["cleanup", "--bpffs-path"])
+                .arg(self.pins_for(row))
+                .output();
+        }
         if let Some(cg) = self.cgroup.take() {
             let _ = std::fs::remove_dir(&cg);
         }
@@ -508,10 +532,22 @@ fn haproxy_config(row: Row, dir: &Path) -> String {
 /// Service (3 endpoints), the iperf3 one, and `extra` one-endpoint ones.
 fn ferry_yaml(row: Row, extra: usize) -> String {
     let mut s = String::with_capacity(extra * 600 + 4096);
-    let mut add = |name: &str, ip: &str, port: u16, eps: &[&str]| {
+    // The NodePort row's Services are NodePorts (the extra ones stay
+    // ClusterIPs: they fill the same maps the TC path looks up).
+    let node_port = |port: u16| match (row, port) {
+        (Row::FerryEbpfNodePort, 80) => format!(", nodePort: {NODE_PORT_HTTP}"),
+        (Row::FerryEbpfNodePort, _) => format!(", nodePort: {NODE_PORT_IPERF}"),
+        _ => String::new(),
+    };
+    let mut add = |name: &str, ip: &str, port: u16, eps: &[&str], np: String| {
+        let kind = if np.is_empty() {
+            "ClusterIP"
+        } else {
+            "NodePort"
+        };
         let _ = write!(
             s,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec: {{clusterIP: {ip}, ports: [{{name: p, port: {port}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: bench, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, port: {port}}}]\nendpoints:\n"
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec: {{type: {kind}, clusterIP: {ip}, ports: [{{name: p, port: {port}{np}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: bench, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, port: {port}}}]\nendpoints:\n"
         );
         for e in eps {
             let _ = writeln!(s, "- addresses: [{e}]");
@@ -523,10 +559,17 @@ fn ferry_yaml(row: Row, extra: usize) -> String {
             &format!("198.19.{}.{}", 100 + i / 250, 1 + i % 250),
             80,
             &[BACKENDS[i % 3]],
+            String::new(),
         );
     }
-    add("web", &row.service_ip(), 80, &BACKENDS);
-    add("iperf", &row.iperf_ip(), 5201, &[BACKENDS[0]]);
+    add("web", &row.service_ip(), 80, &BACKENDS, node_port(80));
+    add(
+        "iperf",
+        &row.iperf_ip(),
+        5201,
+        &[BACKENDS[0]],
+        node_port(5201),
+    );
     s
 }
 
@@ -587,18 +630,24 @@ fn setup(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration>, Strin
             t.spawn("haproxy", &mut cmd).map_err(e)?;
             wait_http(t, row).map(|_| None)
         }
-        Row::FerryUserspace | Row::FerryEbpfClusterIp => {
+        Row::FerryUserspace | Row::FerryEbpfClusterIp | Row::FerryEbpfNodePort => {
             let dir = t.dir.join(format!("ferry-{}", row as u8));
             std::fs::create_dir_all(&dir).map_err(|x| x.to_string())?;
             std::fs::write(dir.join("cluster.yaml"), ferry_yaml(row, extra))
                 .map_err(|x| x.to_string())?;
-            // The eBPF agent runs in the root namespaces: `ip netns exec`
-            // remounts /sys, hiding bpffs and cgroup2; its programs act on
-            // the cgroup the row's client joins, whatever its namespace.
-            let mut cmd = if row == Row::FerryUserspace {
-                t.exec(&node, &t.ferry.display().to_string())
-            } else {
-                Command::new(&t.ferry)
+            // The eBPF agent runs in the root mount namespace: `ip netns
+            // exec` remounts /sys, hiding bpffs and cgroup2; its socket
+            // programs act on the cgroup the row's client joins, whatever
+            // its namespace. For the TC path it enters only the node's
+            // network namespace, to attach to the node's interfaces.
+            let mut cmd = match row {
+                Row::FerryUserspace => t.exec(&node, &t.ferry.display().to_string()),
+                Row::FerryEbpfNodePort => {
+                    let mut c = Command::new("nsenter");
+                    c.arg(format!("--net=/var/run/netns/{node}")).arg(&t.ferry);
+                    c
+                }
+                _ => Command::new(&t.ferry),
             };
             cmd.arg("run")
                 .arg(format!(
@@ -625,8 +674,13 @@ fn setup(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration>, Strin
                         c
                     }
                 };
-                cmd.args(["--dataplane", "ebpf", "--interfaces", "none"])
-                    .arg(format!("--bpffs-path={}", t.pins.display()))
+                let interfaces = if row == Row::FerryEbpfNodePort {
+                    "n0,br0"
+                } else {
+                    "none"
+                };
+                cmd.args(["--dataplane", "ebpf", "--interfaces", interfaces])
+                    .arg(format!("--bpffs-path={}", t.pins_for(row).display()))
                     .arg(format!("--cgroup-path={}", cg.display()));
             }
             let start = Instant::now();
@@ -634,9 +688,6 @@ fn setup(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration>, Strin
                 .map_err(e)?;
             wait_http(t, row)?;
             Ok(Some(start.elapsed()))
-        }
-        Row::FerryEbpfNodePort => {
-            Err("the TC path for traffic from outside the node is not built yet (issue 4)".into())
         }
     }
 }
@@ -664,11 +715,11 @@ fn teardown(t: &mut Topo, row: Row) {
             }
         }
         Row::FerryUserspace => t.stop(&format!("ferry-{}", row as u8)),
-        Row::FerryEbpfClusterIp => {
+        Row::FerryEbpfClusterIp | Row::FerryEbpfNodePort => {
             t.stop(&format!("ferry-{}", row as u8));
             let _ = Command::new(&t.ferry)
                 .args(["cleanup", "--bpffs-path"])
-                .arg(&t.pins)
+                .arg(t.pins_for(row))
                 .output();
         }
         _ => {}
@@ -849,7 +900,7 @@ fn measure(t: &Topo, row: Row, s: &Settings) -> Result<BTreeMap<Metric, f64>> {
             "-c".into(),
             row.iperf_target(),
             "-p".into(),
-            "5201".into(),
+            row.iperf_port().to_string(),
             "-t".into(),
             s.seconds.to_string(),
             "-J".into(),

@@ -246,11 +246,15 @@ pub struct Ct4Value {
     pub pad: [u8; 3],
 }
 
-/// SNAT ports the TC path allocates when the client's own port is taken
-/// (above the default ephemeral range, 32768-60999, so node sockets and
-/// SNATed flows do not meet).
+/// The source ports SNATed flows get: above the kernel's default ephemeral
+/// range (32768-60999), so the node's own connections never use a tuple a
+/// SNATed flow holds. Nodes whose `ip_local_port_range` reaches into it
+/// must lower it.
 pub const SNAT_PORT_MIN: u16 = 61_000;
-pub const SNAT_PORT_COUNT: u16 = 4_500;
+pub const SNAT_PORT_COUNT: u16 = 4_536;
+
+/// [`Ct4Value::flags`]: a FIN or RST of the flow was seen.
+pub const CT_FLAG_CLOSING: u8 = 1 << 0;
 
 /// Tags a client address as the affinity key of the TC path (socket-level
 /// affinity keys are netns cookies, far below this bit).

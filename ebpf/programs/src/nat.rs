@@ -21,9 +21,9 @@ use aya_ebpf::{
 use ferry_common::counters::{ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 use ferry_common::lb::{
     flow_hash4, Be16, Be32, Ct4Key, Ct4Value, LbCounter, Service4Key, SourceRange4,
-    AFFINITY_CLIENT_ADDR, BACKEND_FLAG_LOCAL, CT_FORWARD, CT_REPLY, SNAT_PORT_COUNT, SNAT_PORT_MIN,
-    SVC_FLAG_DROP, SVC_FLAG_MAGLEV, SVC_FLAG_PRESERVE_SOURCE, SVC_FLAG_REJECT,
-    SVC_FLAG_SOURCE_RANGES,
+    AFFINITY_CLIENT_ADDR, BACKEND_FLAG_LOCAL, CT_FLAG_CLOSING, CT_FORWARD, CT_REPLY,
+    SNAT_PORT_COUNT, SNAT_PORT_MIN, SVC_FLAG_DROP, SVC_FLAG_MAGLEV, SVC_FLAG_PRESERVE_SOURCE,
+    SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::maps::{count, BACKENDS4, CT4, SERVICES4, SOURCE_RANGES4};
@@ -40,8 +40,11 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-/// A SNAT reply entry idle this long may be given to a new flow.
-const SNAT_REUSE_NS: u64 = 600 * 1_000_000_000;
+/// A SNAT port's reply entry may go to a new flow once its flow closed
+/// and stayed idle this long, or once idle this long anyway (UDP, TCP).
+const SNAT_REUSE_CLOSED_NS: u64 = 1_000_000_000;
+const SNAT_REUSE_UDP_NS: u64 = 60 * 1_000_000_000;
+const SNAT_REUSE_TCP_NS: u64 = 600 * 1_000_000_000;
 
 /// The IPv4 TCP/UDP header fields the translation needs.
 pub struct Flow {
@@ -89,39 +92,83 @@ impl Flow {
     }
 }
 
+/// A pointer to a `T` at `off` in the packet's linear data, if it is there.
+#[inline(always)]
+fn at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + off + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// Offset of the L4 header: IPv4 options are not translated (such packets
+/// go to the stack untouched), which keeps every offset a constant the
+/// verifier follows.
+const L4_OFF: usize = IP_OFF + 20;
+/// Ethernet, IPv4 and the 8 bytes of a UDP header (or a TCP header's
+/// first 8).
+const PARSE_LEN: usize = L4_OFF + 8;
+
 /// The flow of an IPv4 TCP or UDP packet; None for anything else (and for
-/// fragments after the first, which carry no ports).
+/// fragments after the first, which carry no ports). Reads the headers in
+/// place (direct packet access, no helper calls).
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Option<Flow>, i64> {
-    if u16::from_be(ctx.load::<u16>(12)?) != ETH_P_IP {
+    if ctx.data() + PARSE_LEN > ctx.data_end() {
+        // Headers outside the linear data (or a short frame): pull them.
+        if ctx.len() < PARSE_LEN as u32 || ctx.pull_data(PARSE_LEN as u32).is_err() {
+            return Ok(None);
+        }
+    }
+    let hdr = at::<[u8; PARSE_LEN]>(ctx, 0).ok_or(0i64)?;
+    // SAFETY: `at` checked the bounds against data_end; packet data has no
+    // alignment guarantee, hence read_unaligned (into a stack copy).
+    let h = unsafe { core::ptr::read_unaligned(hdr) };
+    let word = |o: usize| u16::from_be_bytes([h[o], h[o + 1]]);
+    let raw32 = |o: usize| u32::from_ne_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+    let raw16 = |o: usize| u16::from_ne_bytes([h[o], h[o + 1]]);
+    let proto = h[IP_OFF + 9];
+    if word(12) != ETH_P_IP
+        || h[IP_OFF] != 0x45
+        || word(IP_OFF + 6) & 0x1fff != 0
+        || (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+    {
         return Ok(None);
     }
-    let vihl: u8 = ctx.load(IP_OFF)?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if vihl >> 4 != 4 || ihl < 20 {
-        return Ok(None);
-    }
-    if u16::from_be(ctx.load::<u16>(IP_OFF + 6)?) & 0x1fff != 0 {
-        return Ok(None);
-    }
-    let proto: u8 = ctx.load(IP_OFF + 9)?;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return Ok(None);
-    }
-    let l4 = IP_OFF + ihl;
+    let tcp_flags = if proto == IPPROTO_TCP {
+        let flags = at::<u8>(ctx, L4_OFF + 13).ok_or(0i64)?;
+        // SAFETY: as above.
+        unsafe { core::ptr::read_unaligned(flags) }
+    } else {
+        0
+    };
     Ok(Some(Flow {
-        src: Be32(ctx.load::<u32>(IP_SRC)?),
-        dst: Be32(ctx.load::<u32>(IP_DST)?),
-        sport: Be16(ctx.load::<u16>(l4)?),
-        dport: Be16(ctx.load::<u16>(l4 + 2)?),
+        src: Be32(raw32(IP_SRC)),
+        dst: Be32(raw32(IP_DST)),
+        sport: Be16(raw16(L4_OFF)),
+        dport: Be16(raw16(L4_OFF + 2)),
         proto,
-        l4,
-        tcp_flags: if proto == IPPROTO_TCP {
-            ctx.load::<u8>(l4 + 13)?
-        } else {
-            0
-        },
+        l4: L4_OFF,
+        tcp_flags,
     }))
+}
+
+/// Marks the entry of a TCP flow that sent a FIN or RST; a new SYN on it
+/// (the client reusing its port) opens it again.
+#[inline(always)]
+fn track_state(f: &Flow, ct: *mut Ct4Value) {
+    if f.proto != IPPROTO_TCP {
+        return;
+    }
+    // SAFETY: `ct` comes from a successful map lookup.
+    unsafe {
+        if f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            (*ct).flags |= CT_FLAG_CLOSING;
+        } else if f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            (*ct).flags &= !CT_FLAG_CLOSING;
+        }
+    }
 }
 
 #[inline(always)]
@@ -140,6 +187,7 @@ pub fn ingress(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
             (*ct).last_ns = now();
             *ct
         };
+        track_state(f, ct);
         reverse(ctx, f, &v)?;
         count(LbCounter::TcReply);
         let dst = if v.nat_addr.0 != 0 { v.nat_addr } else { f.dst };
@@ -151,6 +199,7 @@ pub fn ingress(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
         if backend_unchanged(&v) {
             // SAFETY: as above.
             unsafe { (*ct).last_ns = now() };
+            track_state(f, ct);
             translate(ctx, f, &v)?;
             count(LbCounter::TcTracked);
             let src = if v.nat_addr.0 != 0 { v.nat_addr } else { f.src };
@@ -175,6 +224,7 @@ pub fn egress(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
         (*ct).last_ns = now();
         *ct
     };
+    track_state(f, ct);
     reverse(ctx, f, &v)?;
     count(LbCounter::TcReply);
     Ok(TC_ACT_OK)
@@ -328,15 +378,21 @@ fn track(
     CT4.insert(f.key(CT_FORWARD), fwd, 0).map_err(i64::from)
 }
 
-/// A source port for the SNATed flow whose reply tuple no other live flow
-/// holds: the client's own port if free, else one of a few hashed picks in
-/// the SNAT range.
+/// A source port in the SNAT range whose reply tuple no live flow holds:
+/// a few hashed picks, each free when unused, used by this very flow, or
+/// held by a flow that closed (or went idle) long enough ago.
 #[inline(always)]
 fn snat_port(f: &Flow, picked: &Picked, addr: Be32) -> Option<Be16> {
     let hash = flow_hash4(f.src, f.dst, f.sport, f.dport, f.proto);
-    let mut port = f.sport;
     let t = now();
-    for i in 0..4u32 {
+    let idle_limit = if f.proto == IPPROTO_TCP {
+        SNAT_REUSE_TCP_NS
+    } else {
+        SNAT_REUSE_UDP_NS
+    };
+    for i in 0..8u32 {
+        let step = hash.wrapping_add(i.wrapping_mul(7919)) % u32::from(SNAT_PORT_COUNT);
+        let port = Be16::from_host(SNAT_PORT_MIN + step as u16);
         let key = Ct4Key {
             src: picked.backend.addr,
             dst: addr,
@@ -346,19 +402,17 @@ fn snat_port(f: &Flow, picked: &Picked, addr: Be32) -> Option<Be16> {
             dir: CT_REPLY,
             pad: 0,
         };
-        match CT4.get_ptr(key) {
-            None => return Some(port),
-            Some(v) => {
-                // SAFETY: a pointer from a successful lookup.
-                let v = unsafe { *v };
-                let same_flow = v.nat_addr == f.src && v.nat_port == f.sport;
-                if same_flow || t.saturating_sub(v.last_ns) > SNAT_REUSE_NS {
-                    return Some(port);
-                }
-            }
+        let Some(v) = CT4.get_ptr(key) else {
+            return Some(port);
+        };
+        // SAFETY: a pointer from a successful lookup.
+        let v = unsafe { *v };
+        let idle = t.saturating_sub(v.last_ns);
+        let same_flow = v.nat_addr == f.src && v.nat_port == f.sport;
+        let closed = v.flags & CT_FLAG_CLOSING != 0 && idle > SNAT_REUSE_CLOSED_NS;
+        if same_flow || closed || idle > idle_limit {
+            return Some(port);
         }
-        let step = hash.wrapping_add(i.wrapping_mul(7919)) % u32::from(SNAT_PORT_COUNT);
-        port = Be16::from_host(SNAT_PORT_MIN + step as u16);
     }
     None
 }
@@ -367,55 +421,75 @@ fn snat_port(f: &Flow, picked: &Picked, addr: Be32) -> Option<Be16> {
 /// address when there is one.
 #[inline(always)]
 fn translate(ctx: &TcContext, f: &Flow, v: &Ct4Value) -> Result<(), i64> {
-    set_addr(ctx, f, IP_DST, f.dst, v.addr)?;
-    set_port(ctx, f, f.l4 + 2, f.dport, v.port)?;
-    if v.nat_addr.0 != 0 {
-        set_addr(ctx, f, IP_SRC, f.src, v.nat_addr)?;
-        set_port(ctx, f, f.l4, f.sport, v.nat_port)?;
-    }
-    Ok(())
+    let (src, sport) = if v.nat_addr.0 != 0 {
+        (v.nat_addr, v.nat_port)
+    } else {
+        (f.src, f.sport)
+    };
+    rewrite(ctx, f, (src, sport), (v.addr, v.port))
 }
 
 /// Reply direction: source back to the frontend, destination back to the
 /// client when the flow was SNATed.
 #[inline(always)]
 fn reverse(ctx: &TcContext, f: &Flow, v: &Ct4Value) -> Result<(), i64> {
-    set_addr(ctx, f, IP_SRC, f.src, v.addr)?;
-    set_port(ctx, f, f.l4, f.sport, v.port)?;
-    if v.nat_addr.0 != 0 {
-        set_addr(ctx, f, IP_DST, f.dst, v.nat_addr)?;
-        set_port(ctx, f, f.l4 + 2, f.dport, v.nat_port)?;
+    let (dst, dport) = if v.nat_addr.0 != 0 {
+        (v.nat_addr, v.nat_port)
+    } else {
+        (f.dst, f.dport)
+    };
+    rewrite(ctx, f, (v.addr, v.port), (dst, dport))
+}
+
+/// One's-complement add of 32-bit partial sums (the kernel's csum_add).
+#[inline(always)]
+fn csum_add(a: u32, b: u32) -> u32 {
+    let (s, carry) = a.overflowing_add(b);
+    s.wrapping_add(u32::from(carry))
+}
+
+/// The checksum change of replacing `old` by `new` (raw, as in memory).
+#[inline(always)]
+fn csum_diff(old: u32, new: u32) -> u32 {
+    csum_add(!old, new)
+}
+
+/// Writes the new addresses and ports in place, then fixes the IPv4 and
+/// L4 checksums with three helper calls (by difference; the L4 one in two
+/// parts, since the addresses are in the pseudo-header and the ports are
+/// not, which matters for offloaded checksums).
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    f: &Flow,
+    (src, sport): (Be32, Be16),
+    (dst, dport): (Be32, Be16),
+) -> Result<(), i64> {
+    let addrs = at::<[u32; 2]>(ctx, IP_SRC).ok_or(0i64)?;
+    let ports = at::<[u16; 2]>(ctx, L4_OFF).ok_or(0i64)?;
+    // SAFETY: both pointers were bounds-checked by `at` just now.
+    unsafe {
+        core::ptr::write_unaligned(addrs, [src.0, dst.0]);
+        core::ptr::write_unaligned(ports, [sport.0, dport.0]);
+    }
+    let addr_diff = csum_add(csum_diff(f.src.0, src.0), csum_diff(f.dst.0, dst.0));
+    let port_diff = csum_add(
+        csum_diff(u32::from(f.sport.0), u32::from(sport.0)),
+        csum_diff(u32::from(f.dport.0), u32::from(dport.0)),
+    );
+    if f.src != src || f.dst != dst {
+        ctx.l3_csum_replace(IP_CSUM, 0, u64::from(addr_diff), 0)?;
+        ctx.l4_csum_replace(
+            f.csum_off(),
+            0,
+            u64::from(addr_diff),
+            u64::from(BPF_F_PSEUDO_HDR) | f.csum_flags(),
+        )?;
+    }
+    if f.sport != sport || f.dport != dport {
+        ctx.l4_csum_replace(f.csum_off(), 0, u64::from(port_diff), f.csum_flags())?;
     }
     Ok(())
-}
-
-#[inline(always)]
-fn set_addr(ctx: &TcContext, f: &Flow, off: usize, old: Be32, new: Be32) -> Result<(), i64> {
-    if old == new {
-        return Ok(());
-    }
-    ctx.store(off, &new.0, 0)?;
-    ctx.l3_csum_replace(IP_CSUM, u64::from(old.0), u64::from(new.0), 4)?;
-    ctx.l4_csum_replace(
-        f.csum_off(),
-        u64::from(old.0),
-        u64::from(new.0),
-        u64::from(BPF_F_PSEUDO_HDR) | 4 | f.csum_flags(),
-    )
-}
-
-#[inline(always)]
-fn set_port(ctx: &TcContext, f: &Flow, off: usize, old: Be16, new: Be16) -> Result<(), i64> {
-    if old == new {
-        return Ok(());
-    }
-    ctx.store(off, &new.0, 0)?;
-    ctx.l4_csum_replace(
-        f.csum_off(),
-        u64::from(old.0),
-        u64::from(new.0),
-        2 | f.csum_flags(),
-    )
 }
 
 #[inline(always)]
@@ -461,18 +535,27 @@ fn finish(ctx: &TcContext, fib: &FibParams, rc: u32) -> Result<i32, i64> {
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         return Ok(TC_ACT_OK);
     }
-    let ttl: u8 = ctx.load(IP_TTL)?;
+    let word = at::<[u8; 2]>(ctx, IP_TTL).ok_or(0i64)?;
+    // SAFETY: bounds-checked by `at`.
+    let [ttl, proto] = unsafe { core::ptr::read_unaligned(word) };
     if ttl <= 1 {
         return Ok(TC_ACT_OK);
     }
-    let old: u16 = ctx.load(IP_TTL)?;
-    ctx.store(IP_TTL, &(ttl - 1), 0)?;
-    let new: u16 = ctx.load(IP_TTL)?;
-    ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 2)?;
+    // SAFETY: as above.
+    unsafe { core::ptr::write_unaligned(word.cast::<u8>(), ttl - 1) };
+    let diff = csum_diff(
+        u32::from(u16::from_ne_bytes([ttl, proto])),
+        u32::from(u16::from_ne_bytes([ttl - 1, proto])),
+    );
+    ctx.l3_csum_replace(IP_CSUM, 0, u64::from(diff), 0)?;
     count(LbCounter::TcRedirected);
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        ctx.store(0, &fib.dmac, 0)?;
-        ctx.store(6, &fib.smac, 0)?;
+        let macs = at::<[u8; 12]>(ctx, 0).ok_or(0i64)?;
+        let mut new = [0u8; 12];
+        new[..6].copy_from_slice(&fib.dmac);
+        new[6..].copy_from_slice(&fib.smac);
+        // SAFETY: bounds-checked by `at`.
+        unsafe { core::ptr::write_unaligned(macs, new) };
         // SAFETY: plain helper call.
         return Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as i32);
     }
@@ -486,9 +569,6 @@ fn finish(ctx: &TcContext, fib: &FibParams, rc: u32) -> Result<i32, i64> {
 /// Service address). Anything else of such a flow is dropped.
 #[inline(always)]
 fn reject(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
-    if f.l4 != IP_OFF + 20 {
-        return Ok(TC_ACT_SHOT);
-    }
     let macs: [u8; 12] = ctx.load(0)?;
     if f.proto == IPPROTO_TCP {
         if f.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {

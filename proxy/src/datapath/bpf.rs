@@ -18,6 +18,7 @@ use ferry_common::lb::{
 };
 use ipnet::{IpNet, Ipv4Net};
 
+use super::sweep::{GoneBackend, Sweeper};
 use super::{DatapathError, LbMaps};
 use crate::model::{Action, Algorithm, L4Addr, Protocol, Scope};
 use crate::plan::{BackendEntry, BackendId, FrontendEntry, FrontendId, MapOp};
@@ -61,6 +62,10 @@ pub struct BpfMaps {
     caps: MapCapacities,
     /// IPv6 ops accepted without programming (no IPv6 maps yet).
     pub skipped_ipv6: u64,
+    /// Backends deleted since the last sync, for the sweeper.
+    gone: Vec<GoneBackend>,
+    sweeper: Option<Sweeper>,
+    dir: PathBuf,
 }
 
 fn open_map(dir: &Path, name: &str) -> Result<Map, DatapathError> {
@@ -95,6 +100,9 @@ impl BpfMaps {
             ranges: typed(dir, SOURCE_RANGES4_MAP)?,
             caps,
             skipped_ipv6: 0,
+            gone: Vec::new(),
+            sweeper: None,
+            dir: dir.to_path_buf(),
         })
     }
 }
@@ -271,8 +279,20 @@ impl LbMaps for BpfMaps {
                     caps.backends,
                 ))
             }
-            MapOp::DeleteBackend { id } => ignore_missing(self.backends.remove(&id.0))
-                .map_err(map_err(BACKENDS4_MAP, "delete", caps.backends)),
+            MapOp::DeleteBackend { id } => {
+                if let Ok(b) = self.backends.get(&id.0, 0) {
+                    self.gone.push(GoneBackend {
+                        id: id.0,
+                        addr: b.addr,
+                        port: b.port,
+                    });
+                }
+                ignore_missing(self.backends.remove(&id.0)).map_err(map_err(
+                    BACKENDS4_MAP,
+                    "delete",
+                    caps.backends,
+                ))
+            }
             MapOp::UpsertRevNat { id, frontend } => {
                 let Some((addr, port, _)) = v4(frontend) else {
                     self.skipped_ipv6 += 1;
@@ -366,6 +386,17 @@ impl LbMaps for BpfMaps {
                 IpNet::V6(_) => Ok(()),
             },
         }
+    }
+
+    fn synced(&mut self, _desired: &crate::translate::DesiredState) {
+        if self.gone.is_empty() {
+            return;
+        }
+        let gone = std::mem::take(&mut self.gone);
+        let dir = self.dir.clone();
+        self.sweeper
+            .get_or_insert_with(|| Sweeper::start(&dir))
+            .sweep(gone);
     }
 
     fn dump(&self) -> Result<Vec<MapOp>, DatapathError> {

@@ -3,6 +3,7 @@
 
 pub mod counters;
 pub mod lb;
+pub mod status;
 pub mod tc;
 
 use std::path::Path;

@@ -1,0 +1,110 @@
+//! Removes the conntrack and affinity entries of deleted backends from the
+//! pinned maps, on a thread of its own so a large conntrack table never
+//! stalls the sync loop. The programs already refuse an entry whose
+//! backend is gone (the flow moves to a live backend at its next packet);
+//! the sweep frees the entries and keeps a reused backend ID from ever
+//! meeting an old flow.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+
+use aya::maps::{HashMap, Map, MapData};
+use ferry_common::lb::{
+    Affinity4Key, AffinityValue, Be16, Be32, Ct4Key, Ct4Value, AFFINITY4_MAP, CT4_MAP, CT_FORWARD,
+};
+
+/// A backend that was deleted: its ID and the address it had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GoneBackend {
+    pub id: u32,
+    pub addr: Be32,
+    pub port: Be16,
+}
+
+/// The handle the datapath keeps; the thread ends when it is dropped.
+#[derive(Debug)]
+pub struct Sweeper {
+    tx: Sender<Vec<GoneBackend>>,
+}
+
+impl Sweeper {
+    /// Starts the sweeping thread on the maps pinned under `dir`.
+    pub fn start(dir: &Path) -> Sweeper {
+        let (tx, rx) = channel();
+        let dir = dir.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("ferry-sweep".into())
+            .spawn(move || run(&dir, &rx));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the conntrack sweeper; stale entries age out instead");
+        }
+        Sweeper { tx }
+    }
+
+    pub fn sweep(&self, gone: Vec<GoneBackend>) {
+        let _ = self.tx.send(gone);
+    }
+}
+
+fn open<K: aya::Pod, V: aya::Pod>(
+    dir: &Path,
+    name: &str,
+) -> Result<HashMap<MapData, K, V>, String> {
+    let path: PathBuf = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    HashMap::try_from(Map::LruHashMap(data)).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn run(dir: &Path, rx: &Receiver<Vec<GoneBackend>>) {
+    while let Ok(mut gone) = rx.recv() {
+        // Coalesce whatever queued up meanwhile into one pass.
+        while let Ok(more) = rx.try_recv() {
+            gone.extend(more);
+        }
+        match sweep_once(dir, &gone) {
+            Ok((ct, aff)) => tracing::debug!(
+                backends = gone.len(),
+                conntrack = ct,
+                affinity = aff,
+                "swept entries of deleted backends"
+            ),
+            Err(e) => tracing::warn!(error = %e, "conntrack sweep failed"),
+        }
+    }
+}
+
+/// One pass over both maps; returns the entries removed from each.
+pub fn sweep_once(dir: &Path, gone: &[GoneBackend]) -> Result<(usize, usize), String> {
+    let is_gone = |id: u32, addr: Be32, port: Be16| {
+        gone.iter()
+            .any(|g| g.id == id && g.addr == addr && g.port == port)
+    };
+    let mut ct: HashMap<MapData, Ct4Key, Ct4Value> = open(dir, CT4_MAP)?;
+    let stale: Vec<Ct4Key> = ct
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| {
+            let (addr, port) = if k.dir == CT_FORWARD {
+                (v.addr, v.port)
+            } else {
+                (k.src, k.sport)
+            };
+            is_gone(v.backend_id, addr, port)
+        })
+        .map(|(k, _)| k)
+        .collect();
+    for k in &stale {
+        let _ = ct.remove(k);
+    }
+    let mut aff: HashMap<MapData, Affinity4Key, AffinityValue> = open(dir, AFFINITY4_MAP)?;
+    let stale_aff: Vec<Affinity4Key> = aff
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| is_gone(v.backend_id, v.backend_addr, v.backend_port))
+        .map(|(k, _)| k)
+        .collect();
+    for k in &stale_aff {
+        let _ = aff.remove(k);
+    }
+    Ok((stale.len(), stale_aff.len()))
+}
