@@ -353,3 +353,89 @@ fn affinity_and_udp_move_off_a_removed_backend() {
     assert!(child.wait().unwrap().success());
     drop(ebpf);
 }
+
+/// A connected UDP socket was translated once, at connect(): when its
+/// backend is deleted the agent closes it (sock_diag SOCK_DESTROY), the
+/// client sees an error, opens a new socket and reaches the live backend,
+/// within a second.
+#[test]
+fn connected_udp_socket_of_a_removed_backend_is_closed() {
+    if !require_privileged(
+        "connected_udp_socket_of_a_removed_backend_is_closed",
+        object_present(),
+    ) {
+        return;
+    }
+    let (srv, cli) = client_and_backends("cu", 5).unwrap();
+    let udp = srv
+        .run(|| {
+            Ok(vec![
+                UdpSocket::bind("198.18.5.2:5353")?,
+                UdpSocket::bind("198.18.5.3:5353")?,
+            ])
+        })
+        .unwrap();
+    let _servers = Servers::start(vec![], udp);
+    let pins = PinDir::new("cudp").unwrap();
+    let cg = TestCgroup::new("cudp").unwrap();
+    let caps = MapCapacities::default();
+    let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &caps).unwrap();
+    ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, pins.path(), cg.path()).unwrap();
+    let mut agent = agent(pins.path(), caps);
+    let services = [service("dns", "198.19.0.55", 53, "UDP")];
+    let mut slices = vec![slice("dns", &["198.18.5.2", "198.18.5.3"], 5353, "UDP")];
+    sync(&mut agent, &services, &slices);
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-test-client"))
+        .args([
+            cg.path().to_str().unwrap(),
+            cli.name(),
+            "udpconn",
+            "198.19.0.55:53",
+            "30",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut read_line = || {
+        let mut l = String::new();
+        std::io::BufRead::read_line(&mut out, &mut l).unwrap();
+        l.trim().to_string()
+    };
+    let early: Vec<String> = (0..5).map(|_| read_line()).collect();
+    let used = early[0].split_whitespace().nth(2).unwrap().to_string();
+    assert!(
+        early
+            .iter()
+            .all(|l| l == &format!("ok 198.19.0.55:53 {used}")),
+        "{early:?}"
+    );
+    let keep = if used.starts_with("198.18.5.2") {
+        "198.18.5.3"
+    } else {
+        "198.18.5.2"
+    };
+    slices[0] = slice("dns", &[keep], 5353, "UDP");
+    sync(&mut agent, &services, &slices);
+    let rest: Vec<String> = (0..25).map(|_| read_line()).collect();
+    // The removed backend's server still answers: only a closed socket
+    // and a new connect() can move the client.
+    let moved = rest
+        .iter()
+        .position(|l| l == &format!("ok 198.19.0.55:53 {keep}:5353"))
+        .unwrap_or_else(|| panic!("never moved: {rest:?}"));
+    assert!(moved <= 10, "moved after {moved} datagrams: {rest:?}");
+    assert!(
+        rest[..moved].iter().any(|l| l.starts_with("err ")),
+        "the old socket was not closed: {rest:?}"
+    );
+    assert!(
+        rest[moved..]
+            .iter()
+            .all(|l| l == &format!("ok 198.19.0.55:53 {keep}:5353")),
+        "{rest:?}"
+    );
+    assert!(child.wait().unwrap().success());
+    drop(ebpf);
+}

@@ -230,3 +230,68 @@ fn tc_ingress_packet_fixtures() {
     assert!(p.sport >= 61_000, "{}", p.sport);
     drop(peer);
 }
+
+/// A SNAT port goes to a new flow once its flow closed; the old flow's
+/// forward entry goes with it, so its client reusing the same source port
+/// gets a port of its own instead of following the old entry onto the
+/// port another client now holds (which broke both connections).
+#[test]
+fn reused_snat_port_takes_the_old_forward_entry_with_it() {
+    if !require_privileged(
+        "reused_snat_port_takes_the_old_forward_entry_with_it",
+        object_present(),
+    ) {
+        return;
+    }
+    let pins = PinDir::new("fixsnat").unwrap();
+    let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &MapCapacities::default()).unwrap();
+    TcRunner::load(&mut ebpf).unwrap();
+    let mut agent = Agent::new(
+        ferry_tests::agent_config(vec!["test"]),
+        Box::new(BpfMaps::open(pins.path(), MapCapacities::default()).unwrap()),
+    )
+    .unwrap();
+    sync(
+        &mut agent,
+        &[service("web", "TCP", 30080, 8080, "")],
+        &[slice(
+            "web",
+            "TCP",
+            8080,
+            &[("198.18.21.2", "node-b", true, false)],
+        )],
+    );
+    let bare = Netns::new("fixsnat").unwrap();
+    let mut run = TcRunner {
+        ebpf: &mut ebpf,
+        ns: &bare,
+    };
+    let sport_of = |r: &ferry_tests::packets::RunResult| parse(&r.out).unwrap().sport;
+    // Flow A opens, and the backend closes it.
+    let a = tcp((CLIENT, 50000), (NODE, 30080), TCP_SYN, 1, b"");
+    let port_a = sport_of(&run.run(&a, 1).unwrap());
+    let fin = tcp((BACKEND, 8080), (NODE, port_a), TCP_ACK | 0x01, 9, b"");
+    run.run(&fin, 1).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    // New flows from other clients until one is given A's port.
+    let mut taken = false;
+    for i in 0..20_000u32 {
+        let client = [198, 18, 40 + (i / 60_000) as u8, 2 + (i % 200) as u8];
+        let syn = tcp(
+            (client, 1024 + (i % 60_000) as u16),
+            (NODE, 30080),
+            TCP_SYN,
+            1,
+            b"",
+        );
+        if sport_of(&run.run(&syn, 1).unwrap()) == port_a {
+            taken = true;
+            break;
+        }
+    }
+    assert!(taken, "port {port_a} was never reused");
+    // A's client opens a new connection from the same port: not on A's
+    // old SNAT port, which belongs to the other client now.
+    let again = sport_of(&run.run(&a, 1).unwrap());
+    assert_ne!(again, port_a);
+}

@@ -255,7 +255,12 @@ fn nodeport_loadbalancer_and_externalip_through_tc() {
     for frontend in ["198.18.20.1:30080", "198.19.2.10:80", "198.19.1.10:80"] {
         let mut backends = std::collections::BTreeSet::new();
         for _ in 0..16 {
-            let answer = tcp_ask(&t, frontend).unwrap();
+            let answer = tcp_ask(&t, frontend).unwrap_or_else(|e| {
+                panic!(
+                    "{frontend}: {e}; counters {:?}",
+                    ferry_proxy::ebpf::lb::read_lb_counters(pins.path())
+                )
+            });
             let (me, peer) = answer.split_once(' ').unwrap();
             assert!(peer.starts_with("198.18.21.1:"), "{frontend}: {answer}");
             backends.insert(me.to_string());

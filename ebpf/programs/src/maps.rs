@@ -39,6 +39,13 @@ pub static SOCK_REVNAT4: LruHashMap<SockRevNat4Key, SockRevNat4Value> =
 #[map(name = "ferry_ct4")]
 pub static CT4: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(262_144, 0);
 
+/// The next SNAT port index, per CPU: ports are handed out in turn, so one
+/// comes around again only after every other one was used, by which time
+/// its flow has mostly ended. (A per-CPU cursor needs no atomics; the
+/// CPUs start far apart in the range.)
+#[map(name = "ferry_snatcur")]
+pub static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "ferry_lbstat")]
 pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(LB_COUNTERS, 0);
 

@@ -13,7 +13,8 @@ use aya_ebpf::{
         BPF_FIB_LOOKUP_SRC, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
-        bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
+        bpf_fib_lookup, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_redirect,
+        bpf_redirect_neigh, bpf_skb_change_tail,
     },
     maps::lpm_trie::Key as LpmKey,
     programs::TcContext,
@@ -26,7 +27,7 @@ use ferry_common::lb::{
     SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES,
 };
 
-use crate::maps::{count, BACKENDS4, CT4, SERVICES4, SOURCE_RANGES4};
+use crate::maps::{count, BACKENDS4, CT4, SERVICES4, SNAT_CURSOR, SOURCE_RANGES4};
 use crate::pick::{self, Picked};
 
 const ETH_HLEN: usize = 14;
@@ -45,6 +46,8 @@ const TCP_ACK: u8 = 0x10;
 const SNAT_REUSE_CLOSED_NS: u64 = 1_000_000_000;
 const SNAT_REUSE_UDP_NS: u64 = 60 * 1_000_000_000;
 const SNAT_REUSE_TCP_NS: u64 = 600 * 1_000_000_000;
+/// How far apart the CPUs' SNAT cursors start (a prime near range / 3).
+const SNAT_CPU_STRIDE: u32 = 1_511;
 
 /// The IPv4 TCP/UDP header fields the translation needs.
 pub struct Flow {
@@ -378,21 +381,30 @@ fn track(
     CT4.insert(f.key(CT_FORWARD), fwd, 0).map_err(i64::from)
 }
 
-/// A source port in the SNAT range whose reply tuple no live flow holds:
-/// a few hashed picks, each free when unused, used by this very flow, or
-/// held by a flow that closed (or went idle) long enough ago.
+/// A source port in the SNAT range whose reply tuple no live flow holds.
+/// Ports are handed out in turn (a cursor per CPU), trying up to 16: a port
+/// is free when unused, used by this very flow, or held by a flow that
+/// closed (or went idle) long enough ago.
 #[inline(always)]
 fn snat_port(f: &Flow, picked: &Picked, addr: Be32) -> Option<Be16> {
-    let hash = flow_hash4(f.src, f.dst, f.sport, f.dport, f.proto);
+    let cursor = SNAT_CURSOR.get_ptr_mut(0)?;
+    // SAFETY: plain helper call.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
     let t = now();
     let idle_limit = if f.proto == IPPROTO_TCP {
         SNAT_REUSE_TCP_NS
     } else {
         SNAT_REUSE_UDP_NS
     };
-    for i in 0..8u32 {
-        let step = hash.wrapping_add(i.wrapping_mul(7919)) % u32::from(SNAT_PORT_COUNT);
-        let port = Be16::from_host(SNAT_PORT_MIN + step as u16);
+    for _ in 0..16u32 {
+        // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
+        let n = unsafe {
+            let n = *cursor;
+            *cursor = n.wrapping_add(1);
+            n
+        };
+        let idx = n.wrapping_add(cpu.wrapping_mul(SNAT_CPU_STRIDE)) % u32::from(SNAT_PORT_COUNT);
+        let port = Be16::from_host(SNAT_PORT_MIN + idx as u16);
         let key = Ct4Key {
             src: picked.backend.addr,
             dst: addr,
@@ -410,7 +422,23 @@ fn snat_port(f: &Flow, picked: &Picked, addr: Be32) -> Option<Be16> {
         let idle = t.saturating_sub(v.last_ns);
         let same_flow = v.nat_addr == f.src && v.nat_port == f.sport;
         let closed = v.flags & CT_FLAG_CLOSING != 0 && idle > SNAT_REUSE_CLOSED_NS;
-        if same_flow || closed || idle > idle_limit {
+        if same_flow {
+            return Some(port);
+        }
+        if closed || idle > idle_limit {
+            // The port's last flow ended: its forward entry must go too, or
+            // that client reusing its own port would follow it onto the
+            // port this new flow now holds.
+            let old = Ct4Key {
+                src: v.nat_addr,
+                dst: v.addr,
+                sport: v.nat_port,
+                dport: v.port,
+                proto: f.proto,
+                dir: CT_FORWARD,
+                pad: 0,
+            };
+            let _ = CT4.remove(old);
             return Some(port);
         }
     }

@@ -285,6 +285,7 @@ impl LbMaps for BpfMaps {
                         id: id.0,
                         addr: b.addr,
                         port: b.port,
+                        proto: b.proto,
                     });
                 }
                 ignore_missing(self.backends.remove(&id.0)).map_err(map_err(

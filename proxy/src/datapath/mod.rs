@@ -6,6 +6,7 @@
 
 mod bpf;
 mod fake;
+pub mod sockets;
 pub mod sweep;
 
 pub use bpf::{BpfMaps, MapCapacities};

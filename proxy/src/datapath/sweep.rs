@@ -3,7 +3,8 @@
 //! stalls the sync loop. The programs already refuse an entry whose
 //! backend is gone (the flow moves to a live backend at its next packet);
 //! the sweep frees the entries and keeps a reused backend ID from ever
-//! meeting an old flow.
+//! meeting an old flow. Connected UDP sockets whose peer was a deleted
+//! backend are closed too ([`super::sockets`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -19,6 +20,8 @@ pub struct GoneBackend {
     pub id: u32,
     pub addr: Be32,
     pub port: Be16,
+    /// IP protocol number.
+    pub proto: u8,
 }
 
 /// The handle the datapath keeps; the thread ends when it is dropped.
@@ -69,6 +72,23 @@ fn run(dir: &Path, rx: &Receiver<Vec<GoneBackend>>) {
                 "swept entries of deleted backends"
             ),
             Err(e) => tracing::warn!(error = %e, "conntrack sweep failed"),
+        }
+        let udp: Vec<super::sockets::Peer> = gone
+            .iter()
+            .filter(|g| g.proto == 17)
+            .map(|g| {
+                (
+                    std::net::Ipv4Addr::from_bits(g.addr.to_host()),
+                    g.port.to_host(),
+                )
+            })
+            .collect();
+        let closed = super::sockets::destroy_udp_sockets(&udp);
+        if closed > 0 {
+            tracing::info!(
+                sockets = closed,
+                "closed connected UDP sockets of deleted backends"
+            );
         }
     }
 }

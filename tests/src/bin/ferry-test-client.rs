@@ -58,6 +58,39 @@ fn main() {
         }
         return;
     }
+    if proto == "udpconn" {
+        // One connected socket; after an error a new one, as resolvers do.
+        let connect = || -> std::io::Result<UdpSocket> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            Ok(s)
+        };
+        let mut sock = connect();
+        for _ in 0..count {
+            let start = Instant::now();
+            let mut buf = [0u8; 256];
+            let result = match &sock {
+                Ok(s) => s
+                    .send(b"hello\n")
+                    .and_then(|_| s.recv(&mut buf))
+                    .and_then(|n| Ok((s.peer_addr()?, n))),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            };
+            match result {
+                Ok((peer, n)) => {
+                    println!("ok {peer} {}", String::from_utf8_lossy(&buf[..n]).trim())
+                }
+                Err(e) => {
+                    println!("err {:?} {}", e.kind(), start.elapsed().as_millis());
+                    sock = connect();
+                }
+            }
+            let _ = std::io::stdout().flush();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        return;
+    }
     if proto == "udpsock" {
         let s = match UdpSocket::bind("0.0.0.0:0") {
             Ok(s) => s,
