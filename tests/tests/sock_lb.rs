@@ -439,3 +439,75 @@ fn connected_udp_socket_of_a_removed_backend_is_closed() {
     assert!(child.wait().unwrap().success());
     drop(ebpf);
 }
+
+/// From the node (a process in the cgroup): a NodePort on a node address,
+/// an externalIP and a LoadBalancer IP are balanced at connect() like a
+/// ClusterIP; internalTrafficPolicy Local without a local endpoint makes
+/// connect() fail at once.
+#[test]
+fn external_frontends_and_internal_local_from_the_node() {
+    if !require_privileged(
+        "external_frontends_and_internal_local_from_the_node",
+        object_present(),
+    ) {
+        return;
+    }
+    use ferry_tests::objects;
+    let (srv, cli) = client_and_backends("ex", 6).unwrap();
+    let tcp = srv
+        .run(|| {
+            Ok(vec![
+                TcpListener::bind("198.18.6.2:8080")?,
+                TcpListener::bind("198.18.6.3:8080")?,
+            ])
+        })
+        .unwrap();
+    let _servers = Servers::start(tcp, vec![]);
+    let pins = PinDir::new("ext").unwrap();
+    let cg = TestCgroup::new("ext").unwrap();
+    let caps = MapCapacities::default();
+    let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &caps).unwrap();
+    ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, pins.path(), cg.path()).unwrap();
+    let mut agent = agent(pins.path(), caps);
+    let remote = [
+        ("198.18.6.2", "node-b", true, false),
+        ("198.18.6.3", "node-b", true, false),
+    ];
+    let services = [
+        objects::service("np", "TCP", 30180, 8080, "    externalIPs: [198.19.3.10]"),
+        objects::service("lb", "TCP", 30181, 8080, "    # lb 198.19.3.11"),
+        objects::service(
+            "itl",
+            "TCP",
+            30182,
+            8080,
+            "    internalTrafficPolicy: Local",
+        ),
+    ];
+    let slices = [
+        objects::slice("np", "TCP", 8080, &remote),
+        objects::slice("lb", "TCP", 8080, &remote),
+        objects::slice("itl", "TCP", 8080, &remote),
+    ];
+    objects::sync(&mut agent, &services, &slices);
+
+    for frontend in ["198.18.20.1:30180", "198.19.3.10:80", "198.19.3.11:80"] {
+        let lines = client(&cg, &cli, "tcp", frontend, 12);
+        let mut seen = std::collections::BTreeSet::new();
+        for l in &lines {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(parts[..2], ["ok", frontend], "{lines:?}");
+            seen.insert(parts[2].to_string());
+        }
+        assert_eq!(seen.len(), 2, "{frontend}: {seen:?}");
+    }
+    // internalTrafficPolicy Local, endpoints only elsewhere: the ClusterIP
+    // (198.19.0.183, see objects::service) refuses at once.
+    let lines = client(&cg, &cli, "tcp", "198.19.0.183:80", 2);
+    for l in &lines {
+        let parts: Vec<&str> = l.split_whitespace().collect();
+        assert_eq!(parts[..2], ["err", "PermissionDenied"], "{lines:?}");
+        assert!(parts[2].parse::<u64>().unwrap() < 1000, "{lines:?}");
+    }
+    drop(ebpf);
+}

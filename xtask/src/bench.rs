@@ -1,5 +1,7 @@
-//! `cargo xtask bench core`: runs the criterion control-plane benches and
-//! prints their medians as a markdown table (the one in docs/BENCHMARKS.md).
+//! `cargo xtask bench core|datapath`: runs a criterion bench set (the
+//! control-plane one, or the root-only datapath one: map writes and the TC
+//! program per packet) and prints its medians as a markdown table (the
+//! ones in docs/BENCHMARKS.md).
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -9,16 +11,31 @@ use crate::deps;
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
-        Some("core") | None => core(root, args.iter().any(|a| a == "--quick")),
+        Some("core") | None => criterion(
+            root,
+            "control_plane",
+            &[
+                "translate_plan_full",
+                "endpoint_change_10k",
+                "maglev_build_16381",
+            ],
+            args.iter().any(|a| a == "--quick"),
+        ),
+        Some("datapath") => criterion(
+            root,
+            "datapath",
+            &["datapath_apply", "tc_ingress_per_packet"],
+            args.iter().any(|a| a == "--quick"),
+        ),
         Some("control-plane") => control_plane(root, args.iter().any(|a| a == "--quick")),
         Some("dataplane") => crate::dataplane::run(root, &args[1..]),
         Some(other) => bail!(
-            "unknown benchmark set {other:?}: `cargo xtask bench core|control-plane|dataplane [--quick]`"
+            "unknown benchmark set {other:?}: `cargo xtask bench core|datapath|control-plane|dataplane [--quick]`"
         ),
     }
 }
 
-fn core(root: &Path, quick: bool) -> Result<()> {
+fn criterion(root: &Path, bench: &str, groups: &[&str], quick: bool) -> Result<()> {
     let mut cmd = Command::new(deps::cargo());
     cmd.current_dir(root).args([
         "bench",
@@ -26,7 +43,7 @@ fn core(root: &Path, quick: bool) -> Result<()> {
         "-p",
         "ferry-benches",
         "--bench",
-        "control_plane",
+        bench,
         "--",
     ]);
     if quick {
@@ -37,12 +54,14 @@ fn core(root: &Path, quick: bool) -> Result<()> {
     let criterion = root.join("target/criterion");
     println!("\n| benchmark | median | min-max of the estimate |");
     println!("|---|---|---|");
-    for group in [
-        "translate_plan_full",
-        "endpoint_change_10k",
-        "maglev_build_16381",
-    ] {
+    for group in groups {
         let dir = criterion.join(group);
+        if !dir.exists() {
+            println!(
+                "| {group} | not measured (the datapath benches need root and the eBPF object) | |"
+            );
+            continue;
+        }
         let mut benches: Vec<_> = std::fs::read_dir(&dir)
             .with_context(|| format!("reading {}", dir.display()))?
             .filter_map(|e| e.ok())

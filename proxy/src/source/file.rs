@@ -1,7 +1,9 @@
 //! The file source: a YAML file, or a directory of them, holding Service,
-//! EndpointSlice and optional Node objects (multi-document). Polled; a
-//! change of any file's content sends a new snapshot. Unreadable documents
-//! are logged with file and position and skipped.
+//! EndpointSlice and optional Node objects (multi-document). Polled: each
+//! poll compares the files' names, sizes and modification times, reads them
+//! only when one changed, and parses and sends a new snapshot only when the
+//! content changed. Unreadable documents are logged with file and position
+//! and skipped.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,9 +38,24 @@ pub fn files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
 }
 
-/// Reads every file into one snapshot. Returns the contents read (to detect
-/// changes) and the event.
-pub fn read_snapshot(path: &Path) -> std::io::Result<(Vec<(PathBuf, String)>, SourceEvent)> {
+/// Name, size and modification time of every file: what a poll compares
+/// before reading anything.
+type Stamps = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
+
+fn stamps(path: &Path) -> std::io::Result<Stamps> {
+    Ok(files(path)?
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
+            let mtime = meta.and_then(|m| m.modified().ok());
+            (f, len, mtime)
+        })
+        .collect())
+}
+
+/// The text of every file.
+fn read_files(path: &Path) -> std::io::Result<Vec<(PathBuf, String)>> {
     let mut contents = Vec::new();
     for f in files(path)? {
         match std::fs::read_to_string(&f) {
@@ -46,8 +63,20 @@ pub fn read_snapshot(path: &Path) -> std::io::Result<(Vec<(PathBuf, String)>, So
             Err(e) => tracing::warn!(file = %f.display(), error = %e, "cannot read file"),
         }
     }
+    Ok(contents)
+}
+
+/// Reads every file into one snapshot. Returns the contents read (to detect
+/// changes) and the event.
+pub fn read_snapshot(path: &Path) -> std::io::Result<(Vec<(PathBuf, String)>, SourceEvent)> {
+    let contents = read_files(path)?;
+    let event = snapshot(&contents);
+    Ok((contents, event))
+}
+
+fn snapshot(contents: &[(PathBuf, String)]) -> SourceEvent {
     let (mut services, mut slices, mut nodes) = (Vec::new(), Vec::new(), Vec::new());
-    for (f, text) in &contents {
+    for (f, text) in contents {
         let (objects, errors) = parse_documents(text, &f.display().to_string());
         for e in errors {
             tracing::warn!(error = %e, "skipping document");
@@ -60,15 +89,12 @@ pub fn read_snapshot(path: &Path) -> std::io::Result<(Vec<(PathBuf, String)>, So
             }
         }
     }
-    Ok((
-        contents,
-        SourceEvent::Snapshot {
-            source: NAME,
-            services,
-            slices,
-            nodes,
-        },
-    ))
+    SourceEvent::Snapshot {
+        source: NAME,
+        services,
+        slices,
+        nodes,
+    }
 }
 
 /// Polls `path` every `interval` until `stop` is set or the receiver is
@@ -81,17 +107,31 @@ pub fn spawn(
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut last: Option<Vec<(PathBuf, String)>> = None;
+        let mut last_stamps: Option<Stamps> = None;
         while !stop.load(Ordering::Relaxed) {
-            match read_snapshot(&path) {
-                Ok((contents, event)) => {
+            let polled = stamps(&path).and_then(|st| {
+                if last_stamps.as_ref() == Some(&st) {
+                    return Ok(None);
+                }
+                last_stamps = Some(st);
+                read_files(&path).map(Some)
+            });
+            match polled {
+                // Nothing touched since the last poll.
+                Ok(None) => {}
+                Ok(Some(contents)) => {
                     if last.as_ref() != Some(&contents) {
+                        let event = snapshot(&contents);
                         last = Some(contents);
                         if tx.send(event).is_err() {
                             return;
                         }
                     }
                 }
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read source"),
+                Err(e) => {
+                    last_stamps = None;
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read source");
+                }
             }
             std::thread::sleep(interval);
         }
