@@ -416,6 +416,17 @@ fn connected_udp_socket_of_a_removed_backend_is_closed() {
     } else {
         "198.18.5.2"
     };
+    // A socket connected to that backend's address directly, not through
+    // the Service, is none of Ferry's business: it stays open.
+    let used_addr = used.clone();
+    let direct = cli
+        .run(move || {
+            let s = UdpSocket::bind("198.18.5.1:0")?;
+            s.connect(&used_addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            Ok(s)
+        })
+        .unwrap();
     slices[0] = slice("dns", &[keep], 5353, "UDP");
     sync(&mut agent, &services, &slices);
     let rest: Vec<String> = (0..25).map(|_| read_line()).collect();
@@ -430,6 +441,10 @@ fn connected_udp_socket_of_a_removed_backend_is_closed() {
         rest[..moved].iter().any(|l| l.starts_with("err ")),
         "the old socket was not closed: {rest:?}"
     );
+    direct.send(b"still there?").unwrap();
+    let mut buf = [0u8; 64];
+    let n = direct.recv(&mut buf).expect("the direct socket was closed");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with(&used));
     assert!(
         rest[moved..]
             .iter()

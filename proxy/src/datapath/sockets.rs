@@ -1,4 +1,6 @@
-//! Closes connected UDP sockets whose peer is a deleted backend, through
+//! Closes connected UDP sockets that socket-level balancing sent to a
+//! backend that is now deleted (their cookies are in the socket reverse-NAT
+//! map; a socket connected to that address directly is left alone), through
 //! sock_diag (SOCK_DESTROY, CONFIG_INET_DIAG_DESTROY), in this network
 //! namespace and every one under /var/run/netns (where CNI plugins and
 //! `ip netns` keep pod namespaces). Socket-level balancing translated such
@@ -6,9 +8,11 @@
 //! dead backend. The application sees ECONNABORTED and, as DNS resolvers
 //! and most UDP clients do, opens a new socket, which gets a live backend.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -33,12 +37,13 @@ const NETNS_DIR: &str = "/var/run/netns";
 pub type Peer = (Ipv4Addr, u16);
 
 /// Destroys, in this namespace and every one under /var/run/netns, the
-/// connected UDP sockets whose peer is in `peers`; returns how many.
-pub fn destroy_udp_sockets(peers: &[Peer]) -> usize {
-    if peers.is_empty() {
+/// connected UDP sockets whose peer is in `peers` and whose cookie is in
+/// `cookies`; returns how many.
+pub fn destroy_udp_sockets(peers: &[Peer], cookies: &Arc<HashSet<u64>>) -> usize {
+    if peers.is_empty() || cookies.is_empty() {
         return 0;
     }
-    let mut done = destroy_here(peers).unwrap_or_else(|e| {
+    let mut done = destroy_here(peers, cookies).unwrap_or_else(|e| {
         tracing::debug!(error = %e, "UDP socket cleanup in the agent's namespace");
         0
     });
@@ -48,6 +53,7 @@ pub fn destroy_udp_sockets(peers: &[Peer]) -> usize {
     for e in entries.flatten() {
         let path = e.path();
         let peers = peers.to_vec();
+        let cookies = cookies.clone();
         let joined = std::thread::spawn(move || -> Result<usize, String> {
             let ns = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             // SAFETY: setns on a valid namespace fd; it affects this thread only.
@@ -58,7 +64,7 @@ pub fn destroy_udp_sockets(peers: &[Peer]) -> usize {
                     std::io::Error::last_os_error()
                 ));
             }
-            destroy_here(&peers)
+            destroy_here(&peers, &cookies)
         })
         .join();
         match joined {
@@ -149,9 +155,16 @@ fn messages(buf: &[u8]) -> Vec<(u16, &[u8])> {
     out
 }
 
+/// The cookie in an inet_diag_sockid (two host-order u32, low first).
+fn cookie(id: &[u8]) -> u64 {
+    let lo = u32::from_ne_bytes([id[40], id[41], id[42], id[43]]);
+    let hi = u32::from_ne_bytes([id[44], id[45], id[46], id[47]]);
+    u64::from(lo) | (u64::from(hi) << 32)
+}
+
 /// The socket IDs of connected UDP sockets in this namespace whose peer is
-/// in `peers`.
-fn matching(fd: &OwnedFd, peers: &[Peer]) -> Result<Vec<Vec<u8>>, String> {
+/// in `peers` and whose cookie is in `cookies`.
+fn matching(fd: &OwnedFd, peers: &[Peer], cookies: &HashSet<u64>) -> Result<Vec<Vec<u8>>, String> {
     send(
         fd,
         &request(
@@ -176,7 +189,7 @@ fn matching(fd: &OwnedFd, peers: &[Peer]) -> Result<Vec<Vec<u8>>, String> {
                     let id = &body[4..4 + SOCKID_LEN];
                     let dport = u16::from_be_bytes([id[2], id[3]]);
                     let dst = Ipv4Addr::new(id[20], id[21], id[22], id[23]);
-                    if peers.contains(&(dst, dport)) {
+                    if peers.contains(&(dst, dport)) && cookies.contains(&cookie(id)) {
                         found.push(id.to_vec());
                     }
                 }
@@ -186,9 +199,9 @@ fn matching(fd: &OwnedFd, peers: &[Peer]) -> Result<Vec<Vec<u8>>, String> {
     }
 }
 
-fn destroy_here(peers: &[Peer]) -> Result<usize, String> {
+fn destroy_here(peers: &[Peer], cookies: &HashSet<u64>) -> Result<usize, String> {
     let fd = netlink()?;
-    let ids = matching(&fd, peers)?;
+    let ids = matching(&fd, peers, cookies)?;
     let mut done = 0;
     let mut buf = vec![0u8; 4096];
     for (i, id) in ids.iter().enumerate() {
@@ -229,6 +242,14 @@ mod tests {
         assert_eq!(m[16], libc::AF_INET as u8);
         assert_eq!(m[17], libc::IPPROTO_UDP as u8);
         assert_eq!(&m[24..], &[0xab; SOCKID_LEN][..]);
+    }
+
+    #[test]
+    fn cookies_read_low_word_first() {
+        let mut id = [0u8; SOCKID_LEN];
+        id[40..44].copy_from_slice(&7u32.to_ne_bytes());
+        id[44..48].copy_from_slice(&1u32.to_ne_bytes());
+        assert_eq!(cookie(&id), (1 << 32) | 7);
     }
 
     #[test]

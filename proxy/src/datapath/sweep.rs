@@ -3,15 +3,16 @@
 //! stalls the sync loop. The programs already refuse an entry whose
 //! backend is gone (the flow moves to a live backend at its next packet);
 //! the sweep frees the entries and keeps a reused backend ID from ever
-//! meeting an old flow. Connected UDP sockets whose peer was a deleted
-//! backend are closed too ([`super::sockets`]).
+//! meeting an old flow. Connected UDP sockets that socket-level balancing
+//! sent to a deleted backend are closed too ([`super::sockets`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 
 use aya::maps::{HashMap, Map, MapData};
 use ferry_common::lb::{
-    Affinity4Key, AffinityValue, Be16, Be32, Ct4Key, Ct4Value, AFFINITY4_MAP, CT4_MAP, CT_FORWARD,
+    Affinity4Key, AffinityValue, Be16, Be32, Ct4Key, Ct4Value, SockRevNat4Key, SockRevNat4Value,
+    AFFINITY4_MAP, CT4_MAP, CT_FORWARD, SOCK_REVNAT4_MAP,
 };
 
 /// A backend that was deleted: its ID and the address it had.
@@ -83,7 +84,14 @@ fn run(dir: &Path, rx: &Receiver<Vec<GoneBackend>>) {
                 )
             })
             .collect();
-        let closed = super::sockets::destroy_udp_sockets(&udp);
+        let cookies = match balanced_sockets(dir, &udp) {
+            Ok(c) => std::sync::Arc::new(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the socket reverse-NAT map");
+                continue;
+            }
+        };
+        let closed = super::sockets::destroy_udp_sockets(&udp, &cookies);
         if closed > 0 {
             tracing::info!(
                 sockets = closed,
@@ -91,6 +99,30 @@ fn run(dir: &Path, rx: &Receiver<Vec<GoneBackend>>) {
             );
         }
     }
+}
+
+/// The cookies of the sockets socket-level balancing sent to one of
+/// `peers` (from the socket reverse-NAT map).
+fn balanced_sockets(
+    dir: &Path,
+    peers: &[super::sockets::Peer],
+) -> Result<std::collections::HashSet<u64>, String> {
+    if peers.is_empty() {
+        return Ok(std::collections::HashSet::new());
+    }
+    let map: HashMap<MapData, SockRevNat4Key, SockRevNat4Value> = open(dir, SOCK_REVNAT4_MAP)?;
+    Ok(map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| {
+            let peer = (
+                std::net::Ipv4Addr::from_bits(k.backend_addr.to_host()),
+                k.backend_port.to_host(),
+            );
+            peers.contains(&peer)
+        })
+        .map(|k| k.cookie)
+        .collect())
 }
 
 /// One pass over both maps; returns the entries removed from each.
