@@ -103,7 +103,7 @@ pub fn explain(applied: &AppliedState, src: SocketAddr, dst: L4Addr) -> String {
                 let slot = h as usize % table.len();
                 let _ = writeln!(
                     out,
-                    "from outside the node (TC path, not built yet): Maglev slot {slot} of {} -> {}",
+                    "from outside the node (TC path, a new flow; a tracked one keeps its backend): Maglev slot {slot} of {} -> {}",
                     table.len(),
                     backend(&table[slot])
                 );
