@@ -589,9 +589,10 @@ fn run(
     } else if ebpf.is_some() {
         agent
             .metrics()
-            .set_dataplane(Arc::new(ferry_proxy::ebpf::status::EbpfStatus {
-                dir: dataplane.bpffs.clone(),
-            }));
+            .set_dataplane(Arc::new(ferry_proxy::ebpf::status::EbpfStatus::new(
+                dataplane.bpffs.clone(),
+                MapCapacities::default(),
+            )));
     }
     let stop_source = Arc::new(AtomicBool::new(false));
     for (addr, what) in listen {

@@ -393,10 +393,15 @@ struct Request {
     kind: Kind,
     namespace: Option<String>,
     name: Option<String>,
+    /// `status` for /services/NAME/status.
+    subresource: Option<String>,
     query: BTreeMap<String, String>,
 }
 
-fn route(path: &str) -> Option<(Kind, Option<String>, Option<String>)> {
+/// (kind, namespace, name, subresource) of an API path.
+type Route = (Kind, Option<String>, Option<String>, Option<String>);
+
+fn route(path: &str) -> Option<Route> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (rest, core) = match parts.as_slice() {
         ["api", "v1", rest @ ..] => (rest, true),
@@ -413,7 +418,12 @@ fn route(path: &str) -> Option<(Kind, Option<String>, Option<String>)> {
         (false, &"endpointslices") => Kind::EndpointSlice,
         _ => return None,
     };
-    Some((kind, ns, rest.get(1).map(|s| s.to_string())))
+    Some((
+        kind,
+        ns,
+        rest.get(1).map(|s| s.to_string()),
+        rest.get(2).map(|s| s.to_string()),
+    ))
 }
 
 fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Result<()> {
@@ -429,6 +439,7 @@ fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Result
         let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
         let (method, target) = (method.to_string(), target.to_string());
         let mut content_length = 0usize;
+        let mut close = false;
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
@@ -438,6 +449,9 @@ fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Result
                 if k.eq_ignore_ascii_case("content-length") {
                     content_length = v.trim().parse().unwrap_or(0);
                 }
+                if k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close") {
+                    close = true;
+                }
             }
         }
         let mut body = vec![0u8; content_length.min(1 << 20)];
@@ -446,12 +460,16 @@ fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Result
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         if let Some(refused) = refused(shared, &method, path, query) {
             respond(&mut out, 403, &status_body(403, "Forbidden", &refused))?;
+            if close {
+                return Ok(());
+            }
             continue;
         }
-        let request = route(path).map(|(kind, namespace, name)| Request {
+        let request = route(path).map(|(kind, namespace, name, subresource)| Request {
             kind,
             namespace,
             name,
+            subresource,
             query: query_map(query),
         });
         if path.starts_with("/apis/events.k8s.io/v1/namespaces/")
@@ -464,6 +482,9 @@ fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Result
             st.posted_events.push(event.clone());
             drop(st);
             respond(&mut out, if method == "POST" { 201 } else { 200 }, &event)?;
+            if close {
+                return Ok(());
+            }
             continue;
         }
         match (method.as_str(), request) {
@@ -478,11 +499,95 @@ fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Result
                 let (status, body) = get(shared, &r);
                 respond(&mut out, status, &body)?;
             }
+            ("PATCH", Some(r))
+                if r.kind == Kind::Service && r.subresource.as_deref() == Some("status") =>
+            {
+                let (status, body) = patch_status(shared, &r, &body);
+                respond(&mut out, status, &body)?;
+            }
             _ => respond(
                 &mut out,
                 404,
                 &status_body(404, "NotFound", "not served by the fake API"),
             )?,
+        }
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// PATCH of a Service's status (merge patch, strategic merge patch or
+/// server-side apply, all applied here as a JSON merge of the body's
+/// `status`): 404 when the Service does not exist, 409 when the body names
+/// a resourceVersion that is no longer current, else the object with a new
+/// resourceVersion (and a MODIFIED event for watchers).
+fn patch_status(shared: &Shared, r: &Request, body: &[u8]) -> (u16, Value) {
+    let patch: Value = match serde_yaml::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return (400, status_body(400, "BadRequest", &e.to_string())),
+    };
+    let (Some(ns), Some(name)) = (&r.namespace, &r.name) else {
+        return (404, status_body(404, "NotFound", "no such Service"));
+    };
+    let key = (Kind::Service, ns.clone(), name.clone());
+    let mut st = lock(shared);
+    let current_rv = st.rv;
+    let Some(object) = st.objects.get_mut(&key) else {
+        return (
+            404,
+            status_body(404, "NotFound", &format!("services \"{name}\" not found")),
+        );
+    };
+    if let Some(want) = patch["metadata"]["resourceVersion"].as_str() {
+        if object["metadata"]["resourceVersion"].as_str() != Some(want) {
+            return (
+                409,
+                status_body(
+                    409,
+                    "Conflict",
+                    &format!(
+                        "Operation cannot be fulfilled on services \"{name}\": the object has been modified"
+                    ),
+                ),
+            );
+        }
+    }
+    merge(&mut object["status"], &patch["status"]);
+    let rv = current_rv + 1;
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let object = object.clone();
+    st.rv = rv;
+    st.events.push(Event {
+        rv,
+        kind: Kind::Service,
+        type_: "MODIFIED",
+        object: object.clone(),
+    });
+    drop(st);
+    shared.changed.notify_all();
+    (200, object)
+}
+
+/// JSON merge patch (RFC 7386): objects merge key by key, null deletes,
+/// anything else replaces.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        if !patch.is_null() {
+            *target = patch.clone();
+        }
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
         }
     }
 }
@@ -514,8 +619,10 @@ fn respond(out: &mut TcpStream, status: u16, body: &Value) -> std::io::Result<()
     let reason = match status {
         200 => "OK",
         201 => "Created",
+        400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
+        409 => "Conflict",
         410 => "Gone",
         _ => "Error",
     };
@@ -741,12 +848,24 @@ mod tests {
     }
 
     #[test]
+    fn merge_patch_merges_replaces_and_deletes() {
+        let mut t = json!({"a": {"b": 1, "c": 2}, "d": [1]});
+        merge(&mut t, &json!({"a": {"b": null, "e": 3}, "d": [2]}));
+        assert_eq!(t, json!({"a": {"c": 2, "e": 3}, "d": [2]}));
+    }
+
+    #[test]
     fn routes() {
         assert_eq!(route("/api/v1/services").map(|r| r.0), Some(Kind::Service));
         let r = route("/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices/x").unwrap();
         assert_eq!(
             (r.0, r.1.as_deref(), r.2.as_deref()),
             (Kind::EndpointSlice, Some("ns"), Some("x"))
+        );
+        let r = route("/api/v1/namespaces/ns/services/web/status").unwrap();
+        assert_eq!(
+            (r.0, r.2.as_deref(), r.3.as_deref()),
+            (Kind::Service, Some("web"), Some("status"))
         );
         assert_eq!(
             route("/api/v1/nodes/n1").and_then(|r| r.2),

@@ -271,6 +271,20 @@ fn established_stream_survives_sigkill_and_restart() {
         .find_map(|l| l.strip_prefix("ferry_datapath_events_total{event=\"sock_translated\"} "))
         .and_then(|v| v.trim().parse::<u64>().ok());
     assert!(translated.is_some_and(|n| n > 0), "{metrics}");
+    // Map fill: the one ClusterIP's master entry and slot, its backend.
+    assert!(
+        metrics.contains("ferry_map_entries{map=\"ferry_svc4\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ferry_map_entries{map=\"ferry_be4\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ferry_map_capacity{map=\"ferry_ct4\"} 524288"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ferry_conntrack_entries 0"), "{metrics}");
     let services_json = http_get(&served(&log, "Metrics"), "/services");
     assert!(
         services_json.contains("198.19.0.20:80/TCP"),

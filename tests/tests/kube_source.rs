@@ -179,3 +179,119 @@ fn nothing_is_programmed_before_every_kind_listed() {
     assert_eq!(r.ops, 0);
     assert!(!r.full);
 }
+
+/// One HTTP request to the fake API server; (status code, JSON body).
+fn http(
+    api: &FakeApi,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let addr = api.url().trim_start_matches("http://").to_string();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let json = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or_default();
+    (code, json)
+}
+
+/// PATCH of a Service's status, as the LoadBalancer allocator will send it
+/// (server-side apply and merge patch): the status is merged, the
+/// resourceVersion moves on (watchers get a MODIFIED event); a missing
+/// Service is 404 and a stale resourceVersion precondition 409.
+#[test]
+fn fake_api_patches_service_status() {
+    let api = FakeApi::start().unwrap();
+    let rv = api.apply(service("web", "198.19.0.10"));
+    let path = "/api/v1/namespaces/ns/services/web/status";
+    let (code, obj) = http(
+        &api,
+        "PATCH",
+        &format!("{path}?fieldManager=ferry&force=true"),
+        "application/apply-patch+yaml",
+        r#"{"apiVersion":"v1","kind":"Service","status":{"loadBalancer":{"ingress":[{"ip":"198.19.9.1"}]}}}"#,
+    );
+    assert_eq!(code, 200, "{obj}");
+    assert_eq!(
+        obj["status"]["loadBalancer"]["ingress"][0]["ip"],
+        "198.19.9.1"
+    );
+    assert_eq!(obj["spec"]["clusterIP"], "198.19.0.10", "spec untouched");
+    let new_rv: u64 = obj["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(new_rv > rv);
+    // A read sees it.
+    let (code, got) = http(
+        &api,
+        "GET",
+        "/api/v1/namespaces/ns/services/web",
+        "application/json",
+        "",
+    );
+    assert_eq!(code, 200);
+    assert_eq!(got["status"], obj["status"]);
+
+    // Merge patch with a stale precondition: 409, nothing changed.
+    let (code, obj) = http(
+        &api,
+        "PATCH",
+        path,
+        "application/merge-patch+json",
+        &format!(r#"{{"metadata":{{"resourceVersion":"{rv}"}},"status":{{"loadBalancer":null}}}}"#),
+    );
+    assert_eq!(
+        (code, obj["reason"].as_str()),
+        (409, Some("Conflict")),
+        "{obj}"
+    );
+    // ... and with the current one: applied (null deletes).
+    let (code, obj) = http(
+        &api,
+        "PATCH",
+        path,
+        "application/merge-patch+json",
+        &format!(
+            r#"{{"metadata":{{"resourceVersion":"{new_rv}"}},"status":{{"loadBalancer":null}}}}"#
+        ),
+    );
+    assert_eq!(code, 200, "{obj}");
+    assert!(obj["status"].get("loadBalancer").is_none(), "{obj}");
+
+    // A Service that does not exist: 404.
+    let (code, obj) = http(
+        &api,
+        "PATCH",
+        "/api/v1/namespaces/ns/services/nope/status",
+        "application/merge-patch+json",
+        r#"{"status":{}}"#,
+    );
+    assert_eq!(
+        (code, obj["reason"].as_str()),
+        (404, Some("NotFound")),
+        "{obj}"
+    );
+    assert!(api
+        .requests()
+        .iter()
+        .any(|r| r.starts_with("PATCH /api/v1/namespaces/ns/services/web/status")));
+}

@@ -1,8 +1,18 @@
 //! The eBPF dataplane's part of the agent's endpoints: its datapath event
-//! counters (per-CPU, summed) as `ferry_datapath_events_total{event}` on
-//! /metrics, and /services read from the pinned maps.
+//! counters (per-CPU, summed) as `ferry_datapath_events_total{event}`, the
+//! fill of the main maps and the conntrack entries on /metrics (counted by
+//! walking the maps, at most every 30 s), and /services read from the
+//! pinned maps.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap, Map, MapData};
+use ferry_common::lb::{
+    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, Service4Key, Service4Value,
+    AFFINITY4_MAP, BACKENDS4_MAP, CT4_MAP, SERVICES4_MAP,
+};
 
 use crate::datapath::{BpfMaps, LbMaps, MapCapacities};
 use crate::metrics::DataplaneStatus;
@@ -12,6 +22,75 @@ use crate::plan::AppliedState;
 #[derive(Debug)]
 pub struct EbpfStatus {
     pub dir: PathBuf,
+    pub caps: MapCapacities,
+    /// The last map census and when it was taken.
+    census: Mutex<Option<(Instant, Census)>>,
+}
+
+/// (map, entries, capacity) per counted map.
+type Census = Vec<(&'static str, u64, u32)>;
+
+/// How long a census of the map entries is reused.
+const CENSUS_TTL: Duration = Duration::from_secs(30);
+
+fn count<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str, lru: bool) -> Option<u64> {
+    let data = MapData::from_pin(dir.join(name)).ok()?;
+    let map = if lru {
+        Map::LruHashMap(data)
+    } else {
+        Map::HashMap(data)
+    };
+    let map: HashMap<MapData, K, V> = HashMap::try_from(map).ok()?;
+    Some(map.keys().filter(Result::is_ok).count() as u64)
+}
+
+impl EbpfStatus {
+    pub fn new(dir: PathBuf, caps: MapCapacities) -> EbpfStatus {
+        EbpfStatus {
+            dir,
+            caps,
+            census: Mutex::new(None),
+        }
+    }
+
+    /// (map, entries, capacity) of the services, backends, conntrack and
+    /// affinity maps.
+    fn census(&self) -> Census {
+        let mut cached = self.census.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, c)) = cached.as_ref() {
+            if at.elapsed() < CENSUS_TTL {
+                return c.clone();
+            }
+        }
+        let d = &self.dir;
+        let c: Census = [
+            (
+                SERVICES4_MAP,
+                count::<Service4Key, Service4Value>(d, SERVICES4_MAP, false),
+                self.caps.services,
+            ),
+            (
+                BACKENDS4_MAP,
+                count::<u32, Backend4>(d, BACKENDS4_MAP, false),
+                self.caps.backends,
+            ),
+            (
+                CT4_MAP,
+                count::<Ct4Key, Ct4Value>(d, CT4_MAP, true),
+                self.caps.conntrack,
+            ),
+            (
+                AFFINITY4_MAP,
+                count::<Affinity4Key, AffinityValue>(d, AFFINITY4_MAP, true),
+                self.caps.affinity,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, n, cap)| Some((name, n?, cap)))
+        .collect();
+        *cached = Some((Instant::now(), c.clone()));
+        c
+    }
 }
 
 impl DataplaneStatus for EbpfStatus {
@@ -30,6 +109,29 @@ impl DataplaneStatus for EbpfStatus {
         );
         for (event, v) in counters {
             let _ = writeln!(out, "ferry_datapath_events_total{{event=\"{event}\"}} {v}");
+        }
+        let census = self.census();
+        let _ = writeln!(
+            out,
+            "# HELP ferry_map_entries Entries in an eBPF map (counted at most every 30 s)\n# TYPE ferry_map_entries gauge"
+        );
+        for (map, n, _) in &census {
+            let _ = writeln!(out, "ferry_map_entries{{map=\"{map}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ferry_map_capacity Capacity of an eBPF map\n# TYPE ferry_map_capacity gauge"
+        );
+        for (map, _, cap) in &census {
+            let _ = writeln!(out, "ferry_map_capacity{{map=\"{map}\"}} {cap}");
+        }
+        if let Some((_, n, _)) = census.iter().find(|(m, _, _)| *m == CT4_MAP) {
+            crate::metrics::gauge(
+                out,
+                "ferry_conntrack_entries",
+                "Conntrack entries of the TC path (two per flow)",
+                *n,
+            );
         }
     }
 
