@@ -378,9 +378,9 @@ impl Agent {
     }
 }
 
-/// The addresses of this network namespace's interfaces (no loopback, no
-/// IPv6 link-local), within `cidrs` when given.
-pub fn local_addresses(cidrs: &[IpNet]) -> Vec<IpAddr> {
+/// Every (interface name, address) of this network namespace, loopback
+/// and IPv6 link-local addresses left out.
+pub fn interface_addresses() -> Vec<(String, IpAddr)> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a list we free below.
@@ -392,7 +392,7 @@ pub fn local_addresses(cidrs: &[IpNet]) -> Vec<IpAddr> {
         // SAFETY: a node of the list getifaddrs returned.
         let ifa = unsafe { &*cur };
         cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() {
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
             continue;
         }
         // SAFETY: ifa_addr points to a sockaddr of the family it names.
@@ -413,12 +413,23 @@ pub fn local_addresses(cidrs: &[IpNet]) -> Vec<IpAddr> {
         if ip.is_loopback() || link_local {
             continue;
         }
-        if cidrs.is_empty() || cidrs.iter().any(|c| c.contains(&ip)) {
-            out.push(ip);
-        }
+        // SAFETY: a NUL-terminated name from getifaddrs.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        out.push((name.to_string_lossy().into_owned(), ip));
     }
     // SAFETY: the list from getifaddrs above.
     unsafe { libc::freeifaddrs(ifap) };
+    out
+}
+
+/// The addresses of this network namespace's interfaces (no loopback, no
+/// IPv6 link-local), within `cidrs` when given.
+pub fn local_addresses(cidrs: &[IpNet]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = interface_addresses()
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .filter(|ip| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(ip)))
+        .collect();
     out.sort();
     out.dedup();
     out

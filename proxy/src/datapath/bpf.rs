@@ -78,7 +78,9 @@ fn open_map(dir: &Path, name: &str) -> Result<Map, DatapathError> {
     Map::from_map_data(data).map_err(open_err)
 }
 
-fn typed<T: TryFrom<Map, Error = MapError>>(
+/// The map pinned as `dir/name`, as the typed aya map `T` (its kind is
+/// read from the kernel).
+pub(crate) fn typed<T: TryFrom<Map, Error = MapError>>(
     dir: &Path,
     name: &'static str,
 ) -> Result<T, DatapathError> {

@@ -9,6 +9,7 @@ mod fake;
 pub mod sockets;
 pub mod sweep;
 
+pub(crate) use bpf::typed;
 pub use bpf::{BpfMaps, MapCapacities};
 pub use fake::{FakeMaps, FaultyMaps};
 

@@ -6,10 +6,10 @@
 //! meeting an old flow. Connected UDP sockets that socket-level balancing
 //! sent to a deleted backend are closed too ([`super::sockets`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{channel, Receiver, Sender};
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
 use ferry_common::lb::{
     Affinity4Key, AffinityValue, Be16, Be32, Ct4Key, Ct4Value, SockRevNat4Key, SockRevNat4Value,
     AFFINITY4_MAP, CT4_MAP, CT_FORWARD, SOCK_REVNAT4_MAP,
@@ -52,11 +52,9 @@ impl Sweeper {
 
 fn open<K: aya::Pod, V: aya::Pod>(
     dir: &Path,
-    name: &str,
+    name: &'static str,
 ) -> Result<HashMap<MapData, K, V>, String> {
-    let path: PathBuf = dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    HashMap::try_from(Map::LruHashMap(data)).map_err(|e| format!("{}: {e}", path.display()))
+    super::typed(dir, name).map_err(|e| e.to_string())
 }
 
 fn run(dir: &Path, rx: &Receiver<Vec<GoneBackend>>) {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
 use ferry_common::lb::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, Service4Key, Service4Value,
     AFFINITY4_MAP, BACKENDS4_MAP, CT4_MAP, SERVICES4_MAP,
@@ -33,14 +33,8 @@ type Census = Vec<(&'static str, u64, u32)>;
 /// How long a census of the map entries is reused.
 const CENSUS_TTL: Duration = Duration::from_secs(30);
 
-fn count<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str, lru: bool) -> Option<u64> {
-    let data = MapData::from_pin(dir.join(name)).ok()?;
-    let map = if lru {
-        Map::LruHashMap(data)
-    } else {
-        Map::HashMap(data)
-    };
-    let map: HashMap<MapData, K, V> = HashMap::try_from(map).ok()?;
+fn count<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Option<u64> {
+    let map: HashMap<MapData, K, V> = crate::datapath::typed(dir, name).ok()?;
     Some(map.keys().filter(Result::is_ok).count() as u64)
 }
 
@@ -66,22 +60,22 @@ impl EbpfStatus {
         let c: Census = [
             (
                 SERVICES4_MAP,
-                count::<Service4Key, Service4Value>(d, SERVICES4_MAP, false),
+                count::<Service4Key, Service4Value>(d, SERVICES4_MAP),
                 self.caps.services,
             ),
             (
                 BACKENDS4_MAP,
-                count::<u32, Backend4>(d, BACKENDS4_MAP, false),
+                count::<u32, Backend4>(d, BACKENDS4_MAP),
                 self.caps.backends,
             ),
             (
                 CT4_MAP,
-                count::<Ct4Key, Ct4Value>(d, CT4_MAP, true),
+                count::<Ct4Key, Ct4Value>(d, CT4_MAP),
                 self.caps.conntrack,
             ),
             (
                 AFFINITY4_MAP,
-                count::<Affinity4Key, AffinityValue>(d, AFFINITY4_MAP, true),
+                count::<Affinity4Key, AffinityValue>(d, AFFINITY4_MAP),
                 self.caps.affinity,
             ),
         ]

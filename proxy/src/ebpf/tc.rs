@@ -37,13 +37,13 @@ pub fn attach_tc(
     interfaces: &[String],
 ) -> Result<Vec<TcAttached>, EbpfError> {
     let mut out = Vec::new();
+    if interfaces.is_empty() {
+        return Ok(out);
+    }
     for (program, attach, direction) in [
         (TC_INGRESS_PROGRAM, TcAttachType::Ingress, "ingress"),
         (TC_EGRESS_PROGRAM, TcAttachType::Egress, "egress"),
     ] {
-        if interfaces.is_empty() {
-            break;
-        }
         load_program(ebpf, program)?;
         let prog_err = |source| EbpfError::Program {
             name: program.into(),
@@ -97,40 +97,13 @@ pub fn attach_tc(
 /// global IPv4 address, except loopback and pod veths (`veth*`, `lxc*`,
 /// `cali*`), whose traffic the socket-level programs already translate.
 pub fn default_interfaces() -> Vec<String> {
-    let mut names = Vec::new();
-    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we free below.
-    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
-        return names;
-    }
-    let mut cur = addrs;
-    while !cur.is_null() {
-        // SAFETY: a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: a non-null sockaddr of the list.
-        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
-            continue;
-        }
-        // SAFETY: an AF_INET address is a sockaddr_in.
-        let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
-        let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-        // SAFETY: a NUL-terminated name from getifaddrs.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
-            .to_string_lossy()
-            .into_owned();
-        if ip.is_loopback() || ip.is_link_local() || is_pod_link(&name) {
-            continue;
-        }
-        if !names.contains(&name) {
+    let mut names: Vec<String> = Vec::new();
+    for (name, ip) in crate::agent::interface_addresses() {
+        let global_v4 = matches!(ip, std::net::IpAddr::V4(v4) if !v4.is_link_local());
+        if global_v4 && !is_pod_link(&name) && !names.contains(&name) {
             names.push(name);
         }
     }
-    // SAFETY: the list getifaddrs returned.
-    unsafe { libc::freeifaddrs(addrs) };
     names
 }
 
