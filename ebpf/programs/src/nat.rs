@@ -56,8 +56,6 @@ pub struct Flow {
     pub sport: Be16,
     pub dport: Be16,
     pub proto: u8,
-    /// Offset of the L4 header.
-    pub l4: usize,
     pub tcp_flags: u8,
 }
 
@@ -78,9 +76,9 @@ impl Flow {
     #[inline(always)]
     fn csum_off(&self) -> usize {
         if self.proto == IPPROTO_TCP {
-            self.l4 + 16
+            L4_OFF + 16
         } else {
-            self.l4 + 6
+            L4_OFF + 6
         }
     }
 
@@ -152,26 +150,40 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Flow>, i64> {
         sport: Be16(raw16(L4_OFF)),
         dport: Be16(raw16(L4_OFF + 2)),
         proto,
-        l4: L4_OFF,
         tcp_flags,
     }))
 }
 
-/// Marks the entry of a TCP flow that sent a FIN or RST; a new SYN on it
-/// (the client reusing its port) opens it again.
+/// Refreshes a conntrack entry a packet of `f` matched: its last-use time,
+/// and for TCP whether the flow is closing (a FIN or RST; a new SYN on the
+/// entry, the client reusing its port, opens it again). Returns a copy.
 #[inline(always)]
-fn track_state(f: &Flow, ct: *mut Ct4Value) {
-    if f.proto != IPPROTO_TCP {
-        return;
-    }
+fn touch(f: &Flow, ct: *mut Ct4Value) -> Ct4Value {
     // SAFETY: `ct` comes from a successful map lookup.
     unsafe {
-        if f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            (*ct).flags |= CT_FLAG_CLOSING;
-        } else if f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            (*ct).flags &= !CT_FLAG_CLOSING;
+        (*ct).last_ns = now();
+        if f.proto == IPPROTO_TCP {
+            if f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                (*ct).flags |= CT_FLAG_CLOSING;
+            } else if f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                (*ct).flags &= !CT_FLAG_CLOSING;
+            }
         }
+        *ct
     }
+}
+
+/// A reply of a translated flow: reversed to come from the frontend (and
+/// go back to the client when SNATed); None when `f` is no reply.
+#[inline(always)]
+fn reply(ctx: &TcContext, f: &Flow) -> Result<Option<Ct4Value>, i64> {
+    let Some(ct) = CT4.get_ptr_mut(f.key(CT_REPLY)) else {
+        return Ok(None);
+    };
+    let v = touch(f, ct);
+    reverse(ctx, f, &v)?;
+    count(LbCounter::TcReply);
+    Ok(Some(v))
 }
 
 #[inline(always)]
@@ -184,15 +196,7 @@ fn now() -> u64 {
 /// frontend.
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
-    if let Some(ct) = CT4.get_ptr_mut(f.key(CT_REPLY)) {
-        // SAFETY: a pointer from a successful lookup.
-        let v = unsafe {
-            (*ct).last_ns = now();
-            *ct
-        };
-        track_state(f, ct);
-        reverse(ctx, f, &v)?;
-        count(LbCounter::TcReply);
+    if let Some(v) = reply(ctx, f)? {
         let dst = if v.nat_addr.0 != 0 { v.nat_addr } else { f.dst };
         return forward(ctx, v.addr, dst);
     }
@@ -200,9 +204,7 @@ pub fn ingress(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
         // SAFETY: a pointer from a successful lookup.
         let v = unsafe { *ct };
         if backend_unchanged(&v) {
-            // SAFETY: as above.
-            unsafe { (*ct).last_ns = now() };
-            track_state(f, ct);
+            let v = touch(f, ct);
             translate(ctx, f, &v)?;
             count(LbCounter::TcTracked);
             let src = if v.nat_addr.0 != 0 { v.nat_addr } else { f.src };
@@ -219,17 +221,7 @@ pub fn ingress(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
 /// on this node behind an interface Ferry is not attached to).
 #[inline(always)]
 pub fn egress(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
-    let Some(ct) = CT4.get_ptr_mut(f.key(CT_REPLY)) else {
-        return Ok(TC_ACT_OK);
-    };
-    // SAFETY: a pointer from a successful lookup.
-    let v = unsafe {
-        (*ct).last_ns = now();
-        *ct
-    };
-    track_state(f, ct);
-    reverse(ctx, f, &v)?;
-    count(LbCounter::TcReply);
+    reply(ctx, f)?;
     Ok(TC_ACT_OK)
 }
 
@@ -602,7 +594,7 @@ fn reject(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
         if f.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
             return Ok(TC_ACT_SHOT);
         }
-        let seq = u32::from_be(ctx.load::<u32>(f.l4 + 4)?);
+        let seq = u32::from_be(ctx.load::<u32>(L4_OFF + 4)?);
         let pkt = tcp_rst(&macs, f, seq.wrapping_add(1));
         resize(ctx, pkt.len())?;
         ctx.store(0, &pkt, 0)?;
