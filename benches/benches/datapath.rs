@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ferry_benches::{loaded_core, plan_config, plan_from_empty, Shape};
-use ferry_proxy::agent::Agent;
 use ferry_proxy::datapath::{apply_ops, BpfMaps, MapCapacities};
 use ferry_proxy::plan::AppliedState;
 use ferry_tests::bpf::PinDir;
@@ -79,11 +78,7 @@ fn tc_ingress_per_packet(c: &mut Criterion) {
     let pins = PinDir::new("bench-tc").expect("pin dir");
     let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &MapCapacities::default()).expect("maps");
     TcRunner::load(&mut ebpf).expect("load");
-    let mut agent = Agent::new(
-        ferry_tests::agent_config(vec!["test"]),
-        Box::new(BpfMaps::open(pins.path(), MapCapacities::default()).expect("maps")),
-    )
-    .expect("agent");
+    let mut agent = ferry_tests::objects::bpf_agent(pins.path());
     let eps: Vec<(String, &str, bool, bool)> = (2..5)
         .map(|i| (format!("198.18.21.{i}"), "node-b", true, false))
         .collect();

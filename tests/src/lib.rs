@@ -19,9 +19,15 @@ pub use privileged::require_privileged;
 /// was built with its eBPF object; otherwise why not.
 pub fn ferry_binary() -> Result<std::path::PathBuf, String> {
     let bin = ferry_path()?;
-    ferry_proxy::ebpf::object()
-        .map(|_| bin)
-        .ok_or_else(|| "ferry was built without its eBPF object".into())
+    ebpf_object().map(|()| bin)
+}
+
+/// Whether this build embeds the eBPF object, and why not if it does not
+/// (what privileged eBPF tests hand to [`require_privileged`]).
+pub fn ebpf_object() -> Result<(), String> {
+    ferry_proxy::ebpf::object().map(|_| ()).ok_or_else(|| {
+        "ferry was built without its eBPF object (run cargo xtask build-ebpf)".into()
+    })
 }
 
 /// The `ferry` binary next to the running test (target/debug/ferry), with

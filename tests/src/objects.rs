@@ -7,6 +7,7 @@
 
 use ferry_proxy::agent::runner::SyncKind;
 use ferry_proxy::agent::Agent;
+use ferry_proxy::datapath::{BpfMaps, MapCapacities};
 use ferry_proxy::source::SourceEvent;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -80,6 +81,13 @@ status:
   - {type: InternalIP, address: 198.18.20.1}
   - {type: InternalIP, address: 198.18.21.1}",
     )
+}
+
+/// An agent (node "node-a", see [`crate::agent_config`]) on the maps
+/// pinned under `pins`.
+pub fn bpf_agent(pins: &std::path::Path) -> Agent {
+    let maps = BpfMaps::open(pins, MapCapacities::default()).unwrap();
+    Agent::new(crate::agent_config(vec!["test"]), Box::new(maps)).unwrap()
 }
 
 pub fn sync(agent: &mut Agent, services: &[Service], slices: &[EndpointSlice]) {

@@ -11,15 +11,9 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
-fn object_present() -> Result<(), String> {
-    ferry_proxy::ebpf::object().map(|_| ()).ok_or_else(|| {
-        "ferry was built without its eBPF object (run cargo xtask build-ebpf)".into()
-    })
-}
-
 #[test]
 fn verifier_accepts_every_program() {
-    if !require_privileged("verifier_accepts_every_program", object_present()) {
+    if !require_privileged("verifier_accepts_every_program", ferry_tests::ebpf_object()) {
         return;
     }
     let ns = Netns::new("verify").unwrap();
@@ -43,7 +37,10 @@ fn verifier_accepts_every_program() {
 
 #[test]
 fn tc_ingress_counts_tcp_udp_and_icmp() {
-    if !require_privileged("tc_ingress_counts_tcp_udp_and_icmp", object_present()) {
+    if !require_privileged(
+        "tc_ingress_counts_tcp_udp_and_icmp",
+        ferry_tests::ebpf_object(),
+    ) {
         return;
     }
     let server = Netns::new("tcsrv").unwrap();

@@ -11,11 +11,9 @@ use std::collections::BTreeMap;
 use std::net::{TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
-use std::path::Path;
-
 use ferry_proxy::agent::runner::SyncKind;
 use ferry_proxy::agent::Agent;
-use ferry_proxy::datapath::{BpfMaps, MapCapacities};
+use ferry_proxy::datapath::MapCapacities;
 use ferry_proxy::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
 use ferry_proxy::source::SourceEvent;
 use ferry_tests::bpf::{PinDir, TestCgroup};
@@ -25,12 +23,6 @@ use ferry_tests::{require_privileged, Netns};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
-fn object_present() -> Result<(), String> {
-    ferry_proxy::ebpf::object()
-        .map(|_| ())
-        .ok_or_else(|| "ferry was built without its eBPF object".into())
-}
 
 fn service(name: &str, ip: &str, port: i32, proto: &str) -> Service {
     Service {
@@ -102,9 +94,17 @@ fn client(cg: &TestCgroup, ns: &Netns, proto: &str, addr: &str, count: u32) -> V
         .collect()
 }
 
-fn agent(pins: &Path, caps: MapCapacities) -> Agent {
-    let cfg = ferry_tests::agent_config(vec!["test"]);
-    Agent::new(cfg, Box::new(BpfMaps::open(pins, caps).unwrap())).unwrap()
+/// Maps pinned for one test, a client cgroup with the four socket-level
+/// programs attached, and an agent on the maps.
+fn attached(tag: &str) -> (PinDir, TestCgroup, aya::Ebpf, Agent) {
+    let pins = PinDir::new(tag).unwrap();
+    let cg = TestCgroup::new(tag).unwrap();
+    let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &MapCapacities::default()).unwrap();
+    let attached =
+        ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, pins.path(), cg.path()).unwrap();
+    assert_eq!(attached.len(), 4);
+    let agent = ferry_tests::objects::bpf_agent(pins.path());
+    (pins, cg, ebpf, agent)
 }
 
 /// Hands the agent every object (as a source's snapshot) and syncs.
@@ -123,7 +123,7 @@ fn sync(agent: &mut Agent, services: &[Service], slices: &[EndpointSlice]) {
 fn clusterip_tcp_udp_reject_and_endpoint_change() {
     if !require_privileged(
         "clusterip_tcp_udp_reject_and_endpoint_change",
-        object_present(),
+        ferry_tests::ebpf_object(),
     ) {
         return;
     }
@@ -141,15 +141,7 @@ fn clusterip_tcp_udp_reject_and_endpoint_change() {
         .unwrap();
     let _servers = Servers::start(tcp, udp);
 
-    let pins = PinDir::new("sock").unwrap();
-    let cg = TestCgroup::new("sock").unwrap();
-    let caps = MapCapacities::default();
-    let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &caps).unwrap();
-    let attached =
-        ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, pins.path(), cg.path()).unwrap();
-    assert_eq!(attached.len(), 4);
-
-    let mut agent = agent(pins.path(), caps);
+    let (_pins, cg, ebpf, mut agent) = attached("sock");
     let services = [
         service("web", "198.19.0.10", 80, "TCP"),
         service("dns", "198.19.0.53", 53, "UDP"),
@@ -235,7 +227,7 @@ fn clusterip_tcp_udp_reject_and_endpoint_change() {
 fn affinity_and_udp_move_off_a_removed_backend() {
     if !require_privileged(
         "affinity_and_udp_move_off_a_removed_backend",
-        object_present(),
+        ferry_tests::ebpf_object(),
     ) {
         return;
     }
@@ -255,12 +247,7 @@ fn affinity_and_udp_move_off_a_removed_backend() {
         })
         .unwrap();
     let _servers = Servers::start(tcp, udp);
-    let pins = PinDir::new("aff").unwrap();
-    let cg = TestCgroup::new("aff").unwrap();
-    let caps = MapCapacities::default();
-    let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &caps).unwrap();
-    ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, pins.path(), cg.path()).unwrap();
-    let mut agent = agent(pins.path(), caps);
+    let (_pins, cg, ebpf, mut agent) = attached("aff");
 
     let mut sticky = service("sticky", "198.19.0.12", 80, "TCP");
     if let Some(spec) = sticky.spec.as_mut() {
@@ -362,7 +349,7 @@ fn affinity_and_udp_move_off_a_removed_backend() {
 fn connected_udp_socket_of_a_removed_backend_is_closed() {
     if !require_privileged(
         "connected_udp_socket_of_a_removed_backend_is_closed",
-        object_present(),
+        ferry_tests::ebpf_object(),
     ) {
         return;
     }
@@ -376,12 +363,7 @@ fn connected_udp_socket_of_a_removed_backend_is_closed() {
         })
         .unwrap();
     let _servers = Servers::start(vec![], udp);
-    let pins = PinDir::new("cudp").unwrap();
-    let cg = TestCgroup::new("cudp").unwrap();
-    let caps = MapCapacities::default();
-    let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &caps).unwrap();
-    ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, pins.path(), cg.path()).unwrap();
-    let mut agent = agent(pins.path(), caps);
+    let (_pins, cg, ebpf, mut agent) = attached("cudp");
     let services = [service("dns", "198.19.0.55", 53, "UDP")];
     let mut slices = vec![slice("dns", &["198.18.5.2", "198.18.5.3"], 5353, "UDP")];
     sync(&mut agent, &services, &slices);
@@ -463,7 +445,7 @@ fn connected_udp_socket_of_a_removed_backend_is_closed() {
 fn external_frontends_and_internal_local_from_the_node() {
     if !require_privileged(
         "external_frontends_and_internal_local_from_the_node",
-        object_present(),
+        ferry_tests::ebpf_object(),
     ) {
         return;
     }
@@ -478,12 +460,7 @@ fn external_frontends_and_internal_local_from_the_node() {
         })
         .unwrap();
     let _servers = Servers::start(tcp, vec![]);
-    let pins = PinDir::new("ext").unwrap();
-    let cg = TestCgroup::new("ext").unwrap();
-    let caps = MapCapacities::default();
-    let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &caps).unwrap();
-    ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, pins.path(), cg.path()).unwrap();
-    let mut agent = agent(pins.path(), caps);
+    let (_pins, cg, ebpf, mut agent) = attached("ext");
     let remote = [
         ("198.18.6.2", "node-b", true, false),
         ("198.18.6.3", "node-b", true, false),

@@ -7,8 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-use ferry_proxy::agent::Agent;
-use ferry_proxy::datapath::{BpfMaps, MapCapacities};
+use ferry_proxy::datapath::MapCapacities;
 use ferry_tests::bpf::PinDir;
 use ferry_tests::netns::VethLink;
 use ferry_tests::objects::{service, slice, sync};
@@ -18,12 +17,6 @@ use ferry_tests::packets::{
 };
 use ferry_tests::{require_privileged, Netns};
 
-fn object_present() -> Result<(), String> {
-    ferry_proxy::ebpf::object()
-        .map(|_| ())
-        .ok_or_else(|| "ferry was built without its eBPF object".into())
-}
-
 const CLIENT: [u8; 4] = [198, 18, 20, 2];
 const NODE: [u8; 4] = [198, 18, 20, 1];
 const NODE_INT: [u8; 4] = [198, 18, 21, 1];
@@ -32,17 +25,13 @@ const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
 
 #[test]
 fn tc_ingress_packet_fixtures() {
-    if !require_privileged("tc_ingress_packet_fixtures", object_present()) {
+    if !require_privileged("tc_ingress_packet_fixtures", ferry_tests::ebpf_object()) {
         return;
     }
     let pins = PinDir::new("fix").unwrap();
     let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &MapCapacities::default()).unwrap();
     TcRunner::load(&mut ebpf).unwrap();
-    let mut agent = Agent::new(
-        ferry_tests::agent_config(vec!["test"]),
-        Box::new(BpfMaps::open(pins.path(), MapCapacities::default()).unwrap()),
-    )
-    .unwrap();
+    let mut agent = ferry_tests::objects::bpf_agent(pins.path());
     let remote = [("198.18.21.2", "node-b", true, false)];
     let local = [("198.18.21.2", "node-a", true, false)];
     let services = vec![
@@ -239,18 +228,14 @@ fn tc_ingress_packet_fixtures() {
 fn reused_snat_port_takes_the_old_forward_entry_with_it() {
     if !require_privileged(
         "reused_snat_port_takes_the_old_forward_entry_with_it",
-        object_present(),
+        ferry_tests::ebpf_object(),
     ) {
         return;
     }
     let pins = PinDir::new("fixsnat").unwrap();
     let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &MapCapacities::default()).unwrap();
     TcRunner::load(&mut ebpf).unwrap();
-    let mut agent = Agent::new(
-        ferry_tests::agent_config(vec!["test"]),
-        Box::new(BpfMaps::open(pins.path(), MapCapacities::default()).unwrap()),
-    )
-    .unwrap();
+    let mut agent = ferry_tests::objects::bpf_agent(pins.path());
     sync(
         &mut agent,
         &[service("web", "TCP", 30080, 8080, "")],

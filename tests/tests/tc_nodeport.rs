@@ -14,20 +14,13 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use ferry_proxy::agent::Agent;
-use ferry_proxy::datapath::{BpfMaps, MapCapacities};
+use ferry_proxy::datapath::MapCapacities;
 use ferry_tests::bpf::PinDir;
 use ferry_tests::netns::VethLink;
 use ferry_tests::objects::{service, slice, sync};
 use ferry_tests::servers::Servers;
 use ferry_tests::userspace::{EchoBackend, LineClient};
 use ferry_tests::{require_privileged, Netns};
-
-fn object_present() -> Result<(), String> {
-    ferry_proxy::ebpf::object()
-        .map(|_| ())
-        .ok_or_else(|| "ferry was built without its eBPF object".into())
-}
 
 /// client (198.18.20.2) -- ext -- node (.20.1 | .21.1 | .22.1) -- int --
 /// backends (198.18.21.2, .3); node -- pod link (not attached) -- pod
@@ -136,7 +129,7 @@ fn attach(t: &Topology, pins: &std::path::Path) -> aya::Ebpf {
 fn nodeport_loadbalancer_and_externalip_through_tc() {
     if !require_privileged(
         "nodeport_loadbalancer_and_externalip_through_tc",
-        object_present(),
+        ferry_tests::ebpf_object(),
     ) {
         return;
     }
@@ -167,11 +160,7 @@ fn nodeport_loadbalancer_and_externalip_through_tc() {
 
     let pins = PinDir::new("tcnp").unwrap();
     let ebpf = attach(&t, pins.path());
-    let mut agent = Agent::new(
-        ferry_tests::agent_config(vec!["test"]),
-        Box::new(BpfMaps::open(pins.path(), MapCapacities::default()).unwrap()),
-    )
-    .unwrap();
+    let mut agent = ferry_tests::objects::bpf_agent(pins.path());
 
     let remote = |ip| (ip, "node-b", true, false);
     let services = vec![
@@ -405,7 +394,10 @@ fn nodeport_loadbalancer_and_externalip_through_tc() {
 /// (the backend drains) while new connections go to the ready one.
 #[test]
 fn tcp_drains_from_a_terminating_backend() {
-    if !require_privileged("tcp_drains_from_a_terminating_backend", object_present()) {
+    if !require_privileged(
+        "tcp_drains_from_a_terminating_backend",
+        ferry_tests::ebpf_object(),
+    ) {
         return;
     }
     let t = topology("td");
@@ -420,11 +412,7 @@ fn tcp_drains_from_a_terminating_backend() {
         .unwrap();
     let pins = PinDir::new("tcdr").unwrap();
     let ebpf = attach(&t, pins.path());
-    let mut agent = Agent::new(
-        ferry_tests::agent_config(vec!["test"]),
-        Box::new(BpfMaps::open(pins.path(), MapCapacities::default()).unwrap()),
-    )
-    .unwrap();
+    let mut agent = ferry_tests::objects::bpf_agent(pins.path());
     let services = vec![service("echo", "TCP", 30090, 9000, "")];
     sync(
         &mut agent,
