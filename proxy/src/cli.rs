@@ -29,6 +29,9 @@ pub struct RunSettings {
     pub idle_timeout: Option<String>,
     pub udp_idle_timeout: Option<String>,
     pub interfaces: Option<String>,
+    pub lb_ipam: Option<bool>,
+    pub l2_interfaces: Option<String>,
+    pub lease_namespace: Option<String>,
 }
 
 impl RunSettings {
@@ -92,6 +95,15 @@ pub fn parse_interfaces(s: &str) -> Result<Vec<String>, String> {
             }
         })
         .collect()
+}
+
+/// Parses a boolean flag value: true/false (also yes/no, 1/0).
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "1" => Ok(true),
+        "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("{s:?} is not true or false")),
+    }
 }
 
 /// The node name: --hostname-override, else $NODE_NAME, else the hostname.

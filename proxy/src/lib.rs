@@ -10,6 +10,7 @@ pub mod ebpf;
 pub mod explain;
 pub mod health_check;
 pub mod http;
+pub mod ipam;
 pub mod metrics;
 pub mod model;
 pub mod objects;

@@ -110,6 +110,19 @@ enum Command {
         /// holding a global IPv4 address, except loopback and pod veths).
         #[arg(long)]
         interfaces: Option<String>,
+        /// With `--source kube`: contend to be the cluster's LoadBalancer IP
+        /// allocator (FerryLoadBalancerIPPool), true (default) or false.
+        #[arg(long)]
+        lb_ipam: Option<String>,
+        /// With `--source kube`: interfaces to answer ARP on for the
+        /// LoadBalancer addresses this node announces, comma-separated;
+        /// `none` for no L2 announcement (default: the TC interfaces).
+        #[arg(long)]
+        l2_interfaces: Option<String>,
+        /// Namespace of the allocator's and the announcements' Leases
+        /// (default: $POD_NAMESPACE, then kube-system).
+        #[arg(long)]
+        lease_namespace: Option<String>,
     },
     /// List every frontend with its backends: from the pinned maps (eBPF),
     /// else from a userspace agent's /services endpoint.
@@ -137,6 +150,9 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/ferry")]
         bpffs_path: PathBuf,
     },
+    /// Print the FerryLoadBalancerIPPool CustomResourceDefinition (YAML;
+    /// deploy/crd.yaml is this output).
+    Crd,
     /// Print the version and the eBPF programs embedded in this binary.
     Version,
     /// Load every embedded eBPF program into the kernel (runs the verifier
@@ -182,6 +198,9 @@ fn main() -> ExitCode {
             idle_timeout,
             udp_idle_timeout,
             interfaces,
+            lb_ipam,
+            l2_interfaces,
+            lease_namespace,
         } => {
             let file = match config {
                 Some(path) => match cli::RunSettings::load(&path) {
@@ -266,6 +285,24 @@ fn main() -> ExitCode {
                 },
                 None => None,
             };
+            let lb_ipam = match lb_ipam {
+                Some(v) => match cli::parse_bool(&v) {
+                    Ok(b) => b,
+                    Err(e) => return usage_error("--lb-ipam", e),
+                },
+                None => file.lb_ipam.unwrap_or(true),
+            };
+            let l2_interfaces = match l2_interfaces.or(file.l2_interfaces) {
+                Some(list) => match cli::parse_interfaces(&list) {
+                    Ok(l) => Some(l),
+                    Err(e) => return usage_error("--l2-interfaces", e),
+                },
+                None => None,
+            };
+            let lease_namespace = lease_namespace
+                .or(file.lease_namespace)
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "kube-system".into());
             let cidrs = match cli::parse_cidrs(&nodeport_addresses) {
                 Ok(c) => c,
                 Err(e) => return usage_error("--nodeport-addresses", e),
@@ -325,6 +362,19 @@ fn main() -> ExitCode {
                     }
                 },
             };
+            let ipam = match &source {
+                Source::Kube(kubeconfig) => Some(ferry_proxy::ipam::IpamSettings {
+                    kubeconfig: kubeconfig.clone(),
+                    allocate: lb_ipam,
+                    // By default, ARP is answered where the TC path listens.
+                    l2_interfaces: l2_interfaces
+                        .or_else(|| interfaces.clone())
+                        .unwrap_or_else(ferry_proxy::ebpf::tc::default_interfaces),
+                    lease_namespace,
+                    identity: cfg.node_name.clone(),
+                }),
+                Source::File(_) => None,
+            };
             let dataplane = DataplaneChoice {
                 mode: dataplane,
                 bpffs: bpffs_path,
@@ -332,7 +382,7 @@ fn main() -> ExitCode {
                 interfaces,
                 userspace,
             };
-            run(cfg, source, dataplane, &listen)
+            run(cfg, source, dataplane, &listen, ipam)
         }
         Command::Services {
             output,
@@ -422,6 +472,16 @@ fn main() -> ExitCode {
             println!("removed {}", bpffs_path.display());
             ExitCode::SUCCESS
         }
+        Command::Crd => match ferry_proxy::ipam::pool::crd_yaml() {
+            Ok(y) => {
+                print!("{y}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ferry crd: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Version => {
             println!("ferry {}", env!("CARGO_PKG_VERSION"));
             match ferry_proxy::ebpf::embedded_programs() {
@@ -521,6 +581,7 @@ fn run(
     source: Source,
     dataplane: DataplaneChoice,
     listen: &[(std::net::SocketAddr, Endpoints)],
+    ipam: Option<ferry_proxy::ipam::IpamSettings>,
 ) -> ExitCode {
     let health_timeout = 2 * cfg.sync_period;
     let cfg_node_name = cfg.node_name.clone();
@@ -640,9 +701,29 @@ fn run(
             }
         }
     };
+    let ipam_thread = match ipam {
+        Some(settings) => {
+            let (tx, rx) = tokio::sync::watch::channel(Default::default());
+            agent.announce_to(tx);
+            tracing::info!(allocate = settings.allocate, l2_interfaces = ?settings.l2_interfaces,
+                lease_namespace = %settings.lease_namespace, "LoadBalancer IP management");
+            match ferry_proxy::ipam::spawn(settings, rx, &agent.metrics(), stop_source.clone()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start LoadBalancer IP management");
+                    stop_source.store(true, Ordering::Relaxed);
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
+    };
     agent.run(&rx, &STOP);
     stop_source.store(true, Ordering::Relaxed);
     let _ = source_thread.join();
+    if let Some(t) = ipam_thread {
+        let _ = t.join();
+    }
     if ebpf.is_some() {
         tracing::info!("stopped; the dataplane stays programmed (ferry cleanup removes it)");
     } else {

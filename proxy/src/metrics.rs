@@ -102,6 +102,15 @@ pub struct Metrics {
     node_deleting: AtomicU64,
     /// The dataplane's own status (mode, metrics, /services), when it has one.
     dataplane: Mutex<Option<Arc<dyn DataplaneStatus>>>,
+    /// Other parts of the agent with metrics (the LoadBalancer allocator,
+    /// the L2 announcer).
+    sources: Mutex<Vec<Arc<dyn MetricsSource>>>,
+}
+
+/// A part of the agent that adds metrics to /metrics.
+pub trait MetricsSource: Send + Sync + std::fmt::Debug {
+    /// Appends its metrics (Prometheus text).
+    fn render(&self, out: &mut String);
 }
 
 /// What a dataplane adds to the agent's endpoints.
@@ -137,6 +146,7 @@ impl Default for Metrics {
             pending_since_ms: AtomicU64::default(),
             node_deleting: AtomicU64::default(),
             dataplane: Mutex::default(),
+            sources: Mutex::default(),
         }
     }
 }
@@ -244,11 +254,27 @@ impl Metrics {
             .clone()
     }
 
+    /// Adds a source of metrics to /metrics.
+    pub fn add_source(&self, source: Arc<dyn MetricsSource>) {
+        self.sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(source);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         if let Some(d) = self.dataplane() {
             d.render(&mut out);
+        }
+        let sources = self
+            .sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for s in sources {
+            s.render(&mut out);
         }
         if let Ok(h) = self.sync_duration.lock() {
             h.render(

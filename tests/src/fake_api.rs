@@ -3,7 +3,9 @@
 //! and list, limit/continue paging, label and field selectors, watch from a
 //! resourceVersion with BOOKMARK events, an ERROR event with code 410 for a
 //! resourceVersion that was compacted away, a switch that cuts every watch,
-//! and a request log. Serves Services, EndpointSlices and Nodes. With a
+//! and a request log. Serves Services, EndpointSlices, Nodes, Leases and
+//! FerryLoadBalancerIPPools: create (POST, 409 when it exists), replace
+//! (PUT, 409 on a stale resourceVersion) and status PATCH. With a
 //! ClusterRole installed ([`FakeApi::enforce_cluster_role`]) it authorizes
 //! every request as the real RBAC authorizer would and answers 403 to what
 //! the role does not allow.
@@ -24,6 +26,8 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    Lease,
+    Pool,
 }
 
 impl Kind {
@@ -32,6 +36,8 @@ impl Kind {
             "Service" => Some(Kind::Service),
             "EndpointSlice" => Some(Kind::EndpointSlice),
             "Node" => Some(Kind::Node),
+            "Lease" => Some(Kind::Lease),
+            "FerryLoadBalancerIPPool" => Some(Kind::Pool),
             _ => None,
         }
     }
@@ -41,12 +47,16 @@ impl Kind {
             Kind::Service => "ServiceList",
             Kind::EndpointSlice => "EndpointSliceList",
             Kind::Node => "NodeList",
+            Kind::Lease => "LeaseList",
+            Kind::Pool => "FerryLoadBalancerIPPoolList",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::Lease => "coordination.k8s.io/v1",
+            Kind::Pool => "ferry.dev/v1alpha1",
             _ => "v1",
         }
     }
@@ -56,6 +66,23 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::Lease => "Lease",
+            Kind::Pool => "FerryLoadBalancerIPPool",
+        }
+    }
+
+    /// Not namespaced.
+    fn cluster_scoped(self) -> bool {
+        matches!(self, Kind::Node | Kind::Pool)
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            Kind::Service => "services",
+            Kind::EndpointSlice => "endpointslices",
+            Kind::Node => "nodes",
+            Kind::Lease => "leases",
+            Kind::Pool => "ferryloadbalancerippools",
         }
     }
 }
@@ -169,7 +196,7 @@ fn lock(s: &Shared) -> MutexGuard<'_, State> {
 }
 
 fn key_of(kind: Kind, v: &Value) -> (Kind, String, String) {
-    let ns = if kind == Kind::Node {
+    let ns = if kind.cluster_scoped() {
         String::new()
     } else {
         v["metadata"]["namespace"]
@@ -184,9 +211,83 @@ fn key_of(kind: Kind, v: &Value) -> (Kind, String, String) {
     )
 }
 
+/// Creates or replaces `object` under a new resourceVersion (filling in
+/// apiVersion, namespace, uid and creationTimestamp) and records the event.
+fn store(st: &mut State, kind: Kind, object: &mut Value) -> u64 {
+    st.rv += 1;
+    let rv = st.rv;
+    object["apiVersion"] = json!(kind.api_version());
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    if !kind.cluster_scoped() && object["metadata"]["namespace"].is_null() {
+        object["metadata"]["namespace"] = json!("default");
+    }
+    let key = key_of(kind, object);
+    // As the API server: a write of the main resource keeps the identity,
+    // the creation time and (when it carries none) the status.
+    if let Some(old) = st.objects.get(&key) {
+        for field in ["uid", "creationTimestamp"] {
+            if object["metadata"][field].is_null() {
+                object["metadata"][field] = old["metadata"][field].clone();
+            }
+        }
+        if object.get("status").is_none_or(Value::is_null) && !old["status"].is_null() {
+            object["status"] = old["status"].clone();
+        }
+    }
+    if object["metadata"]["uid"].is_null() {
+        object["metadata"]["uid"] = json!(format!("uid-{}-{}-{}", kind.name(), key.1, key.2));
+    }
+    if object["metadata"]["creationTimestamp"].is_null() {
+        object["metadata"]["creationTimestamp"] = json!(now_rfc3339());
+    }
+    let type_ = if st.objects.contains_key(&key) {
+        "MODIFIED"
+    } else {
+        "ADDED"
+    };
+    st.objects.insert(key, object.clone());
+    st.events.push(Event {
+        rv,
+        kind,
+        type_,
+        object: object.clone(),
+    });
+    rv
+}
+
+/// Now as RFC 3339 UTC with whole seconds (as the API server writes
+/// creationTimestamp).
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 impl FakeApi {
     pub fn start() -> std::io::Result<FakeApi> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        FakeApi::start_on(TcpListener::bind("127.0.0.1:0")?)
+    }
+
+    /// Serves on `listener` (e.g. one bound inside a test's network
+    /// namespace, so agents in other namespaces reach it).
+    pub fn start_on(listener: TcpListener) -> std::io::Result<FakeApi> {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let shared = Arc::new(Shared::default());
@@ -226,39 +327,26 @@ impl FakeApi {
     /// Creates or replaces an object (its `kind` says which); returns its
     /// new resourceVersion.
     pub fn apply(&self, mut object: Value) -> u64 {
-        let kind = Kind::from_value(&object).expect("a Service, EndpointSlice or Node");
+        let kind = Kind::from_value(&object).expect("a kind the fake API serves");
         let mut st = lock(&self.shared);
-        st.rv += 1;
-        let rv = st.rv;
-        object["apiVersion"] = json!(kind.api_version());
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let key = key_of(kind, &object);
-        if kind != Kind::Node && object["metadata"]["namespace"].is_null() {
-            object["metadata"]["namespace"] = json!("default");
-        }
-        if object["metadata"]["uid"].is_null() {
-            object["metadata"]["uid"] = json!(format!("uid-{}-{}-{}", kind.name(), key.1, key.2));
-        }
-        let type_ = if st.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        st.objects.insert(key, object.clone());
-        st.events.push(Event {
-            rv,
-            kind,
-            type_,
-            object,
-        });
+        let rv = store(&mut st, kind, &mut object);
         drop(st);
         self.shared.changed.notify_all();
         rv
     }
 
+    /// The current object, if any.
+    pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
+        let ns = if kind.cluster_scoped() { "" } else { namespace };
+        lock(&self.shared)
+            .objects
+            .get(&(kind, ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> bool {
         let mut st = lock(&self.shared);
-        let ns = if kind == Kind::Node { "" } else { namespace };
+        let ns = if kind.cluster_scoped() { "" } else { namespace };
         let Some(mut object) = st.objects.remove(&(kind, ns.to_string(), name.to_string())) else {
             return false;
         };
@@ -403,21 +491,30 @@ type Route = (Kind, Option<String>, Option<String>, Option<String>);
 
 fn route(path: &str) -> Option<Route> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (rest, core) = match parts.as_slice() {
-        ["api", "v1", rest @ ..] => (rest, true),
-        ["apis", "discovery.k8s.io", "v1", rest @ ..] => (rest, false),
+    let (rest, group) = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => (rest, ""),
+        ["apis", "discovery.k8s.io", "v1", rest @ ..] => (rest, "discovery.k8s.io"),
+        ["apis", "coordination.k8s.io", "v1", rest @ ..] => (rest, "coordination.k8s.io"),
+        ["apis", "ferry.dev", "v1alpha1", rest @ ..] => (rest, "ferry.dev"),
         _ => return None,
     };
     let (ns, rest) = match rest {
         ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
         _ => (None, rest),
     };
-    let kind = match (core, rest.first()?) {
-        (true, &"services") => Kind::Service,
-        (true, &"nodes") => Kind::Node,
-        (false, &"endpointslices") => Kind::EndpointSlice,
-        _ => return None,
-    };
+    let plural = *rest.first()?;
+    let kind = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::Lease,
+        Kind::Pool,
+    ]
+    .into_iter()
+    .find(|k| k.plural() == plural && k.api_version().starts_with(group))?;
+    if (group.is_empty()) != (kind.api_version() == "v1") {
+        return None;
+    }
     Some((
         kind,
         ns,
@@ -499,10 +596,16 @@ fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Result
                 let (status, body) = get(shared, &r);
                 respond(&mut out, status, &body)?;
             }
-            ("PATCH", Some(r))
-                if r.kind == Kind::Service && r.subresource.as_deref() == Some("status") =>
-            {
+            ("PATCH", Some(r)) if r.subresource.as_deref() == Some("status") => {
                 let (status, body) = patch_status(shared, &r, &body);
+                respond(&mut out, status, &body)?;
+            }
+            ("POST", Some(r)) if r.name.is_none() && r.kind == Kind::Lease => {
+                let (status, body) = create(shared, &r, &body);
+                respond(&mut out, status, &body)?;
+            }
+            ("PUT", Some(r)) if r.subresource.is_none() && r.kind == Kind::Lease => {
+                let (status, body) = replace(shared, &r, &body);
                 respond(&mut out, status, &body)?;
             }
             _ => respond(
@@ -517,9 +620,9 @@ fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Result
     }
 }
 
-/// PATCH of a Service's status (merge patch, strategic merge patch or
+/// PATCH of an object's status (merge patch, strategic merge patch or
 /// server-side apply, all applied here as a JSON merge of the body's
-/// `status`): 404 when the Service does not exist, 409 when the body names
+/// `status`): 404 when the object does not exist, 409 when the body names
 /// a resourceVersion that is no longer current, else the object with a new
 /// resourceVersion (and a MODIFIED event for watchers).
 fn patch_status(shared: &Shared, r: &Request, body: &[u8]) -> (u16, Value) {
@@ -527,16 +630,22 @@ fn patch_status(shared: &Shared, r: &Request, body: &[u8]) -> (u16, Value) {
         Ok(v) => v,
         Err(e) => return (400, status_body(400, "BadRequest", &e.to_string())),
     };
-    let (Some(ns), Some(name)) = (&r.namespace, &r.name) else {
-        return (404, status_body(404, "NotFound", "no such Service"));
+    let Some(name) = &r.name else {
+        return (404, status_body(404, "NotFound", "no name"));
     };
-    let key = (Kind::Service, ns.clone(), name.clone());
+    let ns = if r.kind.cluster_scoped() {
+        String::new()
+    } else {
+        r.namespace.clone().unwrap_or_default()
+    };
+    let plural = r.kind.plural();
+    let key = (r.kind, ns, name.clone());
     let mut st = lock(shared);
     let current_rv = st.rv;
     let Some(object) = st.objects.get_mut(&key) else {
         return (
             404,
-            status_body(404, "NotFound", &format!("services \"{name}\" not found")),
+            status_body(404, "NotFound", &format!("{plural} \"{name}\" not found")),
         );
     };
     if let Some(want) = patch["metadata"]["resourceVersion"].as_str() {
@@ -547,7 +656,7 @@ fn patch_status(shared: &Shared, r: &Request, body: &[u8]) -> (u16, Value) {
                     409,
                     "Conflict",
                     &format!(
-                        "Operation cannot be fulfilled on services \"{name}\": the object has been modified"
+                        "Operation cannot be fulfilled on {plural} \"{name}\": the object has been modified"
                     ),
                 ),
             );
@@ -560,10 +669,79 @@ fn patch_status(shared: &Shared, r: &Request, body: &[u8]) -> (u16, Value) {
     st.rv = rv;
     st.events.push(Event {
         rv,
-        kind: Kind::Service,
+        kind: r.kind,
         type_: "MODIFIED",
         object: object.clone(),
     });
+    drop(st);
+    shared.changed.notify_all();
+    (200, object)
+}
+
+/// The object of a POST or PUT body, with the path's namespace and name.
+fn body_object(r: &Request, body: &[u8]) -> Result<Value, (u16, Value)> {
+    let mut object: Value = serde_json::from_slice(body)
+        .map_err(|e| (400, status_body(400, "BadRequest", &e.to_string())))?;
+    object["kind"] = json!(r.kind.name());
+    if !r.kind.cluster_scoped() {
+        object["metadata"]["namespace"] = json!(r.namespace.clone().unwrap_or_default());
+    }
+    if let Some(name) = &r.name {
+        if object["metadata"]["name"].as_str() != Some(name) {
+            return Err((
+                400,
+                status_body(400, "BadRequest", "the body names another object"),
+            ));
+        }
+    }
+    Ok(object)
+}
+
+/// POST: creates the object; 409 AlreadyExists when it is there.
+fn create(shared: &Shared, r: &Request, body: &[u8]) -> (u16, Value) {
+    let mut object = match body_object(r, body) {
+        Ok(o) => o,
+        Err(e) => return e,
+    };
+    let mut st = lock(shared);
+    let key = key_of(r.kind, &object);
+    if st.objects.contains_key(&key) {
+        let msg = format!("{} \"{}\" already exists", r.kind.plural(), key.2);
+        return (409, status_body(409, "AlreadyExists", &msg));
+    }
+    object["metadata"]["resourceVersion"] = Value::Null;
+    store(&mut st, r.kind, &mut object);
+    drop(st);
+    shared.changed.notify_all();
+    (201, object)
+}
+
+/// PUT: replaces the object; 404 when missing, 409 Conflict when the body's
+/// resourceVersion is not the current one.
+fn replace(shared: &Shared, r: &Request, body: &[u8]) -> (u16, Value) {
+    let mut object = match body_object(r, body) {
+        Ok(o) => o,
+        Err(e) => return e,
+    };
+    let mut st = lock(shared);
+    let key = key_of(r.kind, &object);
+    let Some(current) = st.objects.get(&key) else {
+        let msg = format!("{} \"{}\" not found", r.kind.plural(), key.2);
+        return (404, status_body(404, "NotFound", &msg));
+    };
+    let want = &object["metadata"]["resourceVersion"];
+    let unconditional = want.is_null() || want.as_str() == Some("");
+    if !unconditional && *want != current["metadata"]["resourceVersion"] {
+        let msg = format!(
+            "Operation cannot be fulfilled on {} \"{}\": the object has been modified",
+            r.kind.plural(),
+            key.2
+        );
+        return (409, status_body(409, "Conflict", &msg));
+    }
+    object["metadata"]["uid"] = current["metadata"]["uid"].clone();
+    object["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
+    store(&mut st, r.kind, &mut object);
     drop(st);
     shared.changed.notify_all();
     (200, object)
@@ -872,5 +1050,11 @@ mod tests {
             Some("n1".into())
         );
         assert!(route("/api/v1/pods").is_none());
+        let r = route("/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/l").unwrap();
+        assert_eq!((r.0, r.1.as_deref()), (Kind::Lease, Some("kube-system")));
+        let r = route("/apis/ferry.dev/v1alpha1/ferryloadbalancerippools/p/status").unwrap();
+        assert_eq!((r.0, r.3.as_deref()), (Kind::Pool, Some("status")));
+        assert!(route("/api/v1/leases").is_none());
+        assert!(route("/apis/ferry.dev/v1alpha1/services").is_none());
     }
 }

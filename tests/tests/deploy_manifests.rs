@@ -10,6 +10,7 @@ use ferry_tests::deploy::{rendered_objects, written_objects};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::Value;
 
 /// Keys of `original` that are absent from `round_trip`, as paths.
@@ -54,6 +55,7 @@ fn lost_keys(object: &Value) -> Result<Vec<String>, String> {
         "Deployment" => round_trip::<Deployment>(object)?,
         "Service" => round_trip::<Service>(object)?,
         "Namespace" => round_trip::<Namespace>(object)?,
+        "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(object)?,
         other => return Err(format!("kind {other:?} has no typed check; add it here")),
     };
     let mut out = Vec::new();
@@ -223,4 +225,28 @@ fn a_misplaced_key_is_caught() {
         lost,
         vec![".spec.hostNetwork", ".spec.template.spec.dnsPolicyy"]
     );
+}
+
+/// deploy/crd.yaml is what `ferry crd` prints for this build.
+#[test]
+fn crd_yaml_is_current() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let written = std::fs::read_to_string(root.join("deploy/crd.yaml")).unwrap();
+    let generated = ferry_proxy::ipam::pool::crd_yaml().unwrap();
+    assert!(
+        written == generated,
+        "deploy/crd.yaml is stale: run `cargo run -p ferry-proxy -- crd > deploy/crd.yaml`"
+    );
+}
+
+/// The kind example pool parses as a pool and is valid.
+#[test]
+fn example_pool_is_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("deploy/kind/lb-pool.yaml")).unwrap();
+    let pool: ferry_proxy::ipam::pool::FerryLoadBalancerIPPool =
+        serde_yaml::from_str(&text).unwrap();
+    let parsed = ferry_proxy::ipam::pool::parse_pool("kind", 0, &pool.spec);
+    assert_eq!(parsed.invalid, None);
+    assert!(!parsed.ranges.is_empty());
 }

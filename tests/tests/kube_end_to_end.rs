@@ -2,7 +2,8 @@
 //! pinned eBPF maps -> a real connection in a network namespace, then a
 //! Service update through the API reaching the next connection. The fake
 //! API server enforces deploy/'s ClusterRole: the agent must never need a
-//! verb the DaemonSet's role lacks (watching, listing, reporting Events).
+//! verb the DaemonSet's role lacks (watching, listing, reporting Events,
+//! allocating a LoadBalancer address: leases, pools, Service status).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
@@ -27,6 +28,11 @@ fn slice(ip: &str) -> serde_json::Value {
 
 /// Connects through the ClusterIP until the reply is `want` (10 s at most).
 fn until_reply(cg: &TestCgroup, ns: &Netns, want: &str) {
+    until_reply_from(cg, ns, "198.19.0.30:80", want);
+}
+
+/// Connects to `to` until the reply is `want` (10 s at most).
+fn until_reply_from(cg: &TestCgroup, ns: &Netns, to: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = String::new();
     while Instant::now() < deadline {
@@ -35,13 +41,13 @@ fn until_reply(cg: &TestCgroup, ns: &Netns, want: &str) {
                 cg.path().to_str().unwrap(),
                 ns.name(),
                 "tcp",
-                "198.19.0.30:80",
+                to,
                 "1",
             ])
             .output()
             .unwrap();
         last = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if last == format!("ok 198.19.0.30:80 {want}") {
+        if last == format!("ok {to} {want}") {
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -80,6 +86,18 @@ fn service_update_via_api_reaches_a_real_connection() {
     api.apply(json!({"kind": "Service", "metadata": {"name": "web", "namespace": "e2e"},
                      "spec": {"clusterIP": "198.19.0.30", "ports": [{"port": 80, "targetPort": 9000}]}}));
     api.apply(slice("198.18.3.2"));
+    // A LoadBalancer Service and a pool: the agent, as the allocator,
+    // writes the address into the status, and then serves it.
+    api.apply(json!({"kind": "FerryLoadBalancerIPPool", "metadata": {"name": "e2e"},
+                     "spec": {"blocks": [{"cidr": "198.19.77.0/30"}]}}));
+    api.apply(json!({"kind": "Service", "metadata": {"name": "lb", "namespace": "e2e"},
+                     "spec": {"type": "LoadBalancer", "clusterIP": "198.19.0.32",
+                              "ports": [{"port": 80, "targetPort": 9000, "nodePort": 30032}]}}));
+    api.apply(json!({"kind": "EndpointSlice",
+           "metadata": {"name": "lb-1", "namespace": "e2e",
+                        "labels": {"kubernetes.io/service-name": "lb"}},
+           "addressType": "IPv4", "ports": [{"port": 9000}],
+           "endpoints": [{"addresses": ["198.18.3.3"]}]}));
     let dir = std::env::temp_dir().join(format!("ferry-test-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
@@ -113,6 +131,9 @@ fn service_update_via_api_reaches_a_real_connection() {
     );
 
     until_reply(&cg, &cli, "198.18.3.2:9000");
+    until_reply_from(&cg, &cli, "198.19.77.1:80", "198.18.3.3:9000");
+    let lb = api.get(ferry_tests::fake_api::Kind::Service, "e2e", "lb").unwrap();
+    assert_eq!(lb["status"]["loadBalancer"]["ingress"][0]["ip"], "198.19.77.1");
     // The endpoint moves to the other pod through the API.
     api.apply(slice("198.18.3.3"));
     until_reply(&cg, &cli, "198.18.3.3:9000");

@@ -110,7 +110,48 @@ fn deploy(root: &Path) -> Result<()> {
         "status",
         "deployment/coredns",
         "--timeout=300s",
-    ]))
+    ]))?;
+    apply_pool(root)
+}
+
+/// Applies deploy/kind/lb-pool.yaml with its range moved to the top of the
+/// kind network's IPv4 subnet.
+fn apply_pool(root: &Path) -> Result<()> {
+    let subnets = output(Command::new("docker").args([
+        "network",
+        "inspect",
+        "kind",
+        "-f",
+        "{{range .IPAM.Config}}{{.Subnet}} {{end}}",
+    ]))?;
+    let subnet = subnets
+        .split_whitespace()
+        .find(|s| !s.contains(':'))
+        .ok_or_else(|| anyhow::anyhow!("the kind network has no IPv4 subnet: {subnets:?}"))?;
+    let (start, stop) = pool_range(subnet)?;
+    let text = std::fs::read_to_string(root.join("deploy/kind/lb-pool.yaml"))?
+        .replace("172.18.255.200", &start)
+        .replace("172.18.255.250", &stop);
+    eprintln!("xtask: LoadBalancer pool {start}-{stop} (kind network {subnet})");
+    let path = root.join("target/deploy/lb-pool.yaml");
+    std::fs::create_dir_all(root.join("target/deploy"))?;
+    std::fs::write(&path, text)?;
+    crate::run(kubectl().arg("apply").arg("-f").arg(&path))
+}
+
+/// The 51 addresses 5 below the top of an IPv4 subnet (at most /24).
+fn pool_range(subnet: &str) -> Result<(String, String)> {
+    let (addr, len) = subnet
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("{subnet:?} is not a CIDR"))?;
+    let addr: std::net::Ipv4Addr = addr.parse()?;
+    let len: u32 = len.parse()?;
+    if len > 24 {
+        bail!("the kind network {subnet} is too small for a pool of 51 addresses");
+    }
+    let top = u32::from(addr) | (u32::MAX >> len);
+    let ip = |n: u32| std::net::Ipv4Addr::from(n).to_string();
+    Ok((ip(top - 55), ip(top - 5)))
 }
 
 /// Distinct pod names answering `count` requests, from a `sh -c` loop.
@@ -231,4 +272,20 @@ fn sig_network_conformance() -> Result<()> {
 
 fn down() -> Result<()> {
     crate::run(Command::new("kind").args(["delete", "cluster", "--name", CLUSTER]))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pool_range_is_the_top_of_the_subnet() {
+        assert_eq!(
+            super::pool_range("172.18.0.0/16").unwrap(),
+            ("172.18.255.200".to_string(), "172.18.255.250".to_string())
+        );
+        assert_eq!(
+            super::pool_range("10.89.0.0/24").unwrap(),
+            ("10.89.0.200".to_string(), "10.89.0.250".to_string())
+        );
+        assert!(super::pool_range("10.89.0.0/25").is_err());
+    }
 }

@@ -78,6 +78,8 @@ pub struct Agent {
     /// what was reported already (each object and cause once).
     invalid_sink: Option<InvalidSink>,
     reported: BTreeSet<String>,
+    /// Where the LoadBalancer addresses this node may announce go (L2).
+    announce: Option<tokio::sync::watch::Sender<crate::ipam::announce::Announcements>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -122,6 +124,7 @@ impl Agent {
             health_checks: HealthCheckServers::default(),
             invalid_sink: None,
             reported: BTreeSet::new(),
+            announce: None,
             cfg,
         })
     }
@@ -130,6 +133,15 @@ impl Agent {
     /// `sink`, e.g. as a Kubernetes Event.
     pub fn report_invalid_to(&mut self, sink: InvalidSink) {
         self.invalid_sink = Some(sink);
+    }
+
+    /// After each sync, publishes the LoadBalancer addresses this node may
+    /// announce (for the L2 announcer).
+    pub fn announce_to(
+        &mut self,
+        tx: tokio::sync::watch::Sender<crate::ipam::announce::Announcements>,
+    ) {
+        self.announce = Some(tx);
     }
 
     /// The metrics this agent records (shared with the HTTP endpoints).
@@ -246,6 +258,16 @@ impl Agent {
         }
         let done = apply_ops(self.maps.as_mut(), &mut self.applied, &plan.ops);
         self.maps.synced(self.core.desired());
+        if let Some(tx) = &self.announce {
+            let now = crate::ipam::announce::announceable(self.core.desired());
+            tx.send_if_modified(|current| {
+                let changed = *current != now;
+                if changed {
+                    *current = now;
+                }
+                changed
+            });
+        }
         let report = SyncReport {
             full,
             services: t.services,

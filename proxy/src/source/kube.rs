@@ -36,7 +36,7 @@ pub enum KubeSourceError {
     Runtime(String),
 }
 
-async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceError> {
+pub(crate) async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceError> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(&path).map_err(|e| {

@@ -1,0 +1,186 @@
+//! L2 announcement: which LoadBalancer addresses this node may announce
+//! (pure, from the desired state), and the loop that contends, per Service,
+//! for a Lease `ferry-l2.<namespace>.<name>` among the eligible nodes and
+//! answers ARP for the addresses of the Services it holds. Eligible: every
+//! node for externalTrafficPolicy Cluster; with Local only nodes with a
+//! local endpoint, so traffic never lands where it would be dropped.
+//! Takeover: a holder that stops renewing loses the lease after
+//! [`LEASE_DURATION`]; the new holder sends gratuitous ARP at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::{Api, Client};
+
+use super::arp::ArpResponder;
+use super::lease::LeaseLock;
+use crate::model::{Action, Scope, ServiceName};
+use crate::translate::DesiredState;
+
+/// A holder that stops renewing is replaced after this long (plus one
+/// contender retry), i.e. well within 5 s.
+pub const LEASE_DURATION: Duration = Duration::from_secs(3);
+const RENEW_EVERY: Duration = Duration::from_secs(1);
+const RETRY_EVERY: Duration = Duration::from_millis(500);
+/// Lease calls in flight at once.
+const CONCURRENCY: usize = 32;
+
+/// One Service's LoadBalancer addresses and whether this node may announce
+/// them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announce {
+    pub ips: Vec<Ipv4Addr>,
+    pub eligible: bool,
+}
+
+pub type Announcements = BTreeMap<ServiceName, Announce>;
+
+/// The LoadBalancer IPv4 addresses of the desired state, per Service.
+pub fn announceable(desired: &DesiredState) -> Announcements {
+    let mut out: Announcements = BTreeMap::new();
+    for f in desired.frontends().values() {
+        if f.policy.scope != Scope::LoadBalancer {
+            continue;
+        }
+        let IpAddr::V4(ip) = f.key.ip else {
+            continue;
+        };
+        // Local with no local endpoint drops: not here.
+        let eligible = !(f.policy.preserve_source && f.policy.action == Action::Drop);
+        let entry = out.entry(f.service.clone()).or_insert(Announce {
+            ips: Vec::new(),
+            eligible: true,
+        });
+        if !entry.ips.contains(&ip) {
+            entry.ips.push(ip);
+            entry.ips.sort();
+        }
+        entry.eligible &= eligible;
+    }
+    out
+}
+
+/// The Lease of one Service's announcement.
+pub fn lease_name(svc: &ServiceName) -> String {
+    format!("ferry-l2.{}.{}", svc.namespace, svc.name)
+}
+
+/// Metrics of the announcer.
+#[derive(Debug, Default)]
+pub struct L2Status {
+    pub announced: AtomicU64,
+    pub replies: Arc<AtomicU64>,
+}
+
+impl crate::metrics::MetricsSource for L2Status {
+    fn render(&self, out: &mut String) {
+        crate::metrics::gauge(
+            out,
+            "ferry_l2_announced_addresses",
+            "LoadBalancer addresses this node answers ARP for",
+            self.announced.load(Ordering::Relaxed),
+        );
+        crate::metrics::counter(
+            out,
+            "ferry_l2_arp_replies_total",
+            "ARP replies sent for announced addresses",
+            self.replies.load(Ordering::Relaxed),
+        );
+    }
+}
+
+struct Held {
+    lock: LeaseLock,
+    last_try: Option<Instant>,
+}
+
+/// Announces until `stop`: contends for the Services in `wanted` and keeps
+/// the responder's set to the addresses of the Services held.
+pub async fn run(
+    client: Client,
+    lease_namespace: String,
+    identity: String,
+    responder: ArpResponder,
+    mut wanted: tokio::sync::watch::Receiver<Announcements>,
+    status: Arc<L2Status>,
+    stop: Arc<AtomicBool>,
+) {
+    let api = Api::namespaced(client, &lease_namespace);
+    let mut locks: BTreeMap<ServiceName, Held> = BTreeMap::new();
+    let mut announced: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut tick = tokio::time::interval(RETRY_EVERY);
+    while !stop.load(Ordering::Relaxed) {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = wanted.changed() => {}
+        }
+        let want = wanted.borrow_and_update().clone();
+        // Give up what is no longer wanted here.
+        let gone: Vec<ServiceName> = locks
+            .keys()
+            .filter(|s| !want.get(*s).is_some_and(|a| a.eligible))
+            .cloned()
+            .collect();
+        for s in gone {
+            if let Some(mut h) = locks.remove(&s) {
+                if let Err(e) = h.lock.release().await {
+                    tracing::warn!(service = %s, error = %e, "cannot release the L2 lease");
+                }
+            }
+        }
+        for (s, a) in &want {
+            if a.eligible && !locks.contains_key(s) {
+                let lock = LeaseLock::new(api.clone(), &lease_name(s), &identity, LEASE_DURATION);
+                locks.insert(
+                    s.clone(),
+                    Held {
+                        lock,
+                        last_try: None,
+                    },
+                );
+            }
+        }
+        futures::stream::iter(locks.values_mut().map(|h| async move {
+            let due = if h.lock.held() { RENEW_EVERY } else { RETRY_EVERY };
+            if h.last_try.is_some_and(|t| t.elapsed() < due) {
+                return;
+            }
+            h.last_try = Some(Instant::now());
+            if let Err(e) = h.lock.try_acquire_or_renew().await {
+                tracing::warn!(lease = %h.lock.name(), error = %e, "cannot read or write the L2 lease");
+            }
+        }))
+        .buffer_unordered(CONCURRENCY)
+        .collect::<()>()
+        .await;
+        let now: BTreeSet<Ipv4Addr> = locks
+            .iter()
+            .filter(|(_, h)| h.lock.held())
+            .filter_map(|(s, _)| want.get(s))
+            .flat_map(|a| a.ips.iter().copied())
+            .collect();
+        if now != announced {
+            if let Ok(mut set) = responder.announced.write() {
+                *set = now.iter().copied().collect();
+            }
+            for ip in now.difference(&announced) {
+                tracing::info!(address = %ip, node = %identity, "announcing");
+                responder.gratuitous(*ip);
+            }
+            for ip in announced.difference(&now) {
+                tracing::info!(address = %ip, node = %identity, "no longer announcing");
+            }
+            status.announced.store(now.len() as u64, Ordering::Relaxed);
+            announced = now;
+        }
+    }
+    for (s, mut h) in locks {
+        if let Err(e) = h.lock.release().await {
+            tracing::warn!(service = %s, error = %e, "cannot release the L2 lease");
+        }
+    }
+}

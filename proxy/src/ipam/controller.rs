@@ -1,0 +1,445 @@
+//! The allocator, I/O: exactly one agent at a time (the holder of the
+//! `ferry-lb-ipam` Lease) watches Services and FerryLoadBalancerIPPools,
+//! runs [`allocate`] on every change and writes the differences back —
+//! status.loadBalancer.ingress and a condition on each Service (server-side
+//! apply, field manager `ferry-lb-ipam`), an Event when a Service's
+//! condition changes, and each pool's status. Metrics go to [`IpamStatus`].
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{json, Value};
+
+use super::allocate::{allocate, Allocations, Outcome};
+use super::lease::LeaseLock;
+use super::pool::{parse_pool, FerryLoadBalancerIPPool, PoolCondition};
+use super::service::{has_condition, lb_service, name_of, status_ips, CONDITION};
+
+pub const FIELD_MANAGER: &str = "ferry-lb-ipam";
+pub const LEASE_NAME: &str = "ferry-lb-ipam";
+
+/// How the allocator contends for leadership.
+#[derive(Clone, Debug)]
+pub struct IpamConfig {
+    /// Namespace of the Lease (the agent's own).
+    pub lease_namespace: String,
+    /// This agent's identity in the Lease (the node name).
+    pub identity: String,
+    /// A dead leader is replaced after this long.
+    pub lease_duration: Duration,
+    /// How often the leader renews and contenders retry.
+    pub retry_period: Duration,
+}
+
+impl IpamConfig {
+    /// Take-over within 15 s of the leader's death: 10 s lease, 2 s retry.
+    pub fn new(lease_namespace: &str, identity: &str) -> IpamConfig {
+        IpamConfig {
+            lease_namespace: lease_namespace.into(),
+            identity: identity.into(),
+            lease_duration: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
+/// pool -> (used, free), and failure reason -> Services.
+type Counts = (BTreeMap<String, (u64, u64)>, BTreeMap<&'static str, u64>);
+
+/// The allocator's metrics, rendered into the agent's /metrics.
+#[derive(Debug, Default)]
+pub struct IpamStatus {
+    leader: AtomicBool,
+    counts: Mutex<Counts>,
+}
+
+impl IpamStatus {
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, a: &Allocations) {
+        let pools = a
+            .pools
+            .iter()
+            .map(|(name, r)| (name.to_string(), (r.used, r.total.saturating_sub(r.used))))
+            .collect();
+        let mut failures = BTreeMap::new();
+        for o in a.services.values() {
+            if let Some((f, _)) = &o.failure {
+                *failures.entry(f.reason()).or_insert(0) += 1;
+            }
+        }
+        *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = (pools, failures);
+    }
+}
+
+impl crate::metrics::MetricsSource for IpamStatus {
+    fn render(&self, out: &mut String) {
+        crate::metrics::gauge(
+            out,
+            "ferry_lb_ipam_leader",
+            "1 while this agent is the LoadBalancer IP allocator",
+            u64::from(self.is_leader()),
+        );
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(
+            out,
+            "# HELP ferry_lb_ipam_addresses Addresses of each pool by state (from the leader)\n# TYPE ferry_lb_ipam_addresses gauge"
+        );
+        for (pool, (used, free)) in &counts.0 {
+            let _ = writeln!(
+                out,
+                "ferry_lb_ipam_addresses{{pool=\"{pool}\",state=\"used\"}} {used}\nferry_lb_ipam_addresses{{pool=\"{pool}\",state=\"free\"}} {free}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ferry_lb_ipam_unsatisfied_services Services without (all) their addresses, by reason\n# TYPE ferry_lb_ipam_unsatisfied_services gauge"
+        );
+        for (reason, n) in &counts.1 {
+            let _ = writeln!(
+                out,
+                "ferry_lb_ipam_unsatisfied_services{{reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+}
+
+/// Contends for the Lease until `stop`; allocates while holding it.
+pub async fn run(client: Client, cfg: IpamConfig, status: Arc<IpamStatus>, stop: Arc<AtomicBool>) {
+    let leases = Api::namespaced(client.clone(), &cfg.lease_namespace);
+    let mut lock = LeaseLock::new(leases, LEASE_NAME, &cfg.identity, cfg.lease_duration);
+    while !stop.load(Ordering::Relaxed) {
+        match lock.try_acquire_or_renew().await {
+            Ok(true) => {
+                tracing::info!(identity = %cfg.identity, "leading the LoadBalancer IP allocator");
+                status.leader.store(true, Ordering::Relaxed);
+                lead(&client, &cfg, &mut lock, &status, &stop).await;
+                status.leader.store(false, Ordering::Relaxed);
+                if stop.load(Ordering::Relaxed) {
+                    if let Err(e) = lock.release().await {
+                        tracing::warn!(error = %e, "cannot release the allocator lease");
+                    }
+                    return;
+                }
+                tracing::warn!(identity = %cfg.identity, "lost the LoadBalancer IP allocator lease");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, lease = LEASE_NAME, "cannot read or write the lease")
+            }
+        }
+        tokio::time::sleep(cfg.retry_period).await;
+    }
+}
+
+/// Allocates until the lease is lost or `stop`.
+async fn lead(
+    client: &Client,
+    cfg: &IpamConfig,
+    lock: &mut LeaseLock,
+    status: &IpamStatus,
+    stop: &AtomicBool,
+) {
+    let (services, svc_writer) = reflector::store::<Service>();
+    let (pools, pool_writer) = reflector::store::<FerryLoadBalancerIPPool>();
+    let changed = tokio::sync::Notify::new();
+    let svc_stream = reflector::reflector(
+        svc_writer,
+        watcher(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let pool_stream = reflector::reflector(
+        pool_writer,
+        watcher(
+            Api::<FerryLoadBalancerIPPool>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let pump = async {
+        let mut svc_stream = std::pin::pin!(svc_stream);
+        let mut pool_stream = std::pin::pin!(pool_stream);
+        loop {
+            let item = tokio::select! {
+                Some(i) = svc_stream.next() => i.map(|_| ()),
+                Some(i) = pool_stream.next() => i.map(|_| ()),
+                else => return,
+            };
+            match item {
+                Ok(()) => changed.notify_one(),
+                Err(e) => tracing::warn!(error = %e, "allocator watch failed; retrying"),
+            }
+        }
+    };
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(cfg.identity.clone()),
+        },
+    );
+    let work = async {
+        let _ = tokio::join!(services.wait_until_ready(), pools.wait_until_ready());
+        let mut renew = tokio::time::interval(cfg.retry_period);
+        renew.tick().await;
+        loop {
+            // Also on every renewal: a write that failed is retried.
+            reconcile(client, &recorder, &services, &pools, status).await;
+            tokio::select! {
+                _ = changed.notified() => {
+                    // Coalesce a burst of events into one pass.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                _ = renew.tick() => {}
+            }
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match lock.try_acquire_or_renew().await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew the allocator lease");
+                    if !lock.held() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = pump => {}
+        _ = work => {}
+    }
+}
+
+/// One pass: allocate and write back what differs.
+async fn reconcile(
+    client: &Client,
+    recorder: &Recorder,
+    services: &Store<Service>,
+    pools: &Store<FerryLoadBalancerIPPool>,
+    status: &IpamStatus,
+) {
+    let pool_objects = pools.state();
+    let parsed: Vec<_> = pool_objects
+        .iter()
+        .map(|p| {
+            let created = p
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(0, |t| t.0.as_second());
+            parse_pool(&p.name_any(), created, &p.spec)
+        })
+        .collect();
+    let svc_objects = services.state();
+    let lbs: Vec<_> = svc_objects.iter().filter_map(|s| lb_service(s)).collect();
+    let alloc = allocate(&parsed, &lbs);
+    status.record(&alloc);
+    for svc in &svc_objects {
+        let name = name_of(svc);
+        let want = match alloc.services.get(&name) {
+            Some(o) => Some(o),
+            None if has_condition(svc) => None,
+            None => continue,
+        };
+        if let Err(e) = write_service(client, recorder, svc, want).await {
+            tracing::warn!(service = %name, error = %e, "cannot write the LoadBalancer status");
+        }
+    }
+    for p in &pool_objects {
+        let name = p.name_any();
+        let Some(report) = alloc.pools.get(name.as_str()) else {
+            continue;
+        };
+        let mut conditions = Vec::new();
+        let current = p.status.as_ref().map(|s| &s.conditions[..]).unwrap_or(&[]);
+        conditions.push(condition(
+            current,
+            "ferry.dev/Conflict",
+            report.conflict.is_some(),
+            if report.conflict.is_some() {
+                "Overlap"
+            } else {
+                "NoOverlap"
+            },
+            report.conflict.clone().unwrap_or_default(),
+        ));
+        conditions.push(condition(
+            current,
+            "ferry.dev/Invalid",
+            report.invalid.is_some(),
+            if report.invalid.is_some() {
+                "InvalidSpec"
+            } else {
+                "Valid"
+            },
+            report.invalid.clone().unwrap_or_default(),
+        ));
+        let want = super::pool::PoolStatus {
+            conditions,
+            addresses_total: report.total,
+            addresses_used: report.used,
+            addresses_free: report.total.saturating_sub(report.used),
+        };
+        if p.status.as_ref() == Some(&want) {
+            continue;
+        }
+        let body = json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "FerryLoadBalancerIPPool",
+                          "metadata": {"name": name}, "status": want});
+        let api = Api::<FerryLoadBalancerIPPool>::all(client.clone());
+        if let Err(e) = api
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+        {
+            tracing::warn!(pool = %name, error = %e, "cannot write the pool status");
+        }
+    }
+}
+
+/// A condition, keeping its lastTransitionTime while its status holds.
+fn condition(
+    current: &[PoolCondition],
+    type_: &str,
+    on: bool,
+    reason: &str,
+    message: String,
+) -> PoolCondition {
+    let status = if on { "True" } else { "False" };
+    let since = current
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| k8s_openapi::jiff::Timestamp::now().to_string());
+    PoolCondition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time: since,
+    }
+}
+
+/// (status, reason, message) of the allocator's condition on a Service.
+fn service_condition(svc: &Service) -> Option<(String, String, String)> {
+    let c = svc
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == CONDITION)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Writes a Service's addresses and condition when they differ from
+/// `want`; None releases whatever the allocator gave it.
+async fn write_service(
+    client: &Client,
+    recorder: &Recorder,
+    svc: &Service,
+    want: Option<&Outcome>,
+) -> Result<(), kube::Error> {
+    let ips: Vec<String> = want
+        .map(|o| o.addresses.iter().map(|(ip, _)| ip.to_string()).collect())
+        .unwrap_or_default();
+    let cond = want.map(|o| match &o.failure {
+        None => {
+            let parts: Vec<String> = o
+                .addresses
+                .iter()
+                .map(|(ip, pool)| format!("{ip} from pool {pool}"))
+                .collect();
+            (
+                "True".to_string(),
+                "Allocated".to_string(),
+                parts.join(", "),
+            )
+        }
+        Some((f, why)) => ("False".to_string(), f.reason().to_string(), why.clone()),
+    });
+    let current: Vec<String> = status_ips(svc).iter().map(|ip| ip.to_string()).collect();
+    if current == ips && service_condition(svc) == cond {
+        return Ok(());
+    }
+    let name = name_of(svc);
+    let since = k8s_openapi::jiff::Timestamp::now().to_string();
+    let conditions: Vec<Value> = cond
+        .iter()
+        .map(|(status, reason, message)| {
+            json!({"type": CONDITION, "status": status, "reason": reason,
+                   "message": message, "lastTransitionTime": since,
+                   "observedGeneration": svc.metadata.generation.unwrap_or(0)})
+        })
+        .collect();
+    let ingress: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"ip": ip, "ipMode": "VIP"}))
+        .collect();
+    let body = json!({"apiVersion": "v1", "kind": "Service",
+                      "metadata": {"name": &*name.name, "namespace": &*name.namespace},
+                      "status": {"loadBalancer": {"ingress": ingress}, "conditions": conditions}});
+    Api::<Service>::namespaced(client.clone(), &name.namespace)
+        .patch_status(
+            &name.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    let (type_, reason, note) = match &cond {
+        Some((s, reason, message)) if s == "True" => (
+            EventType::Normal,
+            reason.clone(),
+            format!("allocated {message}"),
+        ),
+        Some((_, reason, message)) => (EventType::Warning, reason.clone(), message.clone()),
+        None => (
+            EventType::Normal,
+            "Released".to_string(),
+            format!("released {}", current.join(", ")),
+        ),
+    };
+    tracing::info!(service = %name, addresses = ?ips, reason = %reason, "LoadBalancer status written");
+    let reference = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Service".into()),
+        namespace: Some(name.namespace.to_string()),
+        name: Some(name.name.to_string()),
+        uid: svc.metadata.uid.clone(),
+        ..Default::default()
+    };
+    let event = KubeEvent {
+        type_,
+        reason,
+        note: Some(note),
+        action: "Allocate".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &reference).await {
+        tracing::warn!(service = %name, error = %e, "cannot publish an Event");
+    }
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! LoadBalancer IP address management: the allocator (one leader per
+//! cluster) gives Services of type LoadBalancer addresses from
+//! FerryLoadBalancerIPPools, and every node's announcer answers ARP for the
+//! addresses of the Services whose L2 lease it holds.
+
+pub mod allocate;
+pub mod announce;
+pub mod arp;
+pub mod controller;
+pub mod lease;
+pub mod pool;
+pub mod service;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::metrics::Metrics;
+
+/// What `ferry run` enables of LoadBalancer IP management.
+#[derive(Clone, Debug)]
+pub struct IpamSettings {
+    pub kubeconfig: Option<PathBuf>,
+    /// Contend for the allocator lease and allocate while holding it.
+    pub allocate: bool,
+    /// Interfaces to answer ARP on (empty: no L2 announcement).
+    pub l2_interfaces: Vec<String>,
+    pub lease_namespace: String,
+    /// This node's name.
+    pub identity: String,
+}
+
+/// Starts the allocator and the announcer on a thread of their own; they
+/// stop (releasing their leases) when `stop` is set.
+pub fn spawn(
+    settings: IpamSettings,
+    announcements: tokio::sync::watch::Receiver<announce::Announcements>,
+    metrics: &Metrics,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    let responder = if settings.l2_interfaces.is_empty() {
+        None
+    } else {
+        Some(arp::ArpResponder::start(&settings.l2_interfaces).map_err(|e| e.to_string())?)
+    };
+    let ipam_status = Arc::new(controller::IpamStatus::default());
+    let l2_status = Arc::new(announce::L2Status {
+        replies: responder
+            .as_ref()
+            .map(|r| r.replies.clone())
+            .unwrap_or_default(),
+        ..Default::default()
+    });
+    if settings.allocate {
+        metrics.add_source(ipam_status.clone());
+    }
+    if responder.is_some() {
+        metrics.add_source(l2_status.clone());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the tokio runtime: {e}"))?;
+    std::thread::Builder::new()
+        .name("lb-ipam".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let client = match crate::source::kube::client(settings.kubeconfig.clone()).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "no Kubernetes client for LoadBalancer IPs");
+                        return;
+                    }
+                };
+                let allocator = async {
+                    if settings.allocate {
+                        let cfg = controller::IpamConfig::new(
+                            &settings.lease_namespace,
+                            &settings.identity,
+                        );
+                        controller::run(client.clone(), cfg, ipam_status, stop.clone()).await;
+                    }
+                };
+                let announcer = async {
+                    if let Some(responder) = responder {
+                        announce::run(
+                            client.clone(),
+                            settings.lease_namespace.clone(),
+                            settings.identity.clone(),
+                            responder,
+                            announcements,
+                            l2_status,
+                            stop.clone(),
+                        )
+                        .await;
+                    }
+                };
+                tokio::join!(allocator, announcer);
+                // Both return after `stop`; wait for it if neither ran.
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        })
+        .map_err(|e| format!("starting the LoadBalancer IP thread: {e}"))
+}
