@@ -43,6 +43,8 @@ fn bad_flags_exit_2_naming_the_setting() {
     refused(&["--udp-idle-timeout", "0s"], "--udp-idle-timeout");
     refused(&["--interfaces", "eth0,a/b"], "--interfaces");
     refused(&["--interfaces", "a-name-longer-than-15"], "--interfaces");
+    refused(&["--lb-ipam", "maybe"], "--lb-ipam");
+    refused(&["--l2-interfaces", "eth0,a b"], "--l2-interfaces");
     refused(
         &["--nodeport-addresses", "10.0.0.0/33"],
         "--nodeport-addresses",

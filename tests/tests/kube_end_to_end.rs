@@ -37,13 +37,7 @@ fn until_reply_from(cg: &TestCgroup, ns: &Netns, to: &str, want: &str) {
     let mut last = String::new();
     while Instant::now() < deadline {
         let out = Command::new(env!("CARGO_BIN_EXE_ferry-test-client"))
-            .args([
-                cg.path().to_str().unwrap(),
-                ns.name(),
-                "tcp",
-                to,
-                "1",
-            ])
+            .args([cg.path().to_str().unwrap(), ns.name(), "tcp", to, "1"])
             .output()
             .unwrap();
         last = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -88,11 +82,15 @@ fn service_update_via_api_reaches_a_real_connection() {
     api.apply(slice("198.18.3.2"));
     // A LoadBalancer Service and a pool: the agent, as the allocator,
     // writes the address into the status, and then serves it.
-    api.apply(json!({"kind": "FerryLoadBalancerIPPool", "metadata": {"name": "e2e"},
-                     "spec": {"blocks": [{"cidr": "198.19.77.0/30"}]}}));
-    api.apply(json!({"kind": "Service", "metadata": {"name": "lb", "namespace": "e2e"},
+    api.apply(
+        json!({"kind": "FerryLoadBalancerIPPool", "metadata": {"name": "e2e"},
+                     "spec": {"blocks": [{"cidr": "198.19.77.0/30"}]}}),
+    );
+    api.apply(
+        json!({"kind": "Service", "metadata": {"name": "lb", "namespace": "e2e"},
                      "spec": {"type": "LoadBalancer", "clusterIP": "198.19.0.32",
-                              "ports": [{"port": 80, "targetPort": 9000, "nodePort": 30032}]}}));
+                              "ports": [{"port": 80, "targetPort": 9000, "nodePort": 30032}]}}),
+    );
     api.apply(json!({"kind": "EndpointSlice",
            "metadata": {"name": "lb-1", "namespace": "e2e",
                         "labels": {"kubernetes.io/service-name": "lb"}},
@@ -132,8 +130,13 @@ fn service_update_via_api_reaches_a_real_connection() {
 
     until_reply(&cg, &cli, "198.18.3.2:9000");
     until_reply_from(&cg, &cli, "198.19.77.1:80", "198.18.3.3:9000");
-    let lb = api.get(ferry_tests::fake_api::Kind::Service, "e2e", "lb").unwrap();
-    assert_eq!(lb["status"]["loadBalancer"]["ingress"][0]["ip"], "198.19.77.1");
+    let lb = api
+        .get(ferry_tests::fake_api::Kind::Service, "e2e", "lb")
+        .unwrap();
+    assert_eq!(
+        lb["status"]["loadBalancer"]["ingress"][0]["ip"],
+        "198.19.77.1"
+    );
     // The endpoint moves to the other pod through the API.
     api.apply(slice("198.18.3.3"));
     until_reply(&cg, &cli, "198.18.3.3:9000");

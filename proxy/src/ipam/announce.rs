@@ -184,3 +184,98 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Core;
+    use crate::model::NodeInfo;
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    fn announce_on(node: &str, policy: &str, endpoint_nodes: &[&str]) -> Announcements {
+        let svc: Service = serde_yaml::from_str(&format!(
+            "metadata: {{name: web, namespace: t}}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.19.0.40
+  externalTrafficPolicy: {policy}
+  ports: [{{name: a, port: 80, targetPort: 9100, nodePort: 30040}}, {{name: b, port: 81, targetPort: 9100, nodePort: 30041}}]
+status:
+  loadBalancer: {{ingress: [{{ip: 198.18.40.240}}, {{ip: 198.18.40.241}}, {{ip: 'fd00::1'}}]}}
+"
+        ))
+        .expect("a Service");
+        let endpoints: Vec<String> = endpoint_nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("- {{addresses: [198.18.41.{}], nodeName: {n}}}", i + 2))
+            .collect();
+        let slice: EndpointSlice = serde_yaml::from_str(&format!(
+            "metadata: {{name: web-1, namespace: t, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: a, port: 9100}}, {{name: b, port: 9100}}]
+endpoints:
+{}
+",
+            endpoints.join("\n")
+        ))
+        .expect("an EndpointSlice");
+        let mut core = Core::new(
+            crate::core::DEFAULT_PROXY_NAME,
+            NodeInfo {
+                name: node.into(),
+                ..Default::default()
+            },
+            Default::default(),
+        );
+        core.upsert_service(&svc);
+        core.upsert_slice(&slice);
+        core.translate_changes();
+        let invalid: Vec<String> = core.invalid().map(|e| e.to_string()).collect();
+        assert!(invalid.is_empty(), "{invalid:?}");
+        // Every LoadBalancer frontend forwards where an endpoint is usable.
+        let usable =
+            !endpoint_nodes.is_empty() && (policy == "Cluster" || endpoint_nodes.contains(&node));
+        for f in core
+            .desired()
+            .frontends()
+            .values()
+            .filter(|f| f.key.ip.is_ipv4() && f.policy.scope == Scope::LoadBalancer)
+        {
+            assert_eq!(
+                f.policy.action == Action::Forward,
+                usable,
+                "{node} {policy} {}",
+                f.key
+            );
+        }
+        announceable(core.desired())
+    }
+
+    #[test]
+    fn local_policy_announces_only_where_an_endpoint_runs() {
+        let name = ServiceName::new("t", "web");
+        let ips: Vec<Ipv4Addr> = vec![[198, 18, 40, 240].into(), [198, 18, 40, 241].into()];
+        for (node, policy, eligible) in [
+            ("node-1", "Cluster", true),
+            ("node-2", "Cluster", true),
+            ("node-1", "Local", true),
+            ("node-2", "Local", false),
+        ] {
+            let a = announce_on(node, policy, &["node-1"]);
+            assert_eq!(
+                a.get(&name),
+                Some(&Announce {
+                    ips: ips.clone(),
+                    eligible
+                }),
+                "{node} {policy}"
+            );
+        }
+        // Local without any endpoint rejects everywhere: any node may
+        // announce (and answer with a reset).
+        assert!(announce_on("node-2", "Local", &[])[&name].eligible);
+        assert_eq!(lease_name(&name), "ferry-l2.t.web");
+    }
+}

@@ -97,15 +97,36 @@ struct Port {
     fd: OwnedFd,
 }
 
+/// The interface's MAC (SIOCGIFHWADDR: of this network namespace, unlike
+/// /sys/class/net, which shows the namespace sysfs was mounted in).
 fn mac_of(name: &str) -> Result<[u8; 6], ArpError> {
-    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address"))
-        .map_err(|e| ArpError::Mac(name.into(), e.to_string()))?;
-    let bytes: Vec<u8> = text
-        .trim()
-        .split(':')
-        .filter_map(|b| u8::from_str_radix(b, 16).ok())
-        .collect();
-    <[u8; 6]>::try_from(bytes).map_err(|_| ArpError::Mac(name.into(), format!("{text:?}")))
+    let bad = |why: String| ArpError::Mac(name.into(), why);
+    // SAFETY: ifreq is plain old data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(bad("name too long".into()));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: plain socket(2); owned right after.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(bad(std::io::Error::last_os_error().to_string()));
+    }
+    // SAFETY: `raw` is a fresh fd nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: SIOCGIFHWADDR fills the ifreq we pass.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+        return Err(bad(std::io::Error::last_os_error().to_string()));
+    }
+    // SAFETY: after SIOCGIFHWADDR the union holds ifru_hwaddr.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data.iter()) {
+        *m = *d as u8;
+    }
+    Ok(mac)
 }
 
 fn sockaddr(index: i32, dst: [u8; 6]) -> libc::sockaddr_ll {

@@ -1,0 +1,280 @@
+//! Privileged, end to end: a LoadBalancer address on "bare metal". Two
+//! nodes (network namespaces, each running `ferry run --source kube` with
+//! the eBPF dataplane) and a client share a bridge; the fake API server
+//! listens in the client's namespace. The agents allocate the Service's
+//! address from a pool on the bridge's subnet, one of them wins the
+//! Service's L2 lease and answers ARP for it, and the client resolves the
+//! address to that node and connects through it to a backend. When that
+//! agent is killed (SIGKILL: no lease release), the other node takes the
+//! lease over, sends gratuitous ARP, and the client's next connection goes
+//! through it — within 5 s.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_tests::bpf::{PinDir, TestCgroup};
+use ferry_tests::fake_api::{FakeApi, Kind};
+use ferry_tests::netns::VethLink;
+use ferry_tests::userspace::{EchoBackend, LineClient};
+use ferry_tests::{ferry_binary, require_privileged, KillOnDrop, Netns};
+use serde_json::json;
+
+const LB_IP: &str = "198.18.40.240";
+
+/// One node: its namespace, pod namespace, LAN interface and agent pins.
+struct Node {
+    ns: Netns,
+    pod: Netns,
+    lan_if: String,
+    pins: PinDir,
+    cg: TestCgroup,
+}
+
+/// cli (198.18.40.100 on bridge br0) -- bridge -- node-1 (.40.1), node-2
+/// (.40.2); node-N -- pod-N (198.18.4N.2), each node routing the other
+/// node's pod network over the bridge.
+fn topology(tag: &str) -> (Netns, Vec<Node>) {
+    let cli = Netns::new(&format!("{tag}c")).unwrap();
+    cli.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    cli.ip(&["addr", "add", "198.18.40.100/24", "dev", "br0"])
+        .unwrap();
+    cli.ip(&["link", "set", "br0", "up"]).unwrap();
+    let mut nodes = Vec::new();
+    for n in 1..=2u8 {
+        let ns = Netns::new(&format!("{tag}n{n}")).unwrap();
+        let pod = Netns::new(&format!("{tag}p{n}")).unwrap();
+        let (port, lan_if) = (format!("{tag}b{n}"), format!("{tag}l{n}"));
+        cli.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &lan_if,
+            "netns",
+            ns.name(),
+        ])
+        .unwrap();
+        cli.ip(&["link", "set", &port, "master", "br0"]).unwrap();
+        cli.ip(&["link", "set", &port, "up"]).unwrap();
+        ns.ip(&["addr", "add", &format!("198.18.40.{n}/24"), "dev", &lan_if])
+            .unwrap();
+        ns.ip(&["link", "set", &lan_if, "up"]).unwrap();
+        pod.veth_to(
+            &ns,
+            VethLink {
+                local: "eth0",
+                local_cidr: &format!("198.18.4{n}.2/24"),
+                remote: &format!("{tag}v{n}"),
+                remote_cidr: &format!("198.18.4{n}.1/24"),
+            },
+        )
+        .unwrap();
+        pod.ip(&["route", "add", "default", "via", &format!("198.18.4{n}.1")])
+            .unwrap();
+        let other = 3 - n;
+        ns.ip(&[
+            "route",
+            "add",
+            &format!("198.18.4{other}.0/24"),
+            "via",
+            &format!("198.18.40.{other}"),
+        ])
+        .unwrap();
+        ns.exec("sh", &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
+            .unwrap();
+        nodes.push(Node {
+            ns,
+            pod,
+            lan_if,
+            pins: PinDir::new(&format!("{tag}{n}")).unwrap(),
+            cg: TestCgroup::new(&format!("{tag}{n}")).unwrap(),
+        });
+    }
+    (cli, nodes)
+}
+
+fn mac(ns: &Netns, dev: &str) -> String {
+    let out = ns.ip(&["-o", "link", "show", "dev", dev]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {text}"))
+        .to_string()
+}
+
+/// The MAC the client's neighbour table has for the LoadBalancer address.
+fn resolved(cli: &Netns) -> Option<String> {
+    let out = cli.ip(&["neigh", "show", LB_IP, "dev", "br0"]).ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut words = text.split_whitespace().skip_while(|w| *w != "lladdr");
+    words.next()?;
+    words.next().map(str::to_string)
+}
+
+/// One request through the LoadBalancer address; the backend's address.
+fn ask(cli: &Netns) -> anyhow::Result<String> {
+    cli.run(|| LineClient::connect(&format!("{LB_IP}:80"))?.ask("hello"))
+}
+
+fn l2_holder(api: &FakeApi) -> Option<String> {
+    api.get(Kind::Lease, "kube-system", "ferry-l2.t.web")
+        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+        .filter(|h| !h.is_empty())
+}
+
+#[test]
+fn client_reaches_the_announcing_node_and_fails_over() {
+    let bin = ferry_binary();
+    if !require_privileged(
+        "client_reaches_the_announcing_node_and_fails_over",
+        bin.as_ref().map(|_| ()).map_err(Clone::clone),
+    ) {
+        return;
+    }
+    let bin = bin.unwrap();
+    let (cli, nodes) = topology("l2");
+    let _backends: Vec<EchoBackend> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let addr = format!("198.18.4{}.2:9100", i + 1);
+            n.pod.run(move || EchoBackend::start(&addr)).unwrap()
+        })
+        .collect();
+
+    // The API server, reachable from both nodes over the bridge.
+    let listener = cli
+        .run(|| Ok(TcpListener::bind("198.18.40.100:0")?))
+        .unwrap();
+    let api = FakeApi::start_on(listener).unwrap();
+    api.enforce_cluster_role(&ferry_tests::deploy::cluster_role().unwrap());
+    api.apply(
+        json!({"kind": "FerryLoadBalancerIPPool", "metadata": {"name": "lan"},
+                     "spec": {"blocks": [{"cidr": format!("{LB_IP}/32")}]}}),
+    );
+    api.apply(
+        json!({"kind": "Service", "metadata": {"name": "web", "namespace": "t"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "198.19.0.40",
+                 "ports": [{"port": 80, "targetPort": 9100, "nodePort": 30040}]}}),
+    );
+    api.apply(json!({"kind": "EndpointSlice",
+        "metadata": {"name": "web-1", "namespace": "t", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4", "ports": [{"port": 9100}],
+        "endpoints": [{"addresses": ["198.18.41.2"], "nodeName": "node-1"},
+                      {"addresses": ["198.18.42.2"], "nodeName": "node-2"}]}));
+    let dir = std::env::temp_dir().join(format!("ferry-test-l2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+
+    let mut agents: Vec<Option<KillOnDrop>> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let log = std::fs::File::create(dir.join(format!("agent-{}.log", i + 1))).unwrap();
+            // Only the network namespace is entered: bpffs and cgroup2 stay
+            // the host's.
+            Some(KillOnDrop(
+                Command::new("nsenter")
+                    .arg(format!("--net=/var/run/netns/{}", n.ns.name()))
+                    .arg(&bin)
+                    .arg("run")
+                    .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                    .arg(format!("--bpffs-path={}", n.pins.path().display()))
+                    .arg(format!("--cgroup-path={}", n.cg.path().display()))
+                    .args(["--dataplane", "ebpf", "--interfaces", &n.lan_if])
+                    .args(["--hostname-override", &format!("node-{}", i + 1)])
+                    .args(["--min-sync-period", "50ms"])
+                    .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap(),
+            ))
+        })
+        .collect();
+    let logs = || {
+        (1..=2)
+            .map(|i| {
+                std::fs::read_to_string(dir.join(format!("agent-{i}.log"))).unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+
+    // Allocated, announced, resolved and reachable.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (first, answer) = loop {
+        if let (Some(h), Ok(a)) = (l2_holder(&api), ask(&cli)) {
+            break (h, a);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never reachable; agents:\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let svc = api.get(Kind::Service, "t", "web").unwrap();
+    assert_eq!(svc["status"]["loadBalancer"]["ingress"][0]["ip"], LB_IP);
+    assert!(answer.ends_with(":9100"), "{answer}");
+    let index = |holder: &str| usize::from(holder == "node-2");
+    let (a, b) = (index(&first), 1 - index(&first));
+    let macs: Vec<String> = nodes.iter().map(|n| mac(&n.ns, &n.lan_if)).collect();
+    assert_eq!(
+        resolved(&cli).as_deref(),
+        Some(macs[a].as_str()),
+        "{first} holds the lease"
+    );
+    // Both backends answer through the announcing node (one of them over
+    // the other node, SNATed).
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        seen.insert(ask(&cli).unwrap());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        api.denied(),
+        Vec::<String>::new(),
+        "verbs deploy/rbac.yaml lacks"
+    );
+
+    // The announcing agent dies.
+    agents[a].take().unwrap().0.kill().unwrap();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(10);
+    while resolved(&cli).as_deref() != Some(macs[b].as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "the address never moved to node-{}; agents:\n{}",
+            b + 1,
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = killed.elapsed();
+    eprintln!(
+        "L2 failover: the client resolved {LB_IP} to node-{} {took:?} after node-{} died",
+        b + 1,
+        a + 1
+    );
+    assert!(took <= Duration::from_secs(5), "failover took {took:?}");
+    assert_eq!(
+        l2_holder(&api).as_deref(),
+        Some(format!("node-{}", b + 1).as_str())
+    );
+    let answer = ask(&cli).unwrap();
+    assert!(answer.ends_with(":9100"), "{answer}");
+    drop(agents);
+    let _ = std::fs::remove_dir_all(&dir);
+}
