@@ -367,6 +367,7 @@ fn main() -> ExitCode {
                     kubeconfig: kubeconfig.clone(),
                     allocate: lb_ipam,
                     // By default, ARP is answered where the TC path listens.
+                    l2_required: l2_interfaces.is_some(),
                     l2_interfaces: l2_interfaces
                         .or_else(|| interfaces.clone())
                         .unwrap_or_else(ferry_proxy::ebpf::tc::default_interfaces),
@@ -702,12 +703,18 @@ fn run(
         }
     };
     let ipam_thread = match ipam {
-        Some(settings) => {
+        Some(mut settings) => {
+            if ebpf.is_none() && !settings.l2_required && !settings.l2_interfaces.is_empty() {
+                // Its Service addresses are local: the kernel answers ARP
+                // for them on every node (docs/load-balancer.md).
+                tracing::info!("no L2 announcement with the userspace dataplane unless --l2-interfaces asks for it");
+                settings.l2_interfaces.clear();
+            }
             let (tx, rx) = tokio::sync::watch::channel(Default::default());
             agent.announce_to(tx);
             tracing::info!(allocate = settings.allocate, l2_interfaces = ?settings.l2_interfaces,
                 lease_namespace = %settings.lease_namespace, "LoadBalancer IP management");
-            match ferry_proxy::ipam::spawn(settings, rx, &agent.metrics(), stop_source.clone()) {
+            match ferry_proxy::ipam::spawn(settings, rx, agent.metrics(), stop_source.clone()) {
                 Ok(t) => Some(t),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start LoadBalancer IP management");

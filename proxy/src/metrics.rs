@@ -254,6 +254,11 @@ impl Metrics {
             .clone()
     }
 
+    /// Whether a sync has succeeded since start.
+    pub fn synced_once(&self) -> bool {
+        self.last_sync_unix_ms.load(Ordering::Relaxed) > 0
+    }
+
     /// Adds a source of metrics to /metrics.
     pub fn add_source(&self, source: Arc<dyn MetricsSource>) {
         self.sources

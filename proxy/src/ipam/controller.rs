@@ -1,5 +1,6 @@
 //! The allocator, I/O: exactly one agent at a time (the holder of the
-//! `ferry-lb-ipam` Lease) watches Services and FerryLoadBalancerIPPools,
+//! `ferry-lb-ipam` Lease) watches Services (keeping only the few fields of
+//! the ones it serves, [`SvcRecord`]) and FerryLoadBalancerIPPools,
 //! runs [`allocate`] on every change and writes the differences back —
 //! status.loadBalancer.ingress and a condition on each Service (server-side
 //! apply, field manager `ferry-lb-ipam`), an Event when a Service's
@@ -8,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -16,6 +17,7 @@ use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::Event as WatchEvent;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
@@ -23,7 +25,8 @@ use serde_json::{json, Value};
 use super::allocate::{allocate, Allocations, Outcome};
 use super::lease::LeaseLock;
 use super::pool::{parse_pool, FerryLoadBalancerIPPool, PoolCondition};
-use super::service::{has_condition, lb_service, name_of, status_ips, CONDITION};
+use super::service::{name_of, record, SvcRecord, CONDITION};
+use crate::model::ServiceName;
 
 pub const FIELD_MANAGER: &str = "ferry-lb-ipam";
 pub const LEASE_NAME: &str = "ferry-lb-ipam";
@@ -152,18 +155,9 @@ async fn lead(
     status: &IpamStatus,
     stop: &AtomicBool,
 ) {
-    let (services, svc_writer) = reflector::store::<Service>();
+    let services = Mutex::new(Services::default());
     let (pools, pool_writer) = reflector::store::<FerryLoadBalancerIPPool>();
     let changed = tokio::sync::Notify::new();
-    let svc_stream = reflector::reflector(
-        svc_writer,
-        watcher(
-            Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .touched_objects();
     let pool_stream = reflector::reflector(
         pool_writer,
         watcher(
@@ -174,19 +168,16 @@ async fn lead(
     .default_backoff()
     .touched_objects();
     let pump = async {
-        let mut svc_stream = std::pin::pin!(svc_stream);
-        let mut pool_stream = std::pin::pin!(pool_stream);
-        loop {
-            let item = tokio::select! {
-                Some(i) = svc_stream.next() => i.map(|_| ()),
-                Some(i) = pool_stream.next() => i.map(|_| ()),
-                else => return,
-            };
-            match item {
-                Ok(()) => changed.notify_one(),
-                Err(e) => tracing::warn!(error = %e, "allocator watch failed; retrying"),
+        let pools = async {
+            let mut pool_stream = std::pin::pin!(pool_stream);
+            while let Some(item) = pool_stream.next().await {
+                match item {
+                    Ok(_) => changed.notify_one(),
+                    Err(e) => tracing::warn!(error = %e, "pool watch failed; retrying"),
+                }
             }
-        }
+        };
+        tokio::join!(pools, watch_services(client, &services, &changed));
     };
     let recorder = Recorder::new(
         client.clone(),
@@ -196,7 +187,10 @@ async fn lead(
         },
     );
     let work = async {
-        let _ = tokio::join!(services.wait_until_ready(), pools.wait_until_ready());
+        let _ = pools.wait_until_ready().await;
+        while !locked(&services).ready {
+            changed.notified().await;
+        }
         let mut renew = tokio::time::interval(cfg.retry_period);
         renew.tick().await;
         loop {
@@ -231,11 +225,73 @@ async fn lead(
     }
 }
 
+/// The Services the allocator has to do with, from a watch.
+#[derive(Debug, Default)]
+struct Services {
+    records: BTreeMap<ServiceName, SvcRecord>,
+    /// The first list is in.
+    ready: bool,
+}
+
+fn locked(s: &Mutex<Services>) -> MutexGuard<'_, Services> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Keeps `services` up to date; a (re)list replaces the records at once.
+async fn watch_services(
+    client: &Client,
+    services: &Mutex<Services>,
+    changed: &tokio::sync::Notify,
+) {
+    let stream = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut buffer = BTreeMap::new();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(WatchEvent::Init) => {
+                buffer.clear();
+                continue;
+            }
+            Ok(WatchEvent::InitApply(s)) => {
+                if let Some(r) = record(&s) {
+                    buffer.insert(name_of(&s), r);
+                }
+                continue;
+            }
+            Ok(WatchEvent::InitDone) => {
+                let mut st = locked(services);
+                st.records = std::mem::take(&mut buffer);
+                st.ready = true;
+            }
+            Ok(WatchEvent::Apply(s)) => {
+                let name = name_of(&s);
+                let mut st = locked(services);
+                match record(&s) {
+                    Some(r) => st.records.insert(name, r),
+                    None => st.records.remove(&name),
+                };
+            }
+            Ok(WatchEvent::Delete(s)) => {
+                locked(services).records.remove(&name_of(&s));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Service watch failed; retrying");
+                continue;
+            }
+        }
+        changed.notify_one();
+    }
+}
+
 /// One pass: allocate and write back what differs.
 async fn reconcile(
     client: &Client,
     recorder: &Recorder,
-    services: &Store<Service>,
+    services: &Mutex<Services>,
     pools: &Store<FerryLoadBalancerIPPool>,
     status: &IpamStatus,
 ) {
@@ -251,18 +307,20 @@ async fn reconcile(
             parse_pool(&p.name_any(), created, &p.spec)
         })
         .collect();
-    let svc_objects = services.state();
-    let lbs: Vec<_> = svc_objects.iter().filter_map(|s| lb_service(s)).collect();
+    let records: Vec<(ServiceName, SvcRecord)> = locked(services)
+        .records
+        .iter()
+        .map(|(n, r)| (n.clone(), r.clone()))
+        .collect();
+    let lbs: Vec<_> = records.iter().filter_map(|(_, r)| r.lb.clone()).collect();
     let alloc = allocate(&parsed, &lbs);
     status.record(&alloc);
-    for svc in &svc_objects {
-        let name = name_of(svc);
-        let want = match alloc.services.get(&name) {
-            Some(o) => Some(o),
-            None if has_condition(svc) => None,
-            None => continue,
-        };
-        if let Err(e) = write_service(client, recorder, svc, want).await {
+    for (name, rec) in &records {
+        let want = alloc.services.get(name);
+        if want.is_none() && rec.condition.is_none() {
+            continue;
+        }
+        if let Err(e) = write_service(client, recorder, name, rec, want).await {
             tracing::warn!(service = %name, error = %e, "cannot write the LoadBalancer status");
         }
     }
@@ -343,24 +401,13 @@ fn condition(
     }
 }
 
-/// (status, reason, message) of the allocator's condition on a Service.
-fn service_condition(svc: &Service) -> Option<(String, String, String)> {
-    let c = svc
-        .status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == CONDITION)?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
 /// Writes a Service's addresses and condition when they differ from
 /// `want`; None releases whatever the allocator gave it.
 async fn write_service(
     client: &Client,
     recorder: &Recorder,
-    svc: &Service,
+    name: &ServiceName,
+    rec: &SvcRecord,
     want: Option<&Outcome>,
 ) -> Result<(), kube::Error> {
     let ips: Vec<String> = want
@@ -381,18 +428,17 @@ async fn write_service(
         }
         Some((f, why)) => ("False".to_string(), f.reason().to_string(), why.clone()),
     });
-    let current: Vec<String> = status_ips(svc).iter().map(|ip| ip.to_string()).collect();
-    if current == ips && service_condition(svc) == cond {
+    let current: Vec<String> = rec.ips.iter().map(|ip| ip.to_string()).collect();
+    if current == ips && rec.condition == cond {
         return Ok(());
     }
-    let name = name_of(svc);
     let since = k8s_openapi::jiff::Timestamp::now().to_string();
     let conditions: Vec<Value> = cond
         .iter()
         .map(|(status, reason, message)| {
             json!({"type": CONDITION, "status": status, "reason": reason,
                    "message": message, "lastTransitionTime": since,
-                   "observedGeneration": svc.metadata.generation.unwrap_or(0)})
+                   "observedGeneration": rec.generation})
         })
         .collect();
     let ingress: Vec<Value> = ips
@@ -428,7 +474,7 @@ async fn write_service(
         kind: Some("Service".into()),
         namespace: Some(name.namespace.to_string()),
         name: Some(name.name.to_string()),
-        uid: svc.metadata.uid.clone(),
+        uid: rec.uid.clone(),
         ..Default::default()
     };
     let event = KubeEvent {

@@ -26,23 +26,36 @@ pub struct IpamSettings {
     pub allocate: bool,
     /// Interfaces to answer ARP on (empty: no L2 announcement).
     pub l2_interfaces: Vec<String>,
+    /// The interfaces were asked for (`--l2-interfaces`): failing to open
+    /// them stops the agent; the default ones are only warned about.
+    pub l2_required: bool,
     pub lease_namespace: String,
     /// This node's name.
     pub identity: String,
 }
+
+/// The allocator waits this long at most for the dataplane's first sync
+/// before it contends (the node's own Services come first at start-up).
+const FIRST_SYNC_WAIT: Duration = Duration::from_secs(30);
 
 /// Starts the allocator and the announcer on a thread of their own; they
 /// stop (releasing their leases) when `stop` is set.
 pub fn spawn(
     settings: IpamSettings,
     announcements: tokio::sync::watch::Receiver<announce::Announcements>,
-    metrics: &Metrics,
+    metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, String> {
-    let responder = if settings.l2_interfaces.is_empty() {
-        None
-    } else {
-        Some(arp::ArpResponder::start(&settings.l2_interfaces).map_err(|e| e.to_string())?)
+    let responder = match settings.l2_interfaces.is_empty() {
+        true => None,
+        false => match arp::ArpResponder::start(&settings.l2_interfaces) {
+            Ok(r) => Some(r),
+            Err(e) if settings.l2_required => return Err(e.to_string()),
+            Err(e) => {
+                tracing::warn!(error = %e, "no L2 announcement (set --l2-interfaces to choose the interfaces)");
+                None
+            }
+        },
     };
     let ipam_status = Arc::new(controller::IpamStatus::default());
     let l2_status = Arc::new(announce::L2Status {
@@ -75,6 +88,13 @@ pub fn spawn(
                 };
                 let allocator = async {
                     if settings.allocate {
+                        let waited = std::time::Instant::now();
+                        while !metrics.synced_once()
+                            && waited.elapsed() < FIRST_SYNC_WAIT
+                            && !stop.load(Ordering::Relaxed)
+                        {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
                         let cfg = controller::IpamConfig::new(
                             &settings.lease_namespace,
                             &settings.identity,

@@ -43,13 +43,47 @@ pub fn status_ips(svc: &Service) -> Vec<IpAddr> {
         .unwrap_or_default()
 }
 
-/// Whether the status carries the allocator's condition (it served the
-/// Service before).
-pub fn has_condition(svc: &Service) -> bool {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == CONDITION))
+/// What the allocator keeps of a Service: only Services of ours, and those
+/// it served before (to release them), never the whole object — a cluster
+/// of 10,000 ClusterIP Services costs the leader nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SvcRecord {
+    /// The Service as the allocator sees it; None when it is no longer ours.
+    pub lb: Option<LbService>,
+    /// status.loadBalancer.ingress IPs.
+    pub ips: Vec<IpAddr>,
+    /// (status, reason, message) of the allocator's condition.
+    pub condition: Option<(String, String, String)>,
+    pub generation: i64,
+    pub uid: Option<String>,
+}
+
+/// The record of a Service, if the allocator has anything to do with it.
+pub fn record(svc: &Service) -> Option<SvcRecord> {
+    let lb = lb_service(svc);
+    let condition = condition_of(svc);
+    if lb.is_none() && condition.is_none() {
+        return None;
+    }
+    Some(SvcRecord {
+        lb,
+        ips: status_ips(svc),
+        condition,
+        generation: svc.metadata.generation.unwrap_or(0),
+        uid: svc.metadata.uid.clone(),
+    })
+}
+
+/// (status, reason, message) of the allocator's condition on a Service.
+pub fn condition_of(svc: &Service) -> Option<(String, String, String)> {
+    let c = svc
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == CONDITION)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 /// The Service as the allocator sees it; None when it is not ours.
@@ -196,5 +230,32 @@ status:
             .requested
             .expect_err("bad")
             .contains("\"nope\" is not an IP address"));
+    }
+
+    #[test]
+    fn records_only_what_the_allocator_serves_or_served() {
+        let svc = |yaml: &str| -> Service { serde_yaml::from_str(yaml).expect("a Service") };
+        assert!(record(&svc("metadata: {name: a}\nspec: {type: ClusterIP}\n")).is_none());
+        let ours = record(&svc("metadata: {name: a}\nspec: {type: LoadBalancer}\n")).expect("ours");
+        assert!(ours.lb.is_some() && ours.condition.is_none());
+        // No longer a LoadBalancer, but the allocator served it: kept, to
+        // release its address.
+        let served = record(&svc(
+            "metadata: {name: a, generation: 3, uid: u1}
+spec: {type: ClusterIP}
+status:
+  loadBalancer: {ingress: [{ip: 10.0.0.1}]}
+  conditions:
+  - {type: ferry.dev/LoadBalancerIPAllocated, status: 'True', reason: Allocated, message: m, lastTransitionTime: '2026-11-27T00:00:00Z'}
+",
+        ))
+        .expect("served before");
+        assert!(served.lb.is_none());
+        assert_eq!(served.ips, ["10.0.0.1".parse::<IpAddr>().expect("ip")]);
+        assert_eq!(
+            served.condition,
+            Some(("True".into(), "Allocated".into(), "m".into()))
+        );
+        assert_eq!((served.generation, served.uid.as_deref()), (3, Some("u1")));
     }
 }
