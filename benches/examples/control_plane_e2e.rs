@@ -217,7 +217,7 @@ fn main() {
         c.wait()
     }));
     drop(guard);
-    if !log.contains("synced") {
+    if !log.contains("synced") || std::env::var_os("FERRY_CP_SHOW_LOG").is_some() {
         eprintln!("agent log:\n{log}");
     }
 

@@ -18,6 +18,7 @@ use ferry_common::lb::{
 };
 use ipnet::{IpNet, Ipv4Net};
 
+use super::batch::{supported, update_batch};
 use super::sweep::{GoneBackend, Sweeper};
 use super::{DatapathError, LbMaps};
 use crate::model::{Action, Algorithm, L4Addr, Protocol, Scope};
@@ -66,6 +67,100 @@ pub struct BpfMaps {
     gone: Vec<GoneBackend>,
     sweeper: Option<Sweeper>,
     dir: PathBuf,
+    /// The maps written in batches, when the kernel has batch updates.
+    batch: Option<BatchFds>,
+}
+
+/// Second handles on the maps full syncs write most, for batch updates.
+#[derive(Debug)]
+struct BatchFds {
+    services: MapData,
+    backends: MapData,
+    revnat: MapData,
+}
+
+impl BatchFds {
+    fn open(dir: &Path) -> Option<BatchFds> {
+        let data = |name: &str| MapData::from_pin(dir.join(name)).ok();
+        let fds = BatchFds {
+            services: data(SERVICES4_MAP)?,
+            backends: data(BACKENDS4_MAP)?,
+            revnat: data(REVNAT4_MAP)?,
+        };
+        supported(raw(&fds.services)).then_some(fds)
+    }
+}
+
+fn raw(map: &MapData) -> std::os::fd::RawFd {
+    use std::os::fd::{AsFd, AsRawFd};
+    map.fd().as_fd().as_raw_fd()
+}
+
+/// Upserts at most this many entries per batch (bounds the buffers).
+const MAX_BATCH: usize = 4096;
+
+/// The map a run of upserts is batched into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    Services,
+    Backends,
+    RevNat,
+}
+
+fn run_of(op: &MapOp) -> Option<Run> {
+    match op {
+        MapOp::UpsertBackend { entry, .. } if entry.addr.ip.is_ipv4() => Some(Run::Backends),
+        MapOp::UpsertSlot { frontend, .. } | MapOp::UpsertFrontend { frontend, .. }
+            if frontend.ip.is_ipv4() =>
+        {
+            Some(Run::Services)
+        }
+        MapOp::UpsertRevNat { frontend, .. } if frontend.ip.is_ipv4() => Some(Run::RevNat),
+        _ => None,
+    }
+}
+
+fn backend_value(entry: &BackendEntry) -> Option<Backend4> {
+    let (addr, port, proto) = v4(&entry.addr)?;
+    let mut flags = 0;
+    if entry.local {
+        flags |= BACKEND_FLAG_LOCAL;
+    }
+    if entry.terminating {
+        flags |= BACKEND_FLAG_TERMINATING;
+    }
+    Some(Backend4 {
+        addr,
+        port,
+        proto,
+        flags,
+    })
+}
+
+fn revnat_value(frontend: &L4Addr) -> Option<RevNat4> {
+    let (addr, port, _) = v4(frontend)?;
+    Some(RevNat4 { addr, port, pad: 0 })
+}
+
+/// The services-map entry of a slot or master upsert.
+fn services_entry(op: &MapOp) -> Option<(Service4Key, Service4Value)> {
+    match op {
+        MapOp::UpsertSlot {
+            frontend,
+            slot,
+            backend,
+        } => Some((
+            svc_key(frontend, *slot)?,
+            Service4Value {
+                backend_id: backend.0,
+                ..Service4Value::default()
+            },
+        )),
+        MapOp::UpsertFrontend { frontend, entry } => {
+            Some((svc_key(frontend, 0)?, encode_frontend(entry)))
+        }
+        _ => None,
+    }
 }
 
 fn open_map(dir: &Path, name: &str) -> Result<Map, DatapathError> {
@@ -105,7 +200,63 @@ impl BpfMaps {
             gone: Vec::new(),
             sweeper: None,
             dir: dir.to_path_buf(),
+            batch: BatchFds::open(dir),
         })
+    }
+}
+
+impl BpfMaps {
+    /// Whether runs of upserts go in as batches (the kernel has
+    /// BPF_MAP_UPDATE_BATCH for these maps).
+    pub fn batches(&self) -> bool {
+        self.batch.is_some()
+    }
+
+    /// One batch of upserts that [`run_of`] put in run `r`; Err(how many
+    /// went in) when the batch stopped early.
+    fn write_run(&mut self, r: Run, ops: &[MapOp]) -> Result<(), usize> {
+        let Some(fds) = &self.batch else {
+            return Err(0);
+        };
+        let result = match r {
+            Run::Backends => {
+                let (keys, values): (Vec<u32>, Vec<Backend4>) = ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        MapOp::UpsertBackend { id, entry } => Some((id.0, backend_value(entry)?)),
+                        _ => None,
+                    })
+                    .unzip();
+                (keys.len() == ops.len()).then(|| update_batch(raw(&fds.backends), &keys, &values))
+            }
+            Run::RevNat => {
+                let (keys, values): (Vec<u32>, Vec<RevNat4>) = ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        MapOp::UpsertRevNat { id, frontend } => {
+                            Some((id.0, revnat_value(frontend)?))
+                        }
+                        _ => None,
+                    })
+                    .unzip();
+                (keys.len() == ops.len()).then(|| update_batch(raw(&fds.revnat), &keys, &values))
+            }
+            Run::Services => {
+                let (keys, values): (Vec<Service4Key>, Vec<Service4Value>) =
+                    ops.iter().filter_map(services_entry).unzip();
+                (keys.len() == ops.len()).then(|| update_batch(raw(&fds.services), &keys, &values))
+            }
+        };
+        match result {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => {
+                tracing::debug!(done = e.done, of = ops.len(), error = %e.error, "batch update stopped");
+                Err(e.done)
+            }
+            // Not all of the run encoded (cannot happen for what run_of
+            // accepts): apply one by one.
+            None => Err(0),
+        }
     }
 }
 
@@ -258,22 +409,9 @@ impl LbMaps for BpfMaps {
         let caps = self.caps;
         match op {
             MapOp::UpsertBackend { id, entry } => {
-                let Some((addr, port, proto)) = v4(&entry.addr) else {
+                let Some(value) = backend_value(entry) else {
                     self.skipped_ipv6 += 1;
                     return Ok(());
-                };
-                let mut flags = 0;
-                if entry.local {
-                    flags |= BACKEND_FLAG_LOCAL;
-                }
-                if entry.terminating {
-                    flags |= BACKEND_FLAG_TERMINATING;
-                }
-                let value = Backend4 {
-                    addr,
-                    port,
-                    proto,
-                    flags,
                 };
                 self.backends.insert(id.0, value, 0).map_err(map_err(
                     BACKENDS4_MAP,
@@ -297,28 +435,22 @@ impl LbMaps for BpfMaps {
                 ))
             }
             MapOp::UpsertRevNat { id, frontend } => {
-                let Some((addr, port, _)) = v4(frontend) else {
+                let Some(value) = revnat_value(frontend) else {
                     self.skipped_ipv6 += 1;
                     return Ok(());
                 };
-                self.revnat
-                    .insert(id.0, RevNat4 { addr, port, pad: 0 }, 0)
-                    .map_err(map_err(REVNAT4_MAP, "insert", caps.frontends))
+                self.revnat.insert(id.0, value, 0).map_err(map_err(
+                    REVNAT4_MAP,
+                    "insert",
+                    caps.frontends,
+                ))
             }
             MapOp::DeleteRevNat { id } => ignore_missing(self.revnat.remove(&id.0))
                 .map_err(map_err(REVNAT4_MAP, "delete", caps.frontends)),
-            MapOp::UpsertSlot {
-                frontend,
-                slot,
-                backend,
-            } => {
-                let Some(key) = svc_key(frontend, *slot) else {
+            MapOp::UpsertSlot { .. } | MapOp::UpsertFrontend { .. } => {
+                let Some((key, value)) = services_entry(op) else {
                     self.skipped_ipv6 += 1;
                     return Ok(());
-                };
-                let value = Service4Value {
-                    backend_id: backend.0,
-                    ..Service4Value::default()
                 };
                 self.services.insert(key, value, 0).map_err(map_err(
                     SERVICES4_MAP,
@@ -334,15 +466,6 @@ impl LbMaps for BpfMaps {
                 )),
                 None => Ok(()),
             },
-            MapOp::UpsertFrontend { frontend, entry } => {
-                let Some(key) = svc_key(frontend, 0) else {
-                    self.skipped_ipv6 += 1;
-                    return Ok(());
-                };
-                self.services
-                    .insert(key, encode_frontend(entry), 0)
-                    .map_err(map_err(SERVICES4_MAP, "insert", caps.services))
-            }
             MapOp::DeleteFrontend { frontend } => match svc_key(frontend, 0) {
                 Some(key) => ignore_missing(self.services.remove(&key)).map_err(map_err(
                     SERVICES4_MAP,
@@ -389,6 +512,40 @@ impl LbMaps for BpfMaps {
                 IpNet::V6(_) => Ok(()),
             },
         }
+    }
+
+    /// Runs of upserts into one map go in as one BPF_MAP_UPDATE_BATCH;
+    /// where a batch stops, the op it stopped at is applied alone for its
+    /// precise error (a full map).
+    fn apply_all(&mut self, ops: &[MapOp]) -> (usize, Option<DatapathError>) {
+        let mut i = 0;
+        while i < ops.len() {
+            let run = run_of(&ops[i]).filter(|_| self.batch.is_some());
+            let end = match run {
+                Some(r) => {
+                    let mut j = i + 1;
+                    while j < ops.len() && j - i < MAX_BATCH && run_of(&ops[j]) == Some(r) {
+                        j += 1;
+                    }
+                    j
+                }
+                None => i + 1,
+            };
+            if let (Some(r), true) = (run, end - i > 1) {
+                match self.write_run(r, &ops[i..end]) {
+                    Ok(()) => {
+                        i = end;
+                        continue;
+                    }
+                    Err(done) => i += done,
+                }
+            }
+            if let Err(e) = self.apply(&ops[i]) {
+                return (i, Some(e));
+            }
+            i += 1;
+        }
+        (ops.len(), None)
     }
 
     fn synced(&mut self, _desired: &crate::translate::DesiredState) {

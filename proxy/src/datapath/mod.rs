@@ -4,6 +4,7 @@
 //! stops at the first failed op, so the ordering guarantees of the plan hold
 //! for what did get applied.
 
+mod batch;
 mod bpf;
 mod fake;
 pub mod sockets;
@@ -38,6 +39,17 @@ pub enum DatapathError {
 pub trait LbMaps {
     /// Applies one op. Idempotent; deleting a missing key succeeds.
     fn apply(&mut self, op: &MapOp) -> Result<(), DatapathError>;
+    /// Applies `ops` in order until one fails: how many went in, and the
+    /// error of the next one. The same as [`LbMaps::apply`] on each, which
+    /// is what this default does; a datapath may write runs at once.
+    fn apply_all(&mut self, ops: &[MapOp]) -> (usize, Option<DatapathError>) {
+        for (i, op) in ops.iter().enumerate() {
+            if let Err(e) = self.apply(op) {
+                return (i, Some(e));
+            }
+        }
+        (ops.len(), None)
+    }
     /// Every entry the maps hold, as the upserts that would recreate them.
     fn dump(&self) -> Result<Vec<MapOp>, DatapathError>;
     /// After each sync's ops: a datapath that serves traffic itself (the
@@ -56,18 +68,12 @@ pub struct Applied {
 /// Applies `ops` in order, committing each to `applied` after it succeeded;
 /// stops at the first failure.
 pub fn apply_ops(maps: &mut dyn LbMaps, applied: &mut AppliedState, ops: &[MapOp]) -> Applied {
-    let mut out = Applied::default();
-    for op in ops {
-        match maps.apply(op) {
-            Ok(()) => {
-                applied.apply(op);
-                out.done += 1;
-            }
-            Err(e) => {
-                out.failed = Some((op.clone(), e));
-                break;
-            }
-        }
+    let (done, error) = maps.apply_all(ops);
+    for op in &ops[..done] {
+        applied.apply(op);
     }
-    out
+    Applied {
+        done,
+        failed: error.and_then(|e| Some((ops.get(done)?.clone(), e))),
+    }
 }
