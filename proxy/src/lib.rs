@@ -11,6 +11,7 @@ pub mod explain;
 pub mod health_check;
 pub mod http;
 pub mod ipam;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod objects;

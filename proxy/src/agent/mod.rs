@@ -364,6 +364,9 @@ impl Agent {
             if let Some(kind) = self.runner.due(now) {
                 let result = self.sync(kind);
                 let ok = result.is_ok();
+                // A full sync that wrote follows a (re)list: give what the
+                // decoded objects held back to the OS now.
+                let collect = matches!(&result, Ok(r) if r.full && r.ops > 0);
                 match result {
                     Ok(r) if r.ops > 0 || r.plan_errors > 0 => tracing::info!(
                         full = r.full,
@@ -377,6 +380,9 @@ impl Agent {
                     Err(e) => tracing::error!(error = %e, "sync failed; retrying with a full sync"),
                 }
                 self.runner.done(kind, Instant::now(), ok);
+                if collect {
+                    crate::memory::release_freed();
+                }
                 continue;
             }
             // Wake up for the runner or for events, at least every 200 ms to
