@@ -23,6 +23,12 @@ type ServiceOutcome = Result<ParsedService, InvalidObject>;
 type SliceOutcome = Result<ParsedSlice, InvalidObject>;
 type TranslateResult = Result<Option<crate::model::ServiceDesired>, InvalidObject>;
 
+/// A Service parsed ahead of [`Core::replace_parsed_services`] (a list
+/// streamed in object by object).
+pub type ParsedServiceEntry = (ServiceName, Arc<ServiceOutcome>);
+/// An EndpointSlice parsed ahead of [`Core::replace_parsed_slices`].
+pub type ParsedSliceEntry = (ObjectName, Arc<SliceOutcome>);
+
 /// What one [`Core::translate_changes`] did.
 #[derive(Debug, Default)]
 pub struct Translated {
@@ -106,20 +112,39 @@ impl Core {
 
     /// Replaces every Service (a relist); missing ones are deleted.
     pub fn replace_services(&mut self, svcs: &[Service]) {
-        let proxy = self.proxy_name.clone();
-        self.services.replace_all(
-            svcs.iter()
-                .map(|s| (object_name(&s.metadata), Arc::new(parse_service(s, &proxy)))),
-        );
+        let parsed: Vec<ParsedServiceEntry> =
+            svcs.iter().map(|s| self.parse_service_entry(s)).collect();
+        self.replace_parsed_services(parsed);
     }
 
     /// Replaces every EndpointSlice (a relist); missing ones are deleted.
     pub fn replace_slices(&mut self, slices: &[EndpointSlice]) {
-        self.slices.replace_all(
-            slices
-                .iter()
-                .map(|s| (object_name(&s.metadata), Arc::new(parse_slice(s)))),
-        );
+        let parsed: Vec<ParsedSliceEntry> = slices.iter().map(Core::parse_slice_entry).collect();
+        self.replace_parsed_slices(parsed);
+    }
+
+    /// Parses one Service of a list, to be handed to
+    /// [`Core::replace_parsed_services`] with the rest.
+    pub fn parse_service_entry(&self, svc: &Service) -> ParsedServiceEntry {
+        (
+            object_name(&svc.metadata),
+            Arc::new(parse_service(svc, &self.proxy_name)),
+        )
+    }
+
+    /// Parses one EndpointSlice of a list.
+    pub fn parse_slice_entry(slice: &EndpointSlice) -> ParsedSliceEntry {
+        (object_name(&slice.metadata), Arc::new(parse_slice(slice)))
+    }
+
+    /// Replaces every Service with a parsed list; missing ones are deleted.
+    pub fn replace_parsed_services(&mut self, items: Vec<ParsedServiceEntry>) {
+        self.services.replace_all(items);
+    }
+
+    /// Replaces every EndpointSlice with a parsed list.
+    pub fn replace_parsed_slices(&mut self, items: Vec<ParsedSliceEntry>) {
+        self.slices.replace_all(items);
     }
 
     pub fn has_changes(&self) -> bool {

@@ -180,6 +180,69 @@ fn nothing_is_programmed_before_every_kind_listed() {
     assert!(!r.full);
 }
 
+/// A streamed list takes effect at its end, atomically: until then the
+/// previous state stands; at the end what it lacks is gone.
+#[test]
+fn a_streamed_list_replaces_a_kind_at_its_end() {
+    use ferry_proxy::objects::Object;
+    use ferry_proxy::source::{ListKind, Listing};
+    let mut agent = agent();
+    fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).unwrap()
+    }
+    let list = |agent: &mut Agent, kind: ListKind, items: Vec<Object>| {
+        agent.handle(SourceEvent::Listing(Listing::Begin(kind)));
+        for o in items {
+            agent.handle(SourceEvent::Listing(Listing::Item(o)));
+        }
+        agent.handle(SourceEvent::Listing(Listing::End(kind)));
+    };
+    let svc = |name: &str, ip: &str| Object::Service(Box::new(typed(service(name, ip))));
+    let eps = |name: &str, ips: &[&str]| Object::EndpointSlice(Box::new(typed(slice(name, ips))));
+    list(
+        &mut agent,
+        ListKind::Services,
+        vec![svc("a", "198.19.0.1"), svc("b", "198.19.0.2")],
+    );
+    list(
+        &mut agent,
+        ListKind::Slices,
+        vec![eps("a", &["198.18.0.1"]), eps("b", &["198.18.0.2"])],
+    );
+    list(&mut agent, ListKind::Nodes, vec![]);
+    agent.sync(SyncKind::Full).unwrap();
+    assert_eq!(
+        backends(&agent, "198.19.0.1:80/TCP"),
+        Some(vec!["198.18.0.1:8080/TCP".to_string()])
+    );
+    assert!(backends(&agent, "198.19.0.2:80/TCP").is_some());
+
+    // A relist in progress changes nothing yet.
+    agent.handle(SourceEvent::Listing(Listing::Begin(ListKind::Services)));
+    agent.handle(SourceEvent::Listing(Listing::Item(svc("a", "198.19.0.1"))));
+    agent.sync(SyncKind::Full).unwrap();
+    assert!(
+        backends(&agent, "198.19.0.2:80/TCP").is_some(),
+        "b went before the list ended"
+    );
+    // Its end removes what it lacked.
+    agent.handle(SourceEvent::Listing(Listing::End(ListKind::Services)));
+    agent.sync(SyncKind::Full).unwrap();
+    assert!(
+        backends(&agent, "198.19.0.2:80/TCP").is_none(),
+        "b outlived the relist"
+    );
+    assert!(backends(&agent, "198.19.0.1:80/TCP").is_some());
+    // An object outside a list is an update.
+    agent.handle(SourceEvent::Listing(Listing::Item(svc("c", "198.19.0.3"))));
+    agent.handle(SourceEvent::Apply(eps("c", &["198.18.0.3"])));
+    agent.sync(SyncKind::Incremental).unwrap();
+    assert_eq!(
+        backends(&agent, "198.19.0.3:80/TCP"),
+        Some(vec!["198.18.0.3:8080/TCP".to_string()])
+    );
+}
+
 /// One HTTP request to the fake API server; (status code, JSON body).
 fn http(
     api: &FakeApi,

@@ -25,7 +25,7 @@ use crate::objects::Object;
 use crate::parse::parse_node;
 use crate::parse::{object_name, InvalidObject};
 use crate::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
-use crate::source::{Relist, SourceEvent};
+use crate::source::{ListKind, Listing, Relist, SourceEvent};
 use crate::track::SyncedGate;
 use crate::translate::TranslateConfig;
 use runner::{Runner, SyncKind};
@@ -61,6 +61,14 @@ pub struct SyncReport {
     pub took: Duration,
 }
 
+/// The parsed objects of lists still arriving (see [`Listing`]).
+#[derive(Debug, Default)]
+struct Staged {
+    services: Option<Vec<crate::core::ParsedServiceEntry>>,
+    slices: Option<Vec<crate::core::ParsedSliceEntry>>,
+    nodes: Option<Vec<k8s_openapi::api::core::v1::Node>>,
+}
+
 pub struct Agent {
     cfg: AgentConfig,
     core: Core,
@@ -78,6 +86,8 @@ pub struct Agent {
     /// what was reported already (each object and cause once).
     invalid_sink: Option<InvalidSink>,
     reported: BTreeSet<String>,
+    /// Lists being streamed in: parsed as they come, applied at their end.
+    staged: Staged,
     /// Where the LoadBalancer addresses this node may announce go (L2).
     announce: Option<tokio::sync::watch::Sender<crate::ipam::announce::Announcements>>,
 }
@@ -125,6 +135,7 @@ impl Agent {
             invalid_sink: None,
             reported: BTreeSet::new(),
             announce: None,
+            staged: Staged::default(),
             cfg,
         })
     }
@@ -164,6 +175,36 @@ impl Agent {
 
     pub fn handle(&mut self, event: SourceEvent) {
         match event {
+            SourceEvent::Listing(Listing::Begin(kind)) => {
+                match kind {
+                    ListKind::Services => self.staged.services = Some(Vec::new()),
+                    ListKind::Slices => self.staged.slices = Some(Vec::new()),
+                    ListKind::Nodes => self.staged.nodes = Some(Vec::new()),
+                }
+                return;
+            }
+            SourceEvent::Listing(Listing::Item(object)) => {
+                if self.stage(object) {
+                    return;
+                }
+            }
+            SourceEvent::Listing(Listing::End(kind)) => match kind {
+                ListKind::Services => {
+                    let items = self.staged.services.take().unwrap_or_default();
+                    self.core.replace_parsed_services(items);
+                    self.synced.mark_synced("services");
+                }
+                ListKind::Slices => {
+                    let items = self.staged.slices.take().unwrap_or_default();
+                    self.core.replace_parsed_slices(items);
+                    self.synced.mark_synced("endpointslices");
+                }
+                ListKind::Nodes => {
+                    let items = self.staged.nodes.take().unwrap_or_default();
+                    self.set_node_from(&items);
+                    self.synced.mark_synced("node");
+                }
+            },
             SourceEvent::Snapshot {
                 source,
                 services,
@@ -204,6 +245,38 @@ impl Agent {
         }
         self.runner.request();
         self.metrics.pending(SystemTime::now());
+    }
+
+    /// One object of a list being streamed: parsed now (its decoded form is
+    /// dropped here) and kept for the list's end; true. Outside a list it
+    /// is an update, applied now; false.
+    fn stage(&mut self, object: Object) -> bool {
+        match object {
+            Object::Service(s) if self.staged.services.is_some() => {
+                let entry = self.core.parse_service_entry(&s);
+                self.staged.services.get_or_insert_default().push(entry);
+            }
+            Object::EndpointSlice(s) if self.staged.slices.is_some() => {
+                let entry = crate::core::Core::parse_slice_entry(&s);
+                self.staged.slices.get_or_insert_default().push(entry);
+            }
+            Object::Node(n) if self.staged.nodes.is_some() => {
+                self.staged.nodes.get_or_insert_default().push(*n);
+            }
+            Object::Service(s) => {
+                self.core.upsert_service(&s);
+                return false;
+            }
+            Object::EndpointSlice(s) => {
+                self.core.upsert_slice(&s);
+                return false;
+            }
+            Object::Node(n) => {
+                self.set_node_from(std::slice::from_ref(&n));
+                return false;
+            }
+        }
+        true
     }
 
     /// This node from the Node objects a source delivered (ours by name),

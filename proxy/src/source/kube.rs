@@ -1,8 +1,9 @@
 //! The Kubernetes source: kube-rs watchers (with backoff) for Services,
 //! EndpointSlices and this Node, on their own thread and tokio runtime,
 //! turned into [`SourceEvent`]s. A (re)list — the initial one, or after a
-//! watch expired with 410 Gone — arrives as one [`Relist`] per kind, so the
-//! sync loop replaces that kind atomically. An API server outage only delays
+//! watch expired with 410 Gone — is streamed as a [`Listing`] per kind
+//! (begin, each object, end), so the sync loop parses each object as it
+//! comes and replaces that kind atomically at the end. An API server outage only delays
 //! events: the dataplane stays as it is.
 
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Config};
 
-use super::{Relist, SourceEvent};
+use super::{ListKind, Listing, SourceEvent};
 use crate::objects::Object;
 use crate::parse::InvalidObject;
 
@@ -56,10 +57,10 @@ pub(crate) async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSo
     Client::try_from(config).map_err(|e| KubeSourceError::Config(e.to_string()))
 }
 
-/// Forwards one watcher's events; buffers an initial (re)list until done.
+/// Forwards one watcher's events; a (re)list as a [`Listing`].
 async fn forward<K, S>(
     stream: S,
-    relist: fn(Vec<K>) -> Relist,
+    kind: ListKind,
     wrap: fn(K) -> Object,
     tx: Sender<SourceEvent>,
     what: &'static str,
@@ -67,20 +68,11 @@ async fn forward<K, S>(
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
     let mut stream = std::pin::pin!(stream);
-    let mut buffer: Vec<K> = Vec::new();
     while let Some(item) = stream.next().await {
         let event = match item {
-            Ok(watcher::Event::Init) => {
-                buffer.clear();
-                continue;
-            }
-            Ok(watcher::Event::InitApply(o)) => {
-                buffer.push(o);
-                continue;
-            }
-            Ok(watcher::Event::InitDone) => {
-                SourceEvent::Relist(relist(std::mem::take(&mut buffer)))
-            }
+            Ok(watcher::Event::Init) => SourceEvent::Listing(Listing::Begin(kind)),
+            Ok(watcher::Event::InitApply(o)) => SourceEvent::Listing(Listing::Item(wrap(o))),
+            Ok(watcher::Event::InitDone) => SourceEvent::Listing(Listing::End(kind)),
             Ok(watcher::Event::Apply(o)) => SourceEvent::Apply(wrap(o)),
             Ok(watcher::Event::Delete(o)) => SourceEvent::Delete(wrap(o)),
             Err(e) => {
@@ -185,21 +177,21 @@ pub fn spawn(
                 tokio::join!(
                     forward(
                         services,
-                        Relist::Services,
+                        ListKind::Services,
                         |o| Object::Service(Box::new(o)),
                         tx.clone(),
                         "Service"
                     ),
                     forward(
                         slices,
-                        Relist::Slices,
+                        ListKind::Slices,
                         |o| Object::EndpointSlice(Box::new(o)),
                         tx.clone(),
                         "EndpointSlice"
                     ),
                     forward(
                         nodes,
-                        Relist::Nodes,
+                        ListKind::Nodes,
                         |o| Object::Node(Box::new(o)),
                         tx.clone(),
                         "Node"

@@ -16,11 +16,33 @@ pub enum Relist {
     Nodes(Vec<Node>),
 }
 
+/// The kinds a source lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListKind {
+    Services,
+    Slices,
+    Nodes,
+}
+
+/// One kind listed anew, streamed: `Begin`, each object, `End`; at `End`
+/// the list replaces that kind (anything not in it is gone). The kube
+/// source streams its lists so the decoded objects of a whole list of a
+/// large cluster are never held at once: each is parsed and dropped as it
+/// arrives.
+#[derive(Debug)]
+pub enum Listing {
+    Begin(ListKind),
+    Item(crate::objects::Object),
+    End(ListKind),
+}
+
 /// What a source reports.
 #[derive(Debug)]
 pub enum SourceEvent {
     /// One kind listed anew (the first one marks that kind as synced).
     Relist(Relist),
+    /// The same, streamed.
+    Listing(Listing),
     /// An object was added or changed.
     Apply(crate::objects::Object),
     /// An object was deleted (its last state).
