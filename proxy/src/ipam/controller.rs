@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use super::allocate::{allocate, Allocations, Outcome};
 use super::lease::LeaseLock;
 use super::pool::{parse_pool, FerryLoadBalancerIPPool, PoolCondition};
-use super::service::{name_of, record, SvcRecord, CONDITION};
+use super::service::{name_of, record, transition_time, SvcRecord, CONDITION};
 use crate::model::ServiceName;
 
 pub const FIELD_MANAGER: &str = "ferry-lb-ipam";
@@ -432,10 +432,11 @@ async fn write_service(
     if current == ips && rec.condition == cond {
         return Ok(());
     }
-    let since = k8s_openapi::jiff::Timestamp::now().to_string();
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let conditions: Vec<Value> = cond
         .iter()
         .map(|(status, reason, message)| {
+            let since = transition_time(rec, status, now.clone());
             json!({"type": CONDITION, "status": status, "reason": reason,
                    "message": message, "lastTransitionTime": since,
                    "observedGeneration": rec.generation})

@@ -54,6 +54,8 @@ pub struct SvcRecord {
     pub ips: Vec<IpAddr>,
     /// (status, reason, message) of the allocator's condition.
     pub condition: Option<(String, String, String)>,
+    /// The condition's lastTransitionTime.
+    pub condition_since: Option<String>,
     pub generation: i64,
     pub uid: Option<String>,
 }
@@ -62,6 +64,12 @@ pub struct SvcRecord {
 pub fn record(svc: &Service) -> Option<SvcRecord> {
     let lb = lb_service(svc);
     let condition = condition_of(svc);
+    let condition_since = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == CONDITION))
+        .map(|c| c.last_transition_time.0.to_string());
     if lb.is_none() && condition.is_none() {
         return None;
     }
@@ -69,9 +77,19 @@ pub fn record(svc: &Service) -> Option<SvcRecord> {
         lb,
         ips: status_ips(svc),
         condition,
+        condition_since,
         generation: svc.metadata.generation.unwrap_or(0),
         uid: svc.metadata.uid.clone(),
     })
+}
+
+/// A condition's lastTransitionTime: kept while its status stays, `now`
+/// when the status changes (metav1.Condition semantics).
+pub fn transition_time(rec: &SvcRecord, new_status: &str, now: String) -> String {
+    match (&rec.condition, &rec.condition_since) {
+        (Some((old, _, _)), Some(since)) if old == new_status => since.clone(),
+        _ => now,
+    }
 }
 
 /// (status, reason, message) of the allocator's condition on a Service.
@@ -257,5 +275,13 @@ status:
             Some(("True".into(), "Allocated".into(), "m".into()))
         );
         assert_eq!((served.generation, served.uid.as_deref()), (3, Some("u1")));
+        // The transition time holds while the status does.
+        let now = "2026-11-28T00:00:00Z".to_string();
+        assert_eq!(
+            transition_time(&served, "True", now.clone()),
+            "2026-11-27T00:00:00Z"
+        );
+        assert_eq!(transition_time(&served, "False", now.clone()), now);
+        assert_eq!(transition_time(&ours, "True", now.clone()), now);
     }
 }
