@@ -51,16 +51,8 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
         ..BatchAttr::default()
     };
     // SAFETY: `attr` points at `count` keys and values of the map's sizes,
-    // alive for the call; the kernel writes back only `attr.count`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    if rc == 0 {
+    // alive for the call.
+    if unsafe { update(&mut attr) } {
         return Ok(());
     }
     let error = std::io::Error::last_os_error();
@@ -81,11 +73,22 @@ pub fn supported(fd: RawFd) -> bool {
         ..BatchAttr::default()
     };
     // SAFETY: a batch of zero elements reads no key or value.
+    unsafe { update(&mut attr) }
+}
+
+/// BPF_MAP_UPDATE_BATCH with `attr`; true on success. The kernel writes
+/// back only `attr.count`.
+///
+/// # Safety
+/// `attr.keys` and `attr.values` must point at `attr.count` keys and
+/// values of the map's sizes.
+unsafe fn update(attr: &mut BatchAttr) -> bool {
+    // SAFETY: the caller vouches for the pointers in `attr`.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
+            attr as *mut BatchAttr,
             std::mem::size_of::<BatchAttr>(),
         )
     };

@@ -142,6 +142,22 @@ fn revnat_value(frontend: &L4Addr) -> Option<RevNat4> {
     Some(RevNat4 { addr, port, pad: 0 })
 }
 
+/// The backends-map entry of a backend upsert.
+fn backend_entry(op: &MapOp) -> Option<(u32, Backend4)> {
+    match op {
+        MapOp::UpsertBackend { id, entry } => Some((id.0, backend_value(entry)?)),
+        _ => None,
+    }
+}
+
+/// The reverse-NAT-map entry of a reverse NAT upsert.
+fn revnat_entry(op: &MapOp) -> Option<(u32, RevNat4)> {
+    match op {
+        MapOp::UpsertRevNat { id, frontend } => Some((id.0, revnat_value(frontend)?)),
+        _ => None,
+    }
+}
+
 /// The services-map entry of a slot or master upsert.
 fn services_entry(op: &MapOp) -> Option<(Service4Key, Service4Value)> {
     match op {
@@ -218,46 +234,30 @@ impl BpfMaps {
         let Some(fds) = &self.batch else {
             return Err(0);
         };
-        let result = match r {
-            Run::Backends => {
-                let (keys, values): (Vec<u32>, Vec<Backend4>) = ops
-                    .iter()
-                    .filter_map(|op| match op {
-                        MapOp::UpsertBackend { id, entry } => Some((id.0, backend_value(entry)?)),
-                        _ => None,
-                    })
-                    .unzip();
-                (keys.len() == ops.len()).then(|| update_batch(raw(&fds.backends), &keys, &values))
-            }
-            Run::RevNat => {
-                let (keys, values): (Vec<u32>, Vec<RevNat4>) = ops
-                    .iter()
-                    .filter_map(|op| match op {
-                        MapOp::UpsertRevNat { id, frontend } => {
-                            Some((id.0, revnat_value(frontend)?))
-                        }
-                        _ => None,
-                    })
-                    .unzip();
-                (keys.len() == ops.len()).then(|| update_batch(raw(&fds.revnat), &keys, &values))
-            }
-            Run::Services => {
-                let (keys, values): (Vec<Service4Key>, Vec<Service4Value>) =
-                    ops.iter().filter_map(services_entry).unzip();
-                (keys.len() == ops.len()).then(|| update_batch(raw(&fds.services), &keys, &values))
-            }
-        };
-        match result {
-            Some(Ok(())) => Ok(()),
-            Some(Err(e)) => {
-                tracing::debug!(done = e.done, of = ops.len(), error = %e.error, "batch update stopped");
-                Err(e.done)
-            }
-            // Not all of the run encoded (cannot happen for what run_of
-            // accepts): apply one by one.
-            None => Err(0),
+        match r {
+            Run::Backends => write_batch(raw(&fds.backends), ops, backend_entry),
+            Run::RevNat => write_batch(raw(&fds.revnat), ops, revnat_entry),
+            Run::Services => write_batch(raw(&fds.services), ops, services_entry),
         }
     }
+}
+
+/// One batch of `ops`, each encoded by `entry`; Err(how many went in).
+fn write_batch<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::RawFd,
+    ops: &[MapOp],
+    entry: fn(&MapOp) -> Option<(K, V)>,
+) -> Result<(), usize> {
+    let (keys, values): (Vec<K>, Vec<V>) = ops.iter().filter_map(entry).unzip();
+    if keys.len() != ops.len() {
+        // Not all of the run encoded (cannot happen for what run_of
+        // accepts): apply one by one.
+        return Err(0);
+    }
+    update_batch(fd, &keys, &values).map_err(|e| {
+        tracing::debug!(done = e.done, of = ops.len(), error = %e.error, "batch update stopped");
+        e.done
+    })
 }
 
 /// Maps an aya error on `map` to ours; E2BIG from an insert is a full map.
