@@ -387,11 +387,12 @@ fn condition(
     message: String,
 ) -> PoolCondition {
     let status = if on { "True" } else { "False" };
-    let since = current
+    let state = current
         .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| k8s_openapi::jiff::Timestamp::now().to_string());
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.as_str(), c.last_transition_time.as_str()));
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let since = transition_time(state, status, &now);
     PoolCondition {
         type_: type_.into(),
         status: status.into(),
@@ -436,7 +437,7 @@ async fn write_service(
     let conditions: Vec<Value> = cond
         .iter()
         .map(|(status, reason, message)| {
-            let since = transition_time(rec, status, now.clone());
+            let since = transition_time(rec.condition_state(), status, &now);
             json!({"type": CONDITION, "status": status, "reason": reason,
                    "message": message, "lastTransitionTime": since,
                    "observedGeneration": rec.generation})

@@ -63,45 +63,42 @@ pub struct SvcRecord {
 /// The record of a Service, if the allocator has anything to do with it.
 pub fn record(svc: &Service) -> Option<SvcRecord> {
     let lb = lb_service(svc);
-    let condition = condition_of(svc);
-    let condition_since = svc
+    let ours = svc
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == CONDITION))
-        .map(|c| c.last_transition_time.0.to_string());
-    if lb.is_none() && condition.is_none() {
+        .and_then(|c| c.iter().find(|c| c.type_ == CONDITION));
+    if lb.is_none() && ours.is_none() {
         return None;
     }
     Some(SvcRecord {
         lb,
         ips: status_ips(svc),
-        condition,
-        condition_since,
+        condition: ours.map(|c| (c.status.clone(), c.reason.clone(), c.message.clone())),
+        condition_since: ours.map(|c| c.last_transition_time.0.to_string()),
         generation: svc.metadata.generation.unwrap_or(0),
         uid: svc.metadata.uid.clone(),
     })
 }
 
-/// A condition's lastTransitionTime: kept while its status stays, `now`
-/// when the status changes (metav1.Condition semantics).
-pub fn transition_time(rec: &SvcRecord, new_status: &str, now: String) -> String {
-    match (&rec.condition, &rec.condition_since) {
-        (Some((old, _, _)), Some(since)) if old == new_status => since.clone(),
-        _ => now,
+impl SvcRecord {
+    /// The current (status, lastTransitionTime) of the allocator's
+    /// condition, for [`transition_time`].
+    pub fn condition_state(&self) -> Option<(&str, &str)> {
+        let status = self.condition.as_ref().map(|c| c.0.as_str());
+        status.zip(self.condition_since.as_deref())
     }
 }
 
-/// (status, reason, message) of the allocator's condition on a Service.
-pub fn condition_of(svc: &Service) -> Option<(String, String, String)> {
-    let c = svc
-        .status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == CONDITION)?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+/// The lastTransitionTime of a condition whose status becomes
+/// `new_status`, given its current (status, lastTransitionTime): kept while
+/// the status holds, `now` when it changes (metav1.Condition semantics).
+/// Serves Service and pool conditions alike.
+pub fn transition_time(current: Option<(&str, &str)>, new_status: &str, now: &str) -> String {
+    match current {
+        Some((status, since)) if status == new_status => since.to_string(),
+        _ => now.to_string(),
+    }
 }
 
 /// The Service as the allocator sees it; None when it is not ours.
@@ -276,12 +273,12 @@ status:
         );
         assert_eq!((served.generation, served.uid.as_deref()), (3, Some("u1")));
         // The transition time holds while the status does.
-        let now = "2026-11-28T00:00:00Z".to_string();
+        let now = "2026-11-28T00:00:00Z";
         assert_eq!(
-            transition_time(&served, "True", now.clone()),
+            transition_time(served.condition_state(), "True", now),
             "2026-11-27T00:00:00Z"
         );
-        assert_eq!(transition_time(&served, "False", now.clone()), now);
-        assert_eq!(transition_time(&ours, "True", now.clone()), now);
+        assert_eq!(transition_time(served.condition_state(), "False", now), now);
+        assert_eq!(transition_time(ours.condition_state(), "True", now), now);
     }
 }
