@@ -168,12 +168,11 @@ fn watch_list_change_cut_and_relist() {
 #[test]
 fn nothing_is_programmed_before_every_kind_listed() {
     let mut agent = agent();
-    agent.handle(SourceEvent::Relist(ferry_proxy::source::Relist::Services(
-        vec![],
-    )));
-    agent.handle(SourceEvent::Relist(ferry_proxy::source::Relist::Slices(
-        vec![],
-    )));
+    use ferry_proxy::source::{ListKind, Listing};
+    for kind in [ListKind::Services, ListKind::Slices] {
+        agent.handle(SourceEvent::Listing(Listing::Begin(kind)));
+        agent.handle(SourceEvent::Listing(Listing::End(kind)));
+    }
     // The node has not listed yet: a sync does nothing (and prunes nothing).
     let r = agent.sync(SyncKind::Full).unwrap();
     assert_eq!(r.ops, 0);

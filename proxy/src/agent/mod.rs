@@ -25,7 +25,7 @@ use crate::objects::Object;
 use crate::parse::parse_node;
 use crate::parse::{object_name, InvalidObject};
 use crate::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
-use crate::source::{ListKind, Listing, Relist, SourceEvent};
+use crate::source::{ListKind, Listing, SourceEvent};
 use crate::track::SyncedGate;
 use crate::translate::TranslateConfig;
 use runner::{Runner, SyncKind};
@@ -215,18 +215,6 @@ impl Agent {
                 self.core.replace_slices(&slices);
                 self.set_node_from(&nodes);
                 self.synced.mark_synced(source);
-            }
-            SourceEvent::Relist(Relist::Services(v)) => {
-                self.core.replace_services(&v);
-                self.synced.mark_synced("services");
-            }
-            SourceEvent::Relist(Relist::Slices(v)) => {
-                self.core.replace_slices(&v);
-                self.synced.mark_synced("endpointslices");
-            }
-            SourceEvent::Relist(Relist::Nodes(v)) => {
-                self.set_node_from(&v);
-                self.synced.mark_synced("node");
             }
             SourceEvent::Apply(Object::Service(s)) => self.core.upsert_service(&s),
             SourceEvent::Apply(Object::EndpointSlice(s)) => self.core.upsert_slice(&s),

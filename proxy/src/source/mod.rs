@@ -7,15 +7,6 @@ pub mod kube;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-/// Every object of one kind, after a (re)list: anything not in it is gone.
-#[derive(Debug)]
-pub enum Relist {
-    Services(Vec<Service>),
-    Slices(Vec<EndpointSlice>),
-    /// This node (zero or one object).
-    Nodes(Vec<Node>),
-}
-
 /// The kinds a source lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListKind {
@@ -39,9 +30,8 @@ pub enum Listing {
 /// What a source reports.
 #[derive(Debug)]
 pub enum SourceEvent {
-    /// One kind listed anew (the first one marks that kind as synced).
-    Relist(Relist),
-    /// The same, streamed.
+    /// One kind listed anew, streamed (the first list marks that kind as
+    /// synced).
     Listing(Listing),
     /// An object was added or changed.
     Apply(crate::objects::Object),
