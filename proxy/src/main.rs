@@ -711,7 +711,11 @@ fn run(
                 settings.l2_interfaces.clear();
             }
             let (tx, rx) = tokio::sync::watch::channel(Default::default());
-            agent.announce_to(tx);
+            // Only an announcer needs the announceable addresses: without
+            // one, syncs do not walk every frontend for them.
+            if !settings.l2_interfaces.is_empty() {
+                agent.announce_to(tx);
+            }
             tracing::info!(allocate = settings.allocate, l2_interfaces = ?settings.l2_interfaces,
                 lease_namespace = %settings.lease_namespace, "LoadBalancer IP management");
             match ferry_proxy::ipam::spawn(settings, rx, agent.metrics(), stop_source.clone()) {
