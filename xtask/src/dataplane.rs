@@ -51,6 +51,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("nft", "nftables"),
     ("iptables-legacy-restore", "iptables"),
+    ("bpftool", "bpftool"),
 ];
 
 /// The rows, in table order.
@@ -96,7 +97,7 @@ impl Row {
             Row::Ipvs => "ipvs",
             Row::Haproxy => "haproxy (tcp mode)",
             Row::FerryUserspace => "ferry userspace",
-            Row::FerryEbpfClusterIp => "ferry ebpf ClusterIP (socket LB, from node)",
+            Row::FerryEbpfClusterIp => "ferry ebpf ClusterIP (socket LB, from node, 1 endpoint)",
             Row::FerryEbpfNodePort => "ferry ebpf NodePort (TC)",
         }
     }
@@ -180,6 +181,9 @@ enum Metric {
     NodeCpuPct,
     /// wrk's socket errors and non-2xx answers, both wrk runs.
     Errors,
+    /// Mean run time of the connect4 program during the new-connection run
+    /// (kernel.bpf_stats_enabled), socket-LB row only; reported apart.
+    Connect4Ns,
 }
 
 impl Metric {
@@ -202,6 +206,7 @@ impl Metric {
             Metric::ThroughputGbps => "iperf3 Gbit/s",
             Metric::NodeCpuPct => "machine CPU % (new connection)",
             Metric::Errors => "errors",
+            Metric::Connect4Ns => "connect4 program ns per connect()",
         }
     }
 
@@ -214,6 +219,7 @@ impl Metric {
             Metric::ThroughputGbps => "iperf3_gbps",
             Metric::NodeCpuPct => "cpu_pct",
             Metric::Errors => "errors",
+            Metric::Connect4Ns => "connect4_ns",
         }
     }
 }
@@ -232,7 +238,9 @@ struct Topo {
     dir: PathBuf,
     namespaces: Vec<String>,
     procs: Vec<(String, Child)>,
-    cgroup: Option<PathBuf>,
+    /// cgroups the harness made: one per eBPF row (its socket programs act
+    /// there) and one for the from-node baseline (same depth, no programs).
+    cgroups: BTreeMap<Row, PathBuf>,
     pins: PathBuf,
     ferry: PathBuf,
 }
@@ -296,7 +304,7 @@ impl Topo {
             dir,
             namespaces: Vec::new(),
             procs: Vec::new(),
-            cgroup: None,
+            cgroups: BTreeMap::new(),
             ferry,
         };
         let client = t.add_ns("client")?;
@@ -358,6 +366,17 @@ impl Topo {
 }
 
 impl Topo {
+    /// The row's own cgroup under the cgroup2 root, made on first use.
+    fn cgroup(&mut self, row: Row) -> Result<PathBuf> {
+        if let Some(c) = self.cgroups.get(&row) {
+            return Ok(c.clone());
+        }
+        let c = crate::host::cgroup2_root()?.join(format!("{}-{}", self.tag, row.key()));
+        std::fs::create_dir_all(&c).with_context(|| format!("creating cgroup {}", c.display()))?;
+        self.cgroups.insert(row, c.clone());
+        Ok(c)
+    }
+
     /// Each eBPF row pins its own maps: at 1 Service both agents run at
     /// once, and one agent's resync would prune the other's frontends.
     fn pins_for(&self, row: Row) -> PathBuf {
@@ -376,7 +395,7 @@ impl Drop for Topo {
                 .arg(self.pins_for(row))
                 .output();
         }
-        if let Some(cg) = self.cgroup.take() {
+        for (_, cg) in std::mem::take(&mut self.cgroups) {
             let _ = std::fs::remove_dir(&cg);
         }
         for ns in self.namespaces.drain(..) {
@@ -529,7 +548,7 @@ fn haproxy_config(row: Row, dir: &Path) -> String {
 }
 
 /// Service + EndpointSlice YAML for Ferry's file source: the measured
-/// Service (3 endpoints), the iperf3 one, and `extra` one-endpoint ones.
+/// Service (3 endpoints; 1 for the socket-LB row), the iperf3 one, and `extra` one-endpoint ones.
 fn ferry_yaml(row: Row, extra: usize) -> String {
     let mut s = String::with_capacity(extra * 600 + 4096);
     // The NodePort row's Services are NodePorts (the extra ones stay
@@ -562,7 +581,17 @@ fn ferry_yaml(row: Row, extra: usize) -> String {
             String::new(),
         );
     }
-    add("web", &row.service_ip(), 80, &BACKENDS, node_port(80));
+    // The socket-LB row is compared with connections from the node straight
+    // to the first backend, so its Service has that one endpoint: the
+    // comparison then differs only in the translation at connect() (three
+    // nginx servers instead of one change the figures on two vCPUs, with
+    // keep-alive too, where the socket programs do nothing per request).
+    let web: &[&str] = if row == Row::FerryEbpfClusterIp {
+        &BACKENDS[..1]
+    } else {
+        &BACKENDS
+    };
+    add("web", &row.service_ip(), 80, web, node_port(80));
     add(
         "iperf",
         &row.iperf_ip(),
@@ -579,7 +608,11 @@ fn setup(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration>, Strin
     let node = t.node();
     let e = |e: anyhow::Error| format!("{e:#}");
     match row {
-        Row::Direct | Row::DirectFromNode => wait_http(t, row).map(|_| None),
+        Row::Direct => wait_http(t, row).map(|_| None),
+        Row::DirectFromNode => {
+            t.cgroup(row).map_err(e)?;
+            wait_http(t, row).map(|_| None)
+        }
         Row::IptablesLegacy | Row::IptablesNft => {
             let tool = if row == Row::IptablesLegacy {
                 "iptables-legacy-restore"
@@ -664,16 +697,7 @@ fn setup(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration>, Strin
             if row == Row::FerryUserspace {
                 cmd.args(["--dataplane", "userspace"]);
             } else {
-                let cg = match &t.cgroup {
-                    Some(c) => c.clone(),
-                    None => {
-                        let root = crate::host::cgroup2_root().map_err(e)?;
-                        let c = root.join(&t.tag);
-                        std::fs::create_dir_all(&c).map_err(|x| x.to_string())?;
-                        t.cgroup = Some(c.clone());
-                        c
-                    }
-                };
+                let cg = t.cgroup(row).map_err(e)?;
                 let interfaces = if row == Row::FerryEbpfNodePort {
                     "n0,br0"
                 } else {
@@ -736,8 +760,8 @@ fn client_cmd(t: &Topo, row: Row, program: &str, args: &[String]) -> Command {
         t.client()
     };
     let mut line = String::new();
-    if row == Row::FerryEbpfClusterIp {
-        if let Some(cg) = &t.cgroup {
+    if row.runs_on_node() {
+        if let Some(cg) = t.cgroups.get(&row) {
             let _ = write!(line, "echo $$ > {}/cgroup.procs && ", cg.display());
         }
     }
@@ -886,7 +910,20 @@ fn measure(t: &Topo, row: Row, s: &Settings) -> Result<BTreeMap<Metric, f64>> {
     };
     let (ka, _) = wrk(&[])?;
     out.insert(Metric::RpsKeepAlive, ka.rps);
+    let prog = (row == Row::FerryEbpfClusterIp)
+        .then(|| t.cgroups.get(&row))
+        .flatten()
+        .and_then(|cg| prog_in_cgroup(cg, "ferry_connect4"));
+    let stats = prog.map(|id| BpfStats::enable().map(|on| (id, on, prog_run_stats(id))));
     let (nc, cpu) = wrk(&["-H", "Connection: close"])?;
+    if let Some(Ok((id, on, Some((ns0, n0))))) = stats {
+        if let Some((ns1, n1)) = prog_run_stats(id) {
+            if n1 > n0 {
+                out.insert(Metric::Connect4Ns, (ns1 - ns0) as f64 / (n1 - n0) as f64);
+            }
+        }
+        drop(on);
+    }
     out.insert(Metric::RpsNewConnection, nc.rps);
     out.insert(Metric::P50Ms, nc.p50_ms);
     out.insert(Metric::P99Ms, nc.p99_ms);
@@ -915,6 +952,56 @@ fn measure(t: &Topo, row: Row, s: &Settings) -> Result<BTreeMap<Metric, f64>> {
         .with_context(|| format!("{}: iperf3 said {}", row.name(), v["error"]))?;
     out.insert(Metric::ThroughputGbps, bps / 1e9);
     Ok(out)
+}
+
+/// kernel.bpf_stats_enabled while alive: the kernel then keeps each
+/// program's run time and count (at a small cost per run, so it is on only
+/// around the one measurement that reads it).
+struct BpfStats {
+    old: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<BpfStats> {
+        let old = std::fs::read_to_string(BPF_STATS).context("reading bpf_stats_enabled")?;
+        std::fs::write(BPF_STATS, "1").context("enabling bpf_stats_enabled")?;
+        Ok(BpfStats { old })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, self.old.trim());
+    }
+}
+
+/// The ID of the program called `name` attached to cgroup `cg`.
+fn prog_in_cgroup(cg: &Path, name: &str) -> Option<u64> {
+    let o = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cg)
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    v.as_array()?
+        .iter()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["id"].as_u64())
+}
+
+/// (run_time_ns, run_cnt) of a program.
+fn prog_run_stats(id: u64) -> Option<(u64, u64)> {
+    let o = Command::new("bpftool")
+        .args(["-j", "prog", "show", "id", &id.to_string()])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    Some((
+        v["run_time_ns"].as_u64().unwrap_or(0),
+        v["run_cnt"].as_u64().unwrap_or(0),
+    ))
 }
 
 /// Idle connections held open for the memory measurement.
@@ -1075,6 +1162,12 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                     }
                 }
             }
+            // The socket-LB row runs right after its baseline, so the two
+            // see the same machine state.
+            ready.sort_by_key(|r| match r {
+                Row::FerryEbpfClusterIp => (Row::DirectFromNode, 1),
+                r => (*r, 0),
+            });
             for rep in 0..s.repeats {
                 for &row in &ready {
                     check_interrupted()?;
@@ -1279,6 +1372,27 @@ impl Report {
                     let _ = write!(md, " {} ({}-{}){ratio} |", fmt(median(v)), fmt(lo), fmt(hi));
                 }
                 let _ = writeln!(md);
+            }
+            let _ = writeln!(md);
+        }
+        let prog: Vec<(usize, &Vec<f64>)> = self
+            .samples
+            .iter()
+            .filter(|(k, _)| k.2 == Metric::Connect4Ns)
+            .map(|(k, v)| (k.0, v))
+            .collect();
+        if !prog.is_empty() {
+            let _ = writeln!(md, "Cost of the socket-LB connect4 program per connect() (kernel.bpf_stats_enabled during the new-connection runs of the socket-LB row):\n\n| Services | ns per connect() |\n|---|---|");
+            for (extra, v) in prog {
+                let (lo, hi) = min_max(v);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} ({}-{}) |",
+                    extra + 1,
+                    fmt(median(v)),
+                    fmt(lo),
+                    fmt(hi)
+                );
             }
             let _ = writeln!(md);
         }
