@@ -227,6 +227,8 @@ impl Metric {
 #[derive(Debug, Clone, Copy)]
 struct Settings {
     quick: bool,
+    /// --only-iperf3: bulk throughput only (no wrk runs).
+    only_iperf3: bool,
     seconds: u64,
     repeats: usize,
     connections: u32,
@@ -892,10 +894,41 @@ fn loadavg() -> f64 {
 
 /// One sample of every metric for a row.
 fn measure(t: &Topo, row: Row, s: &Settings) -> Result<BTreeMap<Metric, f64>> {
+    let mut out = BTreeMap::new();
+    if !s.only_iperf3 {
+        measure_wrk(t, row, s, &mut out)?;
+    }
+    let o = client_cmd(
+        t,
+        row,
+        "iperf3",
+        &[
+            "-c".into(),
+            row.iperf_target(),
+            "-p".into(),
+            row.iperf_port().to_string(),
+            "-t".into(),
+            s.seconds.to_string(),
+            "-J".into(),
+        ],
+    )
+    .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .with_context(|| format!("{}: iperf3 output", row.name()))?;
+    let bps = v
+        .pointer("/end/sum_received/bits_per_second")
+        .and_then(|x| x.as_f64())
+        .with_context(|| format!("{}: iperf3 said {}", row.name(), v["error"]))?;
+    out.insert(Metric::ThroughputGbps, bps / 1e9);
+    Ok(out)
+}
+
+/// The two wrk runs of [`measure`]: keep-alive, then a new connection per
+/// request (with the socket-LB row's connect4 cost read around it).
+fn measure_wrk(t: &Topo, row: Row, s: &Settings, out: &mut BTreeMap<Metric, f64>) -> Result<()> {
     let url = format!("http://{}/", row.http_target());
     let d = format!("-d{}s", s.seconds);
     let c = format!("-c{}", s.connections);
-    let mut out = BTreeMap::new();
     let wrk = |extra: &[&str]| -> Result<(Wrk, f64)> {
         let mut args: Vec<String> = vec!["-t1".into(), c.clone(), d.clone(), "--latency".into()];
         args.extend(extra.iter().map(|x| x.to_string()));
@@ -929,29 +962,7 @@ fn measure(t: &Topo, row: Row, s: &Settings) -> Result<BTreeMap<Metric, f64>> {
     out.insert(Metric::P99Ms, nc.p99_ms);
     out.insert(Metric::NodeCpuPct, cpu);
     out.insert(Metric::Errors, (ka.errors + nc.errors) as f64);
-    let o = client_cmd(
-        t,
-        row,
-        "iperf3",
-        &[
-            "-c".into(),
-            row.iperf_target(),
-            "-p".into(),
-            row.iperf_port().to_string(),
-            "-t".into(),
-            s.seconds.to_string(),
-            "-J".into(),
-        ],
-    )
-    .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
-        .with_context(|| format!("{}: iperf3 output", row.name()))?;
-    let bps = v
-        .pointer("/end/sum_received/bits_per_second")
-        .and_then(|x| x.as_f64())
-        .with_context(|| format!("{}: iperf3 said {}", row.name(), v["error"]))?;
-    out.insert(Metric::ThroughputGbps, bps / 1e9);
-    Ok(out)
+    Ok(())
 }
 
 /// kernel.bpf_stats_enabled while alive: the kernel then keeps each
@@ -1114,6 +1125,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     };
     let s = Settings {
         quick,
+        only_iperf3: args.iter().any(|a| a == "--only-iperf3"),
         seconds: flag("--seconds")?.unwrap_or(if quick { 1 } else { 4 }),
         repeats: flag("--repeats")?.unwrap_or(if quick { 1 } else { 5 }) as usize,
         connections: 32,
@@ -1352,10 +1364,7 @@ impl Report {
             }
             let _ = writeln!(md, "\n|---|{}", "---|".repeat(Metric::ALL.len()));
             for row in Row::ALL {
-                if !self
-                    .samples
-                    .contains_key(&(extra, row, Metric::RpsKeepAlive))
-                {
+                if !self.samples.keys().any(|k| k.0 == extra && k.1 == row) {
                     continue;
                 }
                 let _ = write!(md, "| {} |", row.name());

@@ -29,7 +29,8 @@ commands:
                change at 10,000 Services, Maglev builds; prints a table
   bench control-plane [--quick]
                10,000 Services from the fake API server into the eBPF maps
-  bench dataplane [--quick]
+  bench dataplane [--quick] [--rows a,b] [--seconds N] [--repeats N]
+                  [--max-services 1] [--only-iperf3]
                Ferry vs direct, iptables, nftables, IPVS, HAProxy in
                namespaces (wrk, iperf3); bench-results/dataplane-*.{csv,md,svg}
   deploy-check render deploy/ with kustomize and validate it (--strict,
