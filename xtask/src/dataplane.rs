@@ -1174,14 +1174,24 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                     }
                 }
             }
-            // The socket-LB row runs right after its baseline, so the two
-            // see the same machine state.
+            // The socket-LB row runs next to its baseline, so the two see
+            // the same machine state.
             ready.sort_by_key(|r| match r {
                 Row::FerryEbpfClusterIp => (Row::DirectFromNode, 1),
                 r => (*r, 0),
             });
             for rep in 0..s.repeats {
-                for &row in &ready {
+                // Every other repeat runs the rows in reverse: a run inherits
+                // its predecessor's state (tens of thousands of TIME_WAIT
+                // sockets on the shared backends after a new-connection
+                // run), so each row follows and precedes the same neighbours
+                // equally often.
+                let order: Vec<Row> = if rep % 2 == 0 {
+                    ready.clone()
+                } else {
+                    ready.iter().rev().copied().collect()
+                };
+                for row in order {
                     check_interrupted()?;
                     eprintln!(
                         "[{:>4.0}s] 1 Service, run {}/{}: {}",
@@ -1304,6 +1314,21 @@ impl Report {
         (base > 0.0).then(|| v / base)
     }
 
+    /// Per-repeat ratios of a row to its baseline at 1 Service, where every
+    /// repeat measures both (next to each other for the socket-LB row):
+    /// slow drift of the machine cancels out of each pair.
+    fn paired_ratios(&self, row: Row, m: Metric) -> Option<Vec<f64>> {
+        let base = self.samples.get(&(0, row.baseline(), m))?;
+        let v = self.samples.get(&(0, row, m))?;
+        (base.len() == v.len() && row != row.baseline()).then(|| {
+            v.iter()
+                .zip(base)
+                .filter(|(_, b)| **b > 0.0)
+                .map(|(x, b)| x / b)
+                .collect()
+        })
+    }
+
     fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
         let mode = if self.settings.quick { "quick" } else { "full" };
@@ -1390,6 +1415,39 @@ impl Report {
             .filter(|(k, _)| k.2 == Metric::Connect4Ns)
             .map(|(k, v)| (k.0, v))
             .collect();
+        let paired_metrics = [
+            Metric::RpsKeepAlive,
+            Metric::RpsNewConnection,
+            Metric::ThroughputGbps,
+        ];
+        let paired: Vec<(Row, Vec<Option<Vec<f64>>>)> = Row::ALL
+            .into_iter()
+            .map(|r| (r, paired_metrics.map(|m| self.paired_ratios(r, m)).to_vec()))
+            .filter(|(_, v)| v.iter().any(Option::is_some))
+            .collect();
+        if !paired.is_empty() {
+            let _ = write!(md, "Paired ratios at 1 Service: each repeat's figure over its baseline's in the same repeat, median (min-max):\n\n| row |");
+            for m in paired_metrics {
+                let _ = write!(md, " {} |", m.name());
+            }
+            let _ = writeln!(md, "\n|---|{}", "---|".repeat(paired_metrics.len()));
+            for (row, cols) in paired {
+                let _ = write!(md, "| {} |", row.name());
+                for c in cols {
+                    match c {
+                        Some(v) if !v.is_empty() => {
+                            let (lo, hi) = min_max(&v);
+                            let _ = write!(md, " {:.2}x ({:.2}-{:.2}) |", median(&v), lo, hi);
+                        }
+                        _ => {
+                            let _ = write!(md, " - |");
+                        }
+                    }
+                }
+                let _ = writeln!(md);
+            }
+            let _ = writeln!(md);
+        }
         if !prog.is_empty() {
             let _ = writeln!(md, "Cost of the socket-LB connect4 program per connect() (kernel.bpf_stats_enabled during the new-connection runs of the socket-LB row):\n\n| Services | ns per connect() |\n|---|---|");
             for (extra, v) in prog {
