@@ -1180,18 +1180,14 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 Row::FerryEbpfClusterIp => (Row::DirectFromNode, 1),
                 r => (*r, 0),
             });
+            // One fixed order: a run inherits its predecessor's state (some
+            // 27,000 TIME_WAIT sockets on b1 after a new-connection run), so
+            // every row keeps the same predecessor in every repeat. (Running
+            // every other repeat in reverse measured "direct" twice in a row
+            // at each turn, against its own TIME_WAIT sockets, and its
+            // new-connection rate fell to 2,500-6,000 req/s.)
             for rep in 0..s.repeats {
-                // Every other repeat runs the rows in reverse: a run inherits
-                // its predecessor's state (tens of thousands of TIME_WAIT
-                // sockets on the shared backends after a new-connection
-                // run), so each row follows and precedes the same neighbours
-                // equally often.
-                let order: Vec<Row> = if rep % 2 == 0 {
-                    ready.clone()
-                } else {
-                    ready.iter().rev().copied().collect()
-                };
-                for row in order {
+                for &row in &ready {
                     check_interrupted()?;
                     eprintln!(
                         "[{:>4.0}s] 1 Service, run {}/{}: {}",
