@@ -31,14 +31,19 @@ use crate::translate::DesiredState;
 use table::{AffinityKey, Backend, Frontend, Refusal, Rng, Table};
 
 /// A socket bound to `addr` with SO_REUSEADDR and IP_FREEBIND (the address
-/// need not be local yet), non-blocking.
+/// need not be local yet), non-blocking; with SO_REUSEPORT when several of
+/// ours share the address (one TCP listener per shard).
 fn bind_socket(
     addr: SocketAddr,
     ty: socket2::Type,
     proto: socket2::Protocol,
+    reuse_port: bool,
 ) -> std::io::Result<socket2::Socket> {
     let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, Some(proto))?;
     s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
     if addr.is_ipv4() {
         s.set_freebind_v4(true)?;
     } else {
@@ -193,15 +198,73 @@ impl Shared {
 }
 
 struct Listener {
-    task: AbortHandle,
+    /// The accept loops (one per shard) or the UDP server.
+    tasks: Vec<AbortHandle>,
     sessions: Option<Arc<udp::Sessions>>,
+}
+
+impl Listener {
+    fn abort(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A thread with its own single-threaded runtime that serves TCP. Each TCP
+/// frontend has one SO_REUSEPORT listener per shard, and a connection stays
+/// on the shard that accepted it from accept to close: its wake-ups never
+/// cross threads, as in HAProxy's and nginx's per-thread listeners. The
+/// kernel spreads new connections over the shards' listeners.
+struct Shard {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Shard {
+    fn start(index: usize) -> std::io::Result<Shard> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("ferry-tcp-{index}"))
+            .spawn(move || {
+                // Runs the shard's tasks until told to stop; dropping the
+                // runtime then drops every task it still holds.
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(Shard {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The userspace dataplane (see the module docs).
 pub struct UserspaceDataplane {
     mirror: AppliedState,
     shared: Arc<Shared>,
+    /// UDP, health checks.
     runtime: tokio::runtime::Runtime,
+    /// TCP: one shard per worker thread.
+    shards: Vec<Shard>,
     listeners: FastMap<L4Addr, Listener>,
     /// Frontends that could not be served, and why.
     unserved: Arc<Mutex<BTreeMap<L4Addr, String>>>,
@@ -230,6 +293,12 @@ impl UserspaceDataplane {
             .map_err(|e| {
                 DatapathError::Unsupported(format!("starting the userspace dataplane: {e}"))
             })?;
+        let shards = (0..cfg.worker_threads.max(1))
+            .map(Shard::start)
+            .collect::<std::io::Result<Vec<Shard>>>()
+            .map_err(|e| {
+                DatapathError::Unsupported(format!("starting the userspace TCP threads: {e}"))
+            })?;
         Ok(UserspaceDataplane {
             mirror: AppliedState::default(),
             addresses: addrs::Addresses::new(cfg.manage_addresses),
@@ -242,6 +311,7 @@ impl UserspaceDataplane {
                 active: AtomicU64::new(0),
             }),
             runtime,
+            shards,
             listeners: FastMap::default(),
             unserved: Arc::default(),
             checkers: health::Checkers::default(),
@@ -314,7 +384,7 @@ impl UserspaceDataplane {
             if wanted.contains(k) {
                 return true;
             }
-            l.task.abort();
+            l.abort();
             if let Some(s) = &l.sessions {
                 s.clear(&shared);
             }
@@ -365,16 +435,29 @@ impl UserspaceDataplane {
         let shared = self.shared.clone();
         match key.protocol {
             Protocol::Tcp => {
-                let std = tcp::bind(addr).map_err(|e| format!("binding TCP {addr}: {e}"))?;
-                let l = splice::register(std).map_err(|e| format!("binding TCP {addr}: {e}"))?;
-                let task = self
-                    .runtime
-                    .spawn(tcp::accept_loop(l, key, shared))
-                    .abort_handle();
-                Ok(Listener {
-                    task,
+                let mut listener = Listener {
+                    tasks: Vec::with_capacity(self.shards.len()),
                     sessions: None,
-                })
+                };
+                let shared_port = self.shards.len() > 1;
+                for shard in &self.shards {
+                    // AsyncFd registers with the runtime it is created in.
+                    let _in_shard = shard.handle.enter();
+                    let bound = tcp::bind(addr, shared_port).and_then(splice::register);
+                    match bound {
+                        Ok(l) => listener.tasks.push(
+                            shard
+                                .handle
+                                .spawn(tcp::accept_loop(l, key, shared.clone()))
+                                .abort_handle(),
+                        ),
+                        Err(e) => {
+                            listener.abort();
+                            return Err(format!("binding TCP {addr}: {e}"));
+                        }
+                    }
+                }
+                Ok(listener)
             }
             Protocol::Udp => {
                 let std = udp::bind(addr).map_err(|e| format!("binding UDP {addr}: {e}"))?;
@@ -386,7 +469,7 @@ impl UserspaceDataplane {
                     .spawn(udp::serve(Arc::new(s), key, shared, sessions.clone()))
                     .abort_handle();
                 Ok(Listener {
-                    task,
+                    tasks: vec![task],
                     sessions: Some(sessions),
                 })
             }
@@ -414,7 +497,7 @@ impl Drop for UserspaceDataplane {
     fn drop(&mut self) {
         self.checkers.stop_all();
         for (_, l) in self.listeners.drain() {
-            l.task.abort();
+            l.abort();
         }
         self.addresses.remove_all();
     }

@@ -20,9 +20,14 @@ use crate::model::L4Addr;
 const CONNECT_ATTEMPTS: usize = 3;
 
 /// A listening socket on `addr` (IP_FREEBIND: the address need not be
-/// local yet).
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let s = super::bind_socket(addr, socket2::Type::STREAM, socket2::Protocol::TCP)?;
+/// local yet; SO_REUSEPORT when each shard has its own).
+pub fn bind(addr: SocketAddr, shared_port: bool) -> io::Result<TcpListener> {
+    let s = super::bind_socket(
+        addr,
+        socket2::Type::STREAM,
+        socket2::Protocol::TCP,
+        shared_port,
+    )?;
     s.listen(4096)?;
     Ok(s.into())
 }
