@@ -183,11 +183,10 @@ impl Agent {
                 }
                 return;
             }
-            SourceEvent::Listing(Listing::Item(object)) => {
-                if self.stage(object) {
-                    return;
-                }
-            }
+            SourceEvent::Listing(Listing::Item(object)) => match self.stage(object) {
+                None => return,
+                Some(update) => self.apply(update),
+            },
             SourceEvent::Listing(Listing::End(kind)) => match kind {
                 ListKind::Services => {
                     let items = self.staged.services.take().unwrap_or_default();
@@ -216,9 +215,7 @@ impl Agent {
                 self.set_node_from(&nodes);
                 self.synced.mark_synced(source);
             }
-            SourceEvent::Apply(Object::Service(s)) => self.core.upsert_service(&s),
-            SourceEvent::Apply(Object::EndpointSlice(s)) => self.core.upsert_slice(&s),
-            SourceEvent::Apply(Object::Node(n)) => self.set_node_from(std::slice::from_ref(&n)),
+            SourceEvent::Apply(object) => self.apply(object),
             SourceEvent::Delete(Object::Service(s)) => {
                 self.core.delete_service(&object_name(&s.metadata))
             }
@@ -235,10 +232,19 @@ impl Agent {
         self.metrics.pending(SystemTime::now());
     }
 
+    /// An object added or changed.
+    fn apply(&mut self, object: Object) {
+        match object {
+            Object::Service(s) => self.core.upsert_service(&s),
+            Object::EndpointSlice(s) => self.core.upsert_slice(&s),
+            Object::Node(n) => self.set_node_from(std::slice::from_ref(&n)),
+        }
+    }
+
     /// One object of a list being streamed: parsed now (its decoded form is
-    /// dropped here) and kept for the list's end; true. Outside a list it
-    /// is an update, applied now; false.
-    fn stage(&mut self, object: Object) -> bool {
+    /// dropped here) and kept for the list's end; None. Outside a list of
+    /// its kind it is an update, handed back to be applied.
+    fn stage(&mut self, object: Object) -> Option<Object> {
         match object {
             Object::Service(s) if self.staged.services.is_some() => {
                 let entry = self.core.parse_service_entry(&s);
@@ -251,20 +257,9 @@ impl Agent {
             Object::Node(n) if self.staged.nodes.is_some() => {
                 self.staged.nodes.get_or_insert_default().push(*n);
             }
-            Object::Service(s) => {
-                self.core.upsert_service(&s);
-                return false;
-            }
-            Object::EndpointSlice(s) => {
-                self.core.upsert_slice(&s);
-                return false;
-            }
-            Object::Node(n) => {
-                self.set_node_from(std::slice::from_ref(&n));
-                return false;
-            }
+            update => return Some(update),
         }
-        true
+        None
     }
 
     /// This node from the Node objects a source delivered (ours by name),
