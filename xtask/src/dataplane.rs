@@ -943,19 +943,20 @@ fn measure_wrk(t: &Topo, row: Row, s: &Settings, out: &mut BTreeMap<Metric, f64>
     };
     let (ka, _) = wrk(&[])?;
     out.insert(Metric::RpsKeepAlive, ka.rps);
-    let prog = (row == Row::FerryEbpfClusterIp)
+    // The socket-LB row's connect4 program, with the kernel's run-time
+    // statistics on for this run only (restored when `_stats_on` drops).
+    let connect4 = (row == Row::FerryEbpfClusterIp)
         .then(|| t.cgroups.get(&row))
         .flatten()
         .and_then(|cg| prog_in_cgroup(cg, "ferry_connect4"));
-    let stats = prog.map(|id| BpfStats::enable().map(|on| (id, on, prog_run_stats(id))));
+    let _stats_on = connect4.and_then(|_| BpfStats::enable().ok());
+    let before = connect4.and_then(prog_run_stats);
     let (nc, cpu) = wrk(&["-H", "Connection: close"])?;
-    if let Some(Ok((id, on, Some((ns0, n0))))) = stats {
-        if let Some((ns1, n1)) = prog_run_stats(id) {
-            if n1 > n0 {
-                out.insert(Metric::Connect4Ns, (ns1 - ns0) as f64 / (n1 - n0) as f64);
-            }
+    let after = connect4.and_then(prog_run_stats);
+    if let (Some((ns0, n0)), Some((ns1, n1))) = (before, after) {
+        if n1 > n0 {
+            out.insert(Metric::Connect4Ns, (ns1 - ns0) as f64 / (n1 - n0) as f64);
         }
-        drop(on);
     }
     out.insert(Metric::RpsNewConnection, nc.rps);
     out.insert(Metric::P50Ms, nc.p50_ms);
@@ -1394,23 +1395,16 @@ impl Report {
                         let _ = write!(md, " - |");
                         continue;
                     };
-                    let (lo, hi) = min_max(v);
                     let ratio = match (m, self.ratio(extra, row, m)) {
                         (Metric::NodeCpuPct | Metric::Errors, _) | (_, None) => String::new(),
                         (_, Some(r)) => format!(" [{r:.2}x]"),
                     };
-                    let _ = write!(md, " {} ({}-{}){ratio} |", fmt(median(v)), fmt(lo), fmt(hi));
+                    let _ = write!(md, " {}{ratio} |", summary(v));
                 }
                 let _ = writeln!(md);
             }
             let _ = writeln!(md);
         }
-        let prog: Vec<(usize, &Vec<f64>)> = self
-            .samples
-            .iter()
-            .filter(|(k, _)| k.2 == Metric::Connect4Ns)
-            .map(|(k, v)| (k.0, v))
-            .collect();
         let paired_metrics = [
             Metric::RpsKeepAlive,
             Metric::RpsNewConnection,
@@ -1444,18 +1438,16 @@ impl Report {
             }
             let _ = writeln!(md);
         }
+        let prog: Vec<(usize, &Vec<f64>)> = self
+            .samples
+            .iter()
+            .filter(|(k, _)| k.2 == Metric::Connect4Ns)
+            .map(|(k, v)| (k.0, v))
+            .collect();
         if !prog.is_empty() {
             let _ = writeln!(md, "Cost of the socket-LB connect4 program per connect() (kernel.bpf_stats_enabled during the new-connection runs of the socket-LB row):\n\n| Services | ns per connect() |\n|---|---|");
             for (extra, v) in prog {
-                let (lo, hi) = min_max(v);
-                let _ = writeln!(
-                    md,
-                    "| {} | {} ({}-{}) |",
-                    extra + 1,
-                    fmt(median(v)),
-                    fmt(lo),
-                    fmt(hi)
-                );
+                let _ = writeln!(md, "| {} | {} |", extra + 1, summary(v));
             }
             let _ = writeln!(md);
         }
@@ -1553,6 +1545,12 @@ impl Report {
         s.push_str("</svg>\n");
         s
     }
+}
+
+/// "median (min-max)" of samples, as the tables show them.
+fn summary(v: &[f64]) -> String {
+    let (lo, hi) = min_max(v);
+    format!("{} ({}-{})", fmt(median(v)), fmt(lo), fmt(hi))
 }
 
 fn fmt(v: f64) -> String {
