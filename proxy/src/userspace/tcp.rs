@@ -20,7 +20,9 @@ use crate::model::L4Addr;
 const CONNECT_ATTEMPTS: usize = 3;
 
 /// A listening socket on `addr` (IP_FREEBIND: the address need not be
-/// local yet; SO_REUSEPORT when each shard has its own).
+/// local yet; SO_REUSEPORT when each shard has its own). TCP_NODELAY is set
+/// here once: accepted sockets inherit it, which saves a setsockopt per
+/// connection.
 pub fn bind(addr: SocketAddr, shared_port: bool) -> io::Result<TcpListener> {
     let s = super::bind_socket(
         addr,
@@ -28,6 +30,7 @@ pub fn bind(addr: SocketAddr, shared_port: bool) -> io::Result<TcpListener> {
         socket2::Protocol::TCP,
         shared_port,
     )?;
+    s.set_tcp_nodelay(true)?;
     s.listen(4096)?;
     Ok(s.into())
 }
@@ -72,17 +75,26 @@ async fn connect(target: SocketAddr) -> io::Result<Sock> {
         socket2::Type::STREAM.nonblocking().cloexec(),
         Some(socket2::Protocol::TCP),
     )?;
+    s.set_tcp_nodelay(true)?;
     match s.connect(&target.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(e),
     }
     let sock = super::splice::register(TcpStream::from(s))?;
-    let _ = sock.writable().await?;
-    match sock.get_ref().take_error()? {
-        None => Ok(sock),
-        Some(e) => Err(e),
+    let guard = sock.writable().await?;
+    // A failed connect leaves the socket closed, which epoll reports as a
+    // hang-up (EPOLLHUP): only then is SO_ERROR worth a system call. A
+    // writable socket without it is connected.
+    if guard.ready().is_write_closed() {
+        drop(guard);
+        return Err(sock
+            .get_ref()
+            .take_error()?
+            .unwrap_or_else(|| io::Error::from(io::ErrorKind::ConnectionRefused)));
     }
+    drop(guard);
+    Ok(sock)
 }
 
 pub async fn accept_loop(listener: AsyncFd<TcpListener>, key: L4Addr, shared: Arc<Shared>) {
@@ -162,8 +174,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, key: L4Addr, shared: &Share
             }
         }
     };
-    let _ = client.set_nodelay(true);
-    let _ = server.get_ref().set_nodelay(true);
     let client = match super::splice::register(client) {
         Ok(c) => c,
         Err(_) => return,
@@ -193,5 +203,43 @@ async fn handle(client: TcpStream, peer: SocketAddr, key: L4Addr, shared: &Share
             reset(client.get_ref());
             reset(server.get_ref());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let l = super::bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let accepted = loop {
+            match super::accept_nonblocking(&l) {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "nothing to accept");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        assert!(accepted.nodelay().unwrap());
+    }
+
+    #[tokio::test]
+    async fn connect_reports_a_refused_connection_and_a_live_one() {
+        let live = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = super::connect(live.local_addr().unwrap()).await.unwrap();
+        assert!(sock.get_ref().nodelay().unwrap());
+        assert!(sock.get_ref().peer_addr().is_ok());
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let err = super::connect(addr)
+            .await
+            .expect_err("connect to a closed port");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
     }
 }
