@@ -212,6 +212,20 @@ impl UserspaceAgent {
         unprivileged: bool,
         extra: &[&str],
     ) -> Result<UserspaceAgent> {
+        Self::start_limited(tag, yaml, metrics_port, unprivileged, extra, None)
+    }
+
+    /// [`UserspaceAgent::start`] with RLIMIT_NOFILE (soft and hard) set to
+    /// `nofile` for the agent, when given, and then two TCP threads
+    /// whatever the machine's CPU count (each thread has its own listeners).
+    pub fn start_limited(
+        tag: &str,
+        yaml: &str,
+        metrics_port: u16,
+        unprivileged: bool,
+        extra: &[&str],
+        nofile: Option<u64>,
+    ) -> Result<UserspaceAgent> {
         let bin = crate::ferry_path().map_err(anyhow::Error::msg)?;
         let dir = std::env::temp_dir().join(format!("ferry-us-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -241,6 +255,24 @@ impl UserspaceAgent {
             .args(extra);
         if !extra.contains(&"--dataplane") {
             cmd.args(["--dataplane", "userspace"]);
+        }
+        if let Some(n) = nofile {
+            cmd.env("FERRY_USERSPACE_THREADS", "2");
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: the closure runs in the forked child before exec and
+            // only calls setrlimit, which is async-signal-safe.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
         }
         let log = std::fs::File::create(dir.join("agent.log"))?;
         let child = cmd

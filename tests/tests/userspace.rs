@@ -431,3 +431,44 @@ fn privileged_service_addresses_on_ferry0_in_a_namespace() {
     drop(backend);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn many_frontends_fit_a_small_descriptor_limit() {
+    // 150 TCP frontends on two threads under RLIMIT_NOFILE 256: one
+    // listener per thread each would need 300 descriptors. Beyond a quarter
+    // of the limit, frontends get one listener on one thread, so all are
+    // served and connections still have descriptors left.
+    let backend = EchoBackend::start("127.36.1.1:0").unwrap();
+    let port = backend.addr.port();
+    let eps = [("127.36.1.1", true, true, false)];
+    let yaml: String = (0..150u16)
+        .map(|i| {
+            service_yaml(
+                &format!("s{i}"),
+                "127.36.0.1",
+                29300 + i,
+                port,
+                "TCP",
+                &eps,
+                "",
+                "",
+            )
+        })
+        .collect();
+    let agent =
+        UserspaceAgent::start_limited("nofile", &yaml, 28256, true, &[], Some(256)).unwrap();
+    agent
+        .wait_for("all 150 frontends", |rows| {
+            (0..150u16).all(|i| served(rows, &format!("127.36.0.1:{}/TCP", 29300 + i)))
+        })
+        .unwrap();
+    for i in [0u16, 75, 149] {
+        let reply = ask_once(&format!("127.36.0.1:{}", 29300 + i)).unwrap();
+        assert_eq!(reply, backend.addr.to_string());
+    }
+    assert!(
+        agent.log().contains("listener budget"),
+        "log: {}",
+        agent.log()
+    );
+}

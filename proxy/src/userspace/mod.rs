@@ -273,6 +273,43 @@ pub struct UserspaceDataplane {
     check_stats: Arc<health::CheckStats>,
     registry: FastMap<L4Addr, Arc<table::BackendState>>,
     generation: u64,
+    /// Descriptors the TCP frontends' listeners may take (a quarter of
+    /// RLIMIT_NOFILE); beyond it a new frontend gets one listener on one
+    /// shard instead of one per shard.
+    listener_budget: usize,
+    /// Listening TCP sockets open now.
+    tcp_listener_fds: usize,
+    /// The shard of the next single-listener frontend (round robin).
+    next_shard: usize,
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit, as HAProxy and nginx
+/// do: every proxied connection takes two descriptors and every TCP
+/// frontend one per shard, so a default soft limit of 1,024 would cap the
+/// dataplane at a few hundred connections. Returns the soft limit in force.
+fn raise_nofile_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into `r`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1024;
+    }
+    // An unlimited hard limit is still bounded by fs.nr_open (1 Mi by
+    // default); asking for more fails.
+    let want = r.rlim_max.min(1 << 20);
+    if r.rlim_cur < want {
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: r.rlim_max,
+        };
+        // SAFETY: setrlimit reads `raised`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            r.rlim_cur = want;
+        }
+    }
+    r.rlim_cur
 }
 
 impl std::fmt::Debug for UserspaceDataplane {
@@ -293,6 +330,15 @@ impl UserspaceDataplane {
             .map_err(|e| {
                 DatapathError::Unsupported(format!("starting the userspace dataplane: {e}"))
             })?;
+        let nofile = raise_nofile_limit();
+        if nofile < 2 * cfg.max_connections + 1024 {
+            tracing::warn!(
+                nofile,
+                max_connections = cfg.max_connections,
+                "RLIMIT_NOFILE is below two descriptors per connection allowed: \
+                 connections beyond about half of it will fail"
+            );
+        }
         let shards = (0..cfg.worker_threads.max(1))
             .map(Shard::start)
             .collect::<std::io::Result<Vec<Shard>>>()
@@ -318,6 +364,9 @@ impl UserspaceDataplane {
             check_stats: Arc::default(),
             registry: FastMap::default(),
             generation: 0,
+            listener_budget: usize::try_from(nofile / 4).unwrap_or(usize::MAX),
+            tcp_listener_fds: 0,
+            next_shard: 0,
         })
     }
 
@@ -380,9 +429,13 @@ impl UserspaceDataplane {
             .map(|f| f.key)
             .collect();
         let shared = self.shared.clone();
+        let mut closed_fds = 0;
         self.listeners.retain(|k, l| {
             if wanted.contains(k) {
                 return true;
+            }
+            if l.sessions.is_none() {
+                closed_fds += l.tasks.len();
             }
             l.abort();
             if let Some(s) = &l.sessions {
@@ -390,6 +443,7 @@ impl UserspaceDataplane {
             }
             false
         });
+        self.tcp_listener_fds -= closed_fds;
         let mut unserved = BTreeMap::new();
         for key in wanted {
             if self.listeners.contains_key(&key) {
@@ -409,6 +463,9 @@ impl UserspaceDataplane {
             }
             match self.listen(key) {
                 Ok(l) => {
+                    if l.sessions.is_none() {
+                        self.tcp_listener_fds += l.tasks.len();
+                    }
                     self.listeners.insert(key, l);
                 }
                 Err(e) => {
@@ -429,7 +486,7 @@ impl UserspaceDataplane {
             .update(&table, self.runtime.handle(), &self.check_stats);
     }
 
-    fn listen(&self, key: L4Addr) -> Result<Listener, String> {
+    fn listen(&mut self, key: L4Addr) -> Result<Listener, String> {
         let addr = SocketAddr::new(key.ip, key.port);
         let _guard = self.runtime.enter();
         let shared = self.shared.clone();
@@ -439,8 +496,27 @@ impl UserspaceDataplane {
                     tasks: Vec::with_capacity(self.shards.len()),
                     sessions: None,
                 };
-                let shared_port = self.shards.len() > 1;
-                for shard in &self.shards {
+                // One listener per shard while the descriptors allow;
+                // beyond that (thousands of Services) one listener per
+                // frontend, the frontends spread over the shards.
+                let n = self.shards.len();
+                let per_shard = self.tcp_listener_fds + n <= self.listener_budget;
+                let shards: &[Shard] = if per_shard {
+                    &self.shards
+                } else {
+                    if self.next_shard == 0 {
+                        tracing::info!(
+                            listeners = self.tcp_listener_fds,
+                            "listener budget (a quarter of RLIMIT_NOFILE) reached: \
+                             further TCP frontends get one listener on one thread"
+                        );
+                    }
+                    self.next_shard += 1;
+                    let i = self.next_shard % n;
+                    &self.shards[i..=i]
+                };
+                let shared_port = shards.len() > 1;
+                for shard in shards {
                     // AsyncFd registers with the runtime it is created in.
                     let _in_shard = shard.handle.enter();
                     let bound = tcp::bind(addr, shared_port).and_then(splice::register);
