@@ -204,6 +204,15 @@ struct Listener {
 }
 
 impl Listener {
+    /// Listening TCP sockets it holds (a UDP server's socket is not one).
+    fn tcp_fds(&self) -> usize {
+        if self.sessions.is_none() {
+            self.tasks.len()
+        } else {
+            0
+        }
+    }
+
     fn abort(&self) {
         for t in &self.tasks {
             t.abort();
@@ -434,9 +443,7 @@ impl UserspaceDataplane {
             if wanted.contains(k) {
                 return true;
             }
-            if l.sessions.is_none() {
-                closed_fds += l.tasks.len();
-            }
+            closed_fds += l.tcp_fds();
             l.abort();
             if let Some(s) = &l.sessions {
                 s.clear(&shared);
@@ -463,9 +470,7 @@ impl UserspaceDataplane {
             }
             match self.listen(key) {
                 Ok(l) => {
-                    if l.sessions.is_none() {
-                        self.tcp_listener_fds += l.tasks.len();
-                    }
+                    self.tcp_listener_fds += l.tcp_fds();
                     self.listeners.insert(key, l);
                 }
                 Err(e) => {
@@ -504,6 +509,7 @@ impl UserspaceDataplane {
                 let shards: &[Shard] = if per_shard {
                     &self.shards
                 } else {
+                    // Logged once, at the first such frontend.
                     if self.next_shard == 0 {
                         tracing::info!(
                             listeners = self.tcp_listener_fds,

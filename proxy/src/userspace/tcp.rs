@@ -82,18 +82,16 @@ async fn connect(target: SocketAddr) -> io::Result<Sock> {
         Err(e) => return Err(e),
     }
     let sock = super::splice::register(TcpStream::from(s))?;
-    let guard = sock.writable().await?;
     // A failed connect leaves the socket closed, which epoll reports as a
     // hang-up (EPOLLHUP): only then is SO_ERROR worth a system call. A
     // writable socket without it is connected.
-    if guard.ready().is_write_closed() {
-        drop(guard);
+    let hung_up = sock.writable().await?.ready().is_write_closed();
+    if hung_up {
         return Err(sock
             .get_ref()
             .take_error()?
             .unwrap_or_else(|| io::Error::from(io::ErrorKind::ConnectionRefused)));
     }
-    drop(guard);
     Ok(sock)
 }
 
