@@ -224,7 +224,7 @@ impl Metric {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Settings {
     quick: bool,
     /// --only-iperf3: bulk throughput only (no wrk runs).
@@ -232,6 +232,9 @@ struct Settings {
     seconds: u64,
     repeats: usize,
     connections: u32,
+    /// --congestion-control NAME: every namespace's TCP congestion control
+    /// (default: the host's, which new namespaces inherit).
+    congestion: Option<String>,
 }
 
 /// Everything the harness created; removed on drop.
@@ -245,6 +248,8 @@ struct Topo {
     cgroups: BTreeMap<Row, PathBuf>,
     pins: PathBuf,
     ferry: PathBuf,
+    /// --congestion-control, set in every namespace.
+    congestion: Option<String>,
 }
 
 fn ns_name(tag: &str, n: &str) -> String {
@@ -271,6 +276,17 @@ impl Topo {
         ip(&["netns", "add", &name])?;
         self.namespaces.push(name.clone());
         ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        // Before any socket exists: sockets take the namespace's default
+        // when they are created.
+        if let Some(cc) = &self.congestion {
+            sh(self.exec(&name, "sh").args([
+                "-c",
+                &format!("echo {cc} > /proc/sys/net/ipv4/tcp_congestion_control"),
+            ]))
+            .with_context(|| {
+                format!("--congestion-control {cc}: not allowed in a namespace (see net.ipv4.tcp_allowed_congestion_control)")
+            })?;
+        }
         Ok(name)
     }
 
@@ -297,7 +313,7 @@ impl Topo {
         self.procs = keep;
     }
 
-    fn build(tag: &str, ferry: PathBuf) -> Result<Topo> {
+    fn build(tag: &str, ferry: PathBuf, congestion: Option<String>) -> Result<Topo> {
         let dir = std::env::temp_dir().join(tag);
         std::fs::create_dir_all(&dir)?;
         let mut t = Topo {
@@ -308,6 +324,7 @@ impl Topo {
             procs: Vec::new(),
             cgroups: BTreeMap::new(),
             ferry,
+            congestion,
         };
         let client = t.add_ns("client")?;
         let node = t.add_ns("node")?;
@@ -536,9 +553,13 @@ fn nft_rules(row: Row, extra: usize) -> String {
     s
 }
 
+/// HAProxy as an operator would tune it for L4: TCP mode, two threads,
+/// and splice(2) for bulk transfers ("option splice-auto"; "maxpipes"
+/// keeps its descriptor need within the harness's RLIMIT_NOFILE, which
+/// HAProxy otherwise refuses to start under with maxconn 9000).
 fn haproxy_config(row: Row, dir: &Path) -> String {
     format!(
-        "global\n  maxconn 9000\n  nbthread 2\n  pidfile {}/haproxy.pid\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend web\n  bind {}:80\n  default_backend web\nbackend web\n  balance roundrobin\n  server b1 {}:80\n  server b2 {}:80\n  server b3 {}:80\nfrontend iperf\n  bind {}:5201\n  default_backend iperf\nbackend iperf\n  server b1 {}:5201\n",
+        "global\n  maxconn 9000\n  maxpipes 500\n  nbthread 2\n  pidfile {}/haproxy.pid\ndefaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend web\n  bind {}:80\n  default_backend web\nbackend web\n  balance roundrobin\n  server b1 {}:80\n  server b2 {}:80\n  server b3 {}:80\nfrontend iperf\n  bind {}:5201\n  default_backend iperf\nbackend iperf\n  server b1 {}:5201\n",
         dir.display(),
         row.service_ip(),
         BACKENDS[0],
@@ -1130,6 +1151,17 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         seconds: flag("--seconds")?.unwrap_or(if quick { 1 } else { 4 }),
         repeats: flag("--repeats")?.unwrap_or(if quick { 1 } else { 5 }) as usize,
         connections: 32,
+        congestion: match args.iter().position(|a| a == "--congestion-control") {
+            None => None,
+            Some(i) => Some(
+                args.get(i + 1)
+                    .filter(|v| {
+                        !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    })
+                    .cloned()
+                    .context("--congestion-control takes an algorithm name (e.g. reno, bbr)")?,
+            ),
+        },
     };
     // --max-services 1: skip the 10,000-Service scale.
     let scales_wanted = flag("--max-services")?;
@@ -1141,7 +1173,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let ferry = crate::ebpf::build_release_ferry(root)?;
     let tag = format!("ferry-bdp-{}", std::process::id());
     let started = Instant::now();
-    let mut t = Topo::build(&tag, ferry)?;
+    let mut t = Topo::build(&tag, ferry, s.congestion.clone())?;
     let mut samples: Samples = BTreeMap::new();
     let mut loads: Vec<f64> = Vec::new();
     let mut unavailable: BTreeMap<Row, String> = BTreeMap::new();
@@ -1275,6 +1307,10 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         }
     }
     drop(t);
+    let congestion = s
+        .congestion
+        .clone()
+        .unwrap_or_else(|| format!("{} (the host's)", congestion_control()));
     let report = Report {
         settings: s,
         samples,
@@ -1283,6 +1319,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         changes,
         memory,
         loads,
+        congestion,
         took: started.elapsed(),
     };
     report.write(&root.join("bench-results"))?;
@@ -1306,7 +1343,20 @@ struct Report {
     /// Resident memory per idle connection, KiB.
     memory: BTreeMap<Row, f64>,
     loads: Vec<f64>,
+    /// The TCP congestion control every socket of the run uses.
+    congestion: String,
     took: Duration,
+}
+
+/// The host's default TCP congestion control, which the harness's
+/// namespaces inherit. It shapes the bulk figures: BBR paces every sender,
+/// and without the fq qdisc it does so with a kernel timer per burst, so a
+/// proxy (a second sender on the path) pays more than forwarding does
+/// (docs/BENCHMARKS.md).
+fn congestion_control() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
 impl Report {
@@ -1360,13 +1410,14 @@ impl Report {
         let (lmin, lmax) = min_max(&self.loads);
         let _ = writeln!(
             md,
-            "`cargo xtask bench dataplane{}`: {} repeat(s) of {} s per metric, wrk -t1 -c{}, medians (min-max), ratio to the baseline row in brackets; load average {:.2}-{:.2} during the runs; whole run {:.0} s.\n",
+            "`cargo xtask bench dataplane{}`: {} repeat(s) of {} s per metric, wrk -t1 -c{}, medians (min-max), ratio to the baseline row in brackets; load average {:.2}-{:.2} during the runs; TCP congestion control {}; whole run {:.0} s.\n",
             if self.settings.quick { " --quick" } else { "" },
             self.settings.repeats,
             self.settings.seconds,
             self.settings.connections,
             lmin,
             lmax,
+            self.congestion,
             self.took.as_secs_f64()
         );
         let scales: Vec<usize> = {

@@ -31,6 +31,7 @@ commands:
                10,000 Services from the fake API server into the eBPF maps
   bench dataplane [--quick] [--rows a,b] [--seconds N] [--repeats N]
                   [--max-services 1] [--only-iperf3]
+                  [--congestion-control reno|bbr|...]
                Ferry vs direct, iptables, nftables, IPVS, HAProxy in
                namespaces (wrk, iperf3); bench-results/dataplane-*.{csv,md,svg}
   deploy-check render deploy/ with kustomize and validate it (--strict,
