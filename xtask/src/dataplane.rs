@@ -1037,8 +1037,14 @@ fn prog_run_stats(id: u64) -> Option<(u64, u64)> {
     ))
 }
 
-/// Idle connections held open for the memory measurement.
-const IDLE_CONNECTIONS: usize = 2000;
+/// Idle connections held open for the memory measurement. Enough that
+/// the RSS's granularity does not decide the figure: Ferry's allocator
+/// (mimalloc) backs its arena with 2 MiB transparent huge pages, so with
+/// 2,000 connections one page more or less moved the result by 1 KiB per
+/// connection (2.2 or 3.2 KiB from one start to the next); at 8,000 it is
+/// 0.26 KiB. Within HAProxy's maxconn (9,000) and the backends' nginx
+/// worker_connections (4,096 each, the connections spread over three).
+const IDLE_CONNECTIONS: usize = 8000;
 
 /// Resident memory of a process, KiB.
 fn rss_kib(pid: u32) -> Option<u64> {
