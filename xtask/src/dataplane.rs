@@ -1313,10 +1313,6 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         }
     }
     drop(t);
-    let congestion = s
-        .congestion
-        .clone()
-        .unwrap_or_else(|| format!("{} (the host's)", congestion_control()));
     let report = Report {
         settings: s,
         samples,
@@ -1325,7 +1321,6 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         changes,
         memory,
         loads,
-        congestion,
         took: started.elapsed(),
     };
     report.write(&root.join("bench-results"))?;
@@ -1349,8 +1344,6 @@ struct Report {
     /// Resident memory per idle connection, KiB.
     memory: BTreeMap<Row, f64>,
     loads: Vec<f64>,
-    /// The TCP congestion control every socket of the run uses.
-    congestion: String,
     took: Duration,
 }
 
@@ -1423,7 +1416,10 @@ impl Report {
             self.settings.connections,
             lmin,
             lmax,
-            self.congestion,
+            self.settings
+                .congestion
+                .clone()
+                .unwrap_or_else(|| format!("{} (the host's)", congestion_control())),
             self.took.as_secs_f64()
         );
         let scales: Vec<usize> = {
