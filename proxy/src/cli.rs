@@ -31,6 +31,7 @@ pub struct RunSettings {
     pub interfaces: Option<String>,
     pub lb_ipam: Option<bool>,
     pub l2_interfaces: Option<String>,
+    pub l2_lease_duration: Option<String>,
     pub lease_namespace: Option<String>,
 }
 

@@ -119,6 +119,12 @@ enum Command {
         /// `none` for no L2 announcement (default: the TC interfaces).
         #[arg(long)]
         l2_interfaces: Option<String>,
+        /// With `--source kube`: how long an L2 announcement Lease lasts
+        /// unrenewed, i.e. the failover time when a node dies (default 15s;
+        /// it must outlast the agent's restart so a rolling update moves no
+        /// address).
+        #[arg(long)]
+        l2_lease_duration: Option<String>,
         /// Namespace of the allocator's and the announcements' Leases
         /// (default: $POD_NAMESPACE, then kube-system).
         #[arg(long)]
@@ -200,6 +206,7 @@ fn main() -> ExitCode {
             interfaces,
             lb_ipam,
             l2_interfaces,
+            l2_lease_duration,
             lease_namespace,
         } => {
             let file = match config {
@@ -299,6 +306,14 @@ fn main() -> ExitCode {
                 },
                 None => None,
             };
+            let l2_lease_duration = match l2_lease_duration.or(file.l2_lease_duration) {
+                Some(d) => match cli::parse_duration(&d) {
+                    Ok(d) if !d.is_zero() => d,
+                    Ok(_) => return usage_error("--l2-lease-duration", "must be positive"),
+                    Err(e) => return usage_error("--l2-lease-duration", e),
+                },
+                None => ferry_proxy::ipam::announce::DEFAULT_LEASE_DURATION,
+            };
             let lease_namespace = lease_namespace
                 .or(file.lease_namespace)
                 .or_else(|| std::env::var("POD_NAMESPACE").ok())
@@ -373,6 +388,7 @@ fn main() -> ExitCode {
                         .unwrap_or_else(ferry_proxy::ebpf::tc::default_interfaces),
                     lease_namespace,
                     identity: cfg.node_name.clone(),
+                    l2_lease_duration,
                 }),
                 Source::File(_) => None,
             };

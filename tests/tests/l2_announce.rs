@@ -192,6 +192,9 @@ fn client_reaches_the_announcing_node_and_fails_over() {
                     .args(["--dataplane", "ebpf", "--interfaces", &n.lan_if])
                     .args(["--hostname-override", &format!("node-{}", i + 1)])
                     .args(["--min-sync-period", "50ms"])
+                    // Fast failover is what is measured here (the default
+                    // lease outlasts an agent's rolling restart).
+                    .args(["--l2-lease-duration", "3s"])
                     .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
                     .stdout(Stdio::null())
                     .stderr(log)

@@ -4,8 +4,10 @@
 //! answers ARP for the addresses of the Services it holds. Eligible: every
 //! node for externalTrafficPolicy Cluster; with Local only nodes with a
 //! local endpoint, so traffic never lands where it would be dropped.
-//! Takeover: a holder that stops renewing loses the lease after
-//! [`LEASE_DURATION`]; the new holder sends gratuitous ARP at once.
+//! Takeover: a holder that stops renewing loses the lease after its
+//! duration ([`DEFAULT_LEASE_DURATION`], `--l2-lease-duration`); the new
+//! holder sends gratuitous ARP at once. A restarted agent renews its node's
+//! leases under the same identity, so a rolling update moves no address.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -22,8 +24,11 @@ use crate::model::{Action, Scope, ServiceName};
 use crate::translate::DesiredState;
 
 /// A holder that stops renewing is replaced after this long (plus one
-/// contender retry), i.e. well within 5 s.
-pub const LEASE_DURATION: Duration = Duration::from_secs(3);
+/// contender retry). It must outlast an agent's restart (a DaemonSet
+/// rolling update: the old pod gone, the new one started), or every
+/// address moves on each update; Cilium's L2 announcements default to 15 s
+/// too. Shorter leases fail over faster when a node dies.
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
 const RENEW_EVERY: Duration = Duration::from_secs(1);
 const RETRY_EVERY: Duration = Duration::from_millis(500);
 /// Lease calls in flight at once.
@@ -102,14 +107,14 @@ struct Held {
 /// the responder's set to the addresses of the Services held.
 pub async fn run(
     client: Client,
-    lease_namespace: String,
-    identity: String,
+    lease: super::LeaseSettings,
     responder: ArpResponder,
     mut wanted: tokio::sync::watch::Receiver<Announcements>,
     status: Arc<L2Status>,
     stop: Arc<AtomicBool>,
 ) {
-    let api = Api::namespaced(client, &lease_namespace);
+    let api = Api::namespaced(client, &lease.namespace);
+    let identity = lease.identity;
     let mut locks: BTreeMap<ServiceName, Held> = BTreeMap::new();
     let mut announced: BTreeSet<Ipv4Addr> = BTreeSet::new();
     let mut tick = tokio::time::interval(RETRY_EVERY);
@@ -134,7 +139,7 @@ pub async fn run(
         }
         for (s, a) in &want {
             if a.eligible && !locks.contains_key(s) {
-                let lock = LeaseLock::new(api.clone(), &lease_name(s), &identity, LEASE_DURATION);
+                let lock = LeaseLock::new(api.clone(), &lease_name(s), &identity, lease.duration);
                 locks.insert(
                     s.clone(),
                     Held {
@@ -178,10 +183,17 @@ pub async fn run(
             announced = now;
         }
     }
-    for (s, mut h) in locks {
-        if let Err(e) = h.lock.release().await {
-            tracing::warn!(service = %s, error = %e, "cannot release the L2 lease");
-        }
+    // The leases are kept on a stop: the agent that replaces this one on
+    // the node (a rolling update) renews them under the same identity, so
+    // the addresses stay on this node and its connections survive; releasing
+    // them would move every address to another node, whose SNAT breaks the
+    // established flows. If no agent comes back, they expire after
+    // their duration and another node takes over.
+    if !locks.is_empty() {
+        tracing::info!(
+            leases = locks.len(),
+            "stopping: keeping the L2 leases for the agent that replaces this one"
+        );
     }
 }
 

@@ -32,6 +32,16 @@ pub struct IpamSettings {
     pub lease_namespace: String,
     /// This node's name.
     pub identity: String,
+    /// How long an L2 announcement Lease lasts unrenewed.
+    pub l2_lease_duration: Duration,
+}
+
+/// Where and as whom the announcer holds its Leases, and for how long.
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    pub namespace: String,
+    pub identity: String,
+    pub duration: Duration,
 }
 
 /// The allocator waits this long at most for the dataplane's first sync
@@ -39,7 +49,8 @@ pub struct IpamSettings {
 const FIRST_SYNC_WAIT: Duration = Duration::from_secs(30);
 
 /// Starts the allocator and the announcer on a thread of their own; they
-/// stop (releasing their leases) when `stop` is set.
+/// stop when `stop` is set (the allocator releasing its lease, the
+/// announcer keeping its leases for the agent that replaces it).
 pub fn spawn(
     settings: IpamSettings,
     announcements: tokio::sync::watch::Receiver<announce::Announcements>,
@@ -104,10 +115,14 @@ pub fn spawn(
                 };
                 let announcer = async {
                     if let Some(responder) = responder {
+                        let lease = LeaseSettings {
+                            namespace: settings.lease_namespace.clone(),
+                            identity: settings.identity.clone(),
+                            duration: settings.l2_lease_duration,
+                        };
                         announce::run(
                             client.clone(),
-                            settings.lease_namespace.clone(),
-                            settings.identity.clone(),
+                            lease,
                             responder,
                             announcements,
                             l2_status,
