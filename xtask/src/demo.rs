@@ -65,6 +65,9 @@ const LOOPBACK: Net = Net {
 const DEMO_METRICS: &str = "127.0.40.1:18249";
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--cluster") {
+        return crate::cluster::demo(root);
+    }
     let userspace = args.iter().any(|a| a == "--userspace") || !deps::is_root();
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };

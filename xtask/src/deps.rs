@@ -81,7 +81,7 @@ pub fn kubernetes_validate_installed() -> bool {
 }
 
 /// `apt-get update` then `apt-get install` of `packages`.
-fn apt_install(packages: &[&str]) -> Result<()> {
+pub fn apt_install(packages: &[&str]) -> Result<()> {
     crate::run(Command::new("apt-get").arg("update").arg("-qq"))?;
     crate::run(
         Command::new("apt-get")
@@ -104,13 +104,16 @@ fn apt_missing() -> Vec<&'static str> {
     APT_PACKAGES
         .iter()
         .copied()
-        .filter(|pkg| {
-            let out = Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", pkg])
-                .output();
-            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
+        .filter(|pkg| !deb_installed(pkg))
         .collect()
+}
+
+/// Whether the Debian package `pkg` is installed.
+pub fn deb_installed(pkg: &str) -> bool {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output();
+    matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
 /// Installs what is missing. As root on Debian: apt packages and bpf-linker.

@@ -2,6 +2,7 @@
 //! every check and test; the README's commands all start here.
 
 mod bench;
+mod cluster;
 mod dataplane;
 mod demo;
 mod deploy;
@@ -18,7 +19,7 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
-  demo [--userspace]
+  demo [--userspace | --cluster]
                a namespace cluster, ferry run from YAML files, live traffic
                through a ClusterIP and a NodePort, one endpoint removed (root)
   build-ebpf   build the eBPF programs into target/ebpf/ferry-ebpf.o
@@ -40,6 +41,13 @@ commands:
                Ferry on a kind cluster without kube-proxy: create it, build
                and load the image, apply deploy/, run the smoke test (and the
                sig-network conformance subset); needs Docker and kind
+  cluster build|up|down|status|kubeconfig
+               a real Kubernetes cluster (built from its Go modules) whose
+               nodes are network namespaces, Ferry from deploy/ as its only
+               service proxy (root; docs/cluster.md)
+  conformance [--ci]
+               the upstream sig-network e2e tests against that cluster
+               (the CI subset with --ci); docs/CONFORMANCE.md
   help         this text
 
 environment:
@@ -55,6 +63,12 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(&workspace_root(), &args[1..]),
         Some("deploy-check") => deploy::check(&workspace_root()),
         Some("kind") => kind::run(&workspace_root(), &args[1..]),
+        Some("cluster") => cluster::run(&workspace_root(), &args[1..]),
+        Some("conformance") => {
+            let mut rest = vec!["conformance".to_string()];
+            rest.extend(args[1..].iter().cloned());
+            cluster::run(&workspace_root(), &rest)
+        }
         Some("help" | "-h" | "--help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -68,6 +68,12 @@ pub fn run(root: &Path) -> Result<()> {
         // The dataplane harness in its short mode (a second per metric and
         // row), so every row keeps working.
         crate::dataplane::run(root, &["--quick".into()])?;
+        // A real Kubernetes cluster in namespaces, Ferry installed from
+        // deploy/ as its only service proxy, the story and the upstream
+        // conformance subset (docs/cluster.md, docs/CONFORMANCE.md).
+        crate::cluster::ci(root)?;
+    } else if require {
+        bail!("FERRY_REQUIRE_PRIVILEGED=1 but not root: the cluster tests cannot run");
     }
     eprintln!("xtask: all checks and tests passed");
     Ok(())

@@ -1,0 +1,148 @@
+//! `cargo xtask conformance`: Kubernetes' own sig-network e2e tests (the
+//! e2e.test built at the cluster's release, run by ginkgo from the client
+//! namespace) against the namespace cluster, images mapped to the local
+//! builds through a repo list. Every skip is named here with its reason
+//! (docs/CONFORMANCE.md lists them); the JUnit report goes to
+//! bench-results/.
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use super::{images, Layout, CLIENT_NS};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// Every `[sig-network] Services` test and every `[sig-network]`
+    /// `[Conformance]` test.
+    Full,
+    /// The Services conformance tests and the behaviours that set Ferry
+    /// apart (rejects, traffic policies, kube-proxy's URLs): CI's subset.
+    Ci,
+}
+
+const FOCUS_FULL: &str = r"\[sig-network\] Services|\[sig-network\].*\[Conformance\]";
+const FOCUS_CI: &str = r"\[sig-network\] Services.*(\[Conformance\]|no endpoints|externalTrafficPolicy|internalTrafficPolicy|ESIPP|health check node port)";
+
+/// Tests not run, each with its reason (docs/CONFORMANCE.md).
+pub const SKIPS: &[(&str, &str)] = &[
+    (
+        r"\[Feature:IPv6DualStack\]|IPv6|\[Feature:Networking-IPv6\]",
+        "IPv6: the cluster and Ferry's TC path are IPv4-only so far",
+    ),
+    (r"SCTP", "SCTP: Ferry's TC path does not translate SCTP yet"),
+    (
+        r"\[Disruptive\]",
+        "disruptive tests restart or partition nodes, which a namespace node cannot",
+    ),
+    (r"\[Flaky\]", "marked flaky upstream"),
+    (
+        r"\[Feature:ServiceCIDRs\]|\[Feature:",
+        "alpha or optional features not enabled in this cluster",
+    ),
+    (
+        r"GCE|AWS|Azure|\[Provider:",
+        "needs a cloud provider's load balancer",
+    ),
+];
+
+fn skip_regex() -> String {
+    SKIPS
+        .iter()
+        .map(|(re, _)| *re)
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+pub fn run(root: &Path, layout: &Layout, selection: Selection) -> Result<()> {
+    if !layout.admin_kubeconfig().is_file() {
+        bail!("no cluster is up (cargo xtask cluster up)");
+    }
+    let name = match selection {
+        Selection::Full => "full",
+        Selection::Ci => "ci",
+    };
+    let report = root
+        .join("bench-results")
+        .join(format!("conformance-{name}"));
+    let _ = std::fs::remove_dir_all(&report);
+    std::fs::create_dir_all(&report)?;
+    let repo_list = layout.state.join("repo-list.yaml");
+    std::fs::write(
+        &repo_list,
+        format!(
+            "gcRegistry: {r}\npromoterE2eRegistry: {r}/e2e-test-images\n",
+            r = images::REGISTRY
+        ),
+    )?;
+    let focus = match selection {
+        Selection::Full => FOCUS_FULL,
+        Selection::Ci => FOCUS_CI,
+    };
+    let started = Instant::now();
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{CLIENT_NS}"))
+        .arg(layout.program("ginkgo"))
+        .args(["--nodes=4", "--timeout=2h", "--no-color", "--silence-skips"])
+        .arg(format!("--focus={focus}"))
+        .arg(format!("--skip={}", skip_regex()))
+        .arg(format!(
+            "--junit-report={}",
+            report.join("junit.xml").display()
+        ))
+        .arg(layout.program("e2e.test"))
+        .arg("--")
+        .arg(format!(
+            "--kubeconfig={}",
+            layout.admin_kubeconfig().display()
+        ))
+        .arg(format!(
+            "--kubectl-path={}",
+            layout.program("kubectl").display()
+        ))
+        .arg("--provider=local")
+        .arg(format!("--kube-test-repo-list={}", repo_list.display()))
+        .arg(format!("--report-dir={}", report.display()));
+    let status = cmd.status().context("running ginkgo")?;
+    let counts = junit_counts(&report.join("junit.xml"))?;
+    println!(
+        "== conformance ({name}): {} passed, {} failed, {} skipped in {:.0} s (Kubernetes {})",
+        counts.0,
+        counts.1,
+        counts.2,
+        started.elapsed().as_secs_f64(),
+        super::KUBERNETES
+    );
+    if !status.success() || counts.1 > 0 {
+        bail!(
+            "conformance ({name}): {} failed (report: {})",
+            counts.1,
+            report.display()
+        );
+    }
+    Ok(())
+}
+
+/// (passed, failed, skipped) from the JUnit report's testcases.
+fn junit_counts(path: &Path) -> Result<(usize, usize, usize)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let (mut pass, mut fail, mut skip) = (0, 0, 0);
+    for case in text.split("<testcase ").skip(1) {
+        let body = case.split("</testcase>").next().unwrap_or(case);
+        let status = case
+            .split("status=\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .unwrap_or("");
+        if body.contains("<skipped") || status == "skipped" {
+            skip += 1;
+        } else if body.contains("<failure") || body.contains("<error") {
+            fail += 1;
+        } else {
+            pass += 1;
+        }
+    }
+    Ok((pass, fail, skip))
+}

@@ -1,0 +1,258 @@
+//! The cluster's container images, assembled here and never pulled: a root
+//! filesystem from the built programs and Debian's binaries (each with the
+//! shared libraries ldd names), packed as a one-layer docker archive that
+//! `ctr images import` takes under the name the manifests use.
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::build::hex;
+use super::Layout;
+use crate::host::sh;
+
+/// The registry of every image assembled here; e2e.test finds them through
+/// its repo list (conformance.rs).
+pub const REGISTRY: &str = "ferry.local";
+pub const PAUSE: &str = "ferry.local/pause:3.10.2";
+pub const AGNHOST: &str = "ferry.local/e2e-test-images/agnhost:2.66.1";
+pub const BUSYBOX: &str = "ferry.local/e2e-test-images/busybox:1.37.0-2";
+pub const COREDNS: &str = "ferry.local/coredns:v1.14.6";
+
+/// Debian programs agnhost's image carries (its Dockerfile adds curl, nc,
+/// dig, ip and socat to alpine), as (host path, image path).
+const AGNHOST_TOOLS: &[(&str, &str)] = &[
+    ("/usr/bin/curl", "/usr/bin/curl"),
+    ("/bin/nc.openbsd", "/usr/bin/nc"),
+    ("/usr/bin/dig", "/usr/bin/dig"),
+    ("/usr/bin/nslookup", "/usr/bin/nslookup"),
+    ("/usr/bin/socat", "/usr/bin/socat"),
+    ("/bin/ip", "/sbin/ip"),
+    ("/bin/bash", "/bin/bash"),
+];
+
+/// What goes into an image.
+struct Spec<'a> {
+    name: &'a str,
+    files: Vec<(PathBuf, &'a str)>,
+    busybox: bool,
+    entrypoint: &'a [&'a str],
+    cmd: &'a [&'a str],
+}
+
+/// Assembles every image; returns the archives to import on each node.
+pub fn assemble(
+    root: &Path,
+    layout: &Layout,
+    ferry: &Path,
+    ferry_image: &str,
+) -> Result<Vec<PathBuf>> {
+    let out = layout.state.join("images");
+    std::fs::create_dir_all(&out)?;
+    let pause = compile_pause(root, &out)?;
+    let bin = |name: &str| layout.program(name);
+    // Debian's busybox shell runs its own applets before any program on
+    // PATH (its nsenter lacks --cgroup, its nc most flags), so images with
+    // real tools get dash as /bin/sh.
+    let dash = || (PathBuf::from("/bin/dash"), "/bin/sh");
+    let mut agnhost_files = vec![(bin("agnhost"), "/agnhost"), dash()];
+    agnhost_files.extend(AGNHOST_TOOLS.iter().map(|(h, i)| (PathBuf::from(h), *i)));
+    let specs = [
+        Spec {
+            name: PAUSE,
+            files: vec![(pause, "/pause")],
+            busybox: false,
+            entrypoint: &["/pause"],
+            cmd: &[],
+        },
+        Spec {
+            name: AGNHOST,
+            files: agnhost_files,
+            busybox: true,
+            entrypoint: &["/agnhost"],
+            cmd: &["pause"],
+        },
+        Spec {
+            name: BUSYBOX,
+            files: vec![],
+            busybox: true,
+            entrypoint: &[],
+            cmd: &["sh"],
+        },
+        Spec {
+            name: COREDNS,
+            files: vec![(bin("coredns"), "/coredns")],
+            busybox: false,
+            entrypoint: &["/coredns"],
+            cmd: &[],
+        },
+        Spec {
+            name: ferry_image,
+            files: vec![
+                (ferry.to_path_buf(), "/usr/local/bin/ferry"),
+                dash(),
+                (PathBuf::from("/bin/mkdir"), "/bin/mkdir"),
+                (PathBuf::from("/usr/bin/nsenter"), "/usr/bin/nsenter"),
+                (PathBuf::from("/bin/mountpoint"), "/usr/bin/mountpoint"),
+                (PathBuf::from("/bin/mount"), "/usr/bin/mount"),
+            ],
+            busybox: false,
+            entrypoint: &["/usr/local/bin/ferry"],
+            cmd: &["run", "--config", "/etc/ferry/config.yaml"],
+        },
+    ];
+    let mut archives = Vec::new();
+    for spec in &specs {
+        archives.push(pack(&out, spec).with_context(|| format!("assembling image {}", spec.name))?);
+    }
+    Ok(archives)
+}
+
+/// The pause container of build/pause/linux/pause.c, linked statically.
+fn compile_pause(root: &Path, out: &Path) -> Result<PathBuf> {
+    let version = super::build::module_version("kubernetes", "k8s.io/kubernetes")?;
+    let source = sh(Command::new("go")
+        .current_dir(root.join("tools/cluster/kubernetes"))
+        .args([
+            "mod",
+            "download",
+            "-json",
+            &format!("k8s.io/kubernetes@{version}"),
+        ]))?;
+    let source: serde_json::Value = serde_json::from_str(&source)?;
+    let source = source["Dir"]
+        .as_str()
+        .context("go mod download named no directory")?;
+    let pause_c = Path::new(source.trim()).join("build/pause/linux/pause.c");
+    let binary = out.join("pause");
+    sh(Command::new("gcc")
+        .args(["-Os", "-static", "-Wall", "-o"])
+        .arg(&binary)
+        .arg(&pause_c)
+        .arg(format!("-DVERSION={}", "3.10.2")))?;
+    Ok(binary)
+}
+
+fn pack(out: &Path, spec: &Spec<'_>) -> Result<PathBuf> {
+    let stem = spec.name.replace(['/', ':'], "_");
+    let rootfs = out.join(format!("{stem}.rootfs"));
+    let _ = std::fs::remove_dir_all(&rootfs);
+    for dir in ["bin", "etc", "tmp", "usr/bin", "sbin", "uploads"] {
+        std::fs::create_dir_all(rootfs.join(dir))?;
+    }
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )?;
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    if spec.busybox {
+        add_busybox(&rootfs)?;
+    }
+    for (host, path) in &spec.files {
+        add_program(&rootfs, host, path)?;
+    }
+    let layer = out.join(format!("{stem}.layer.tar"));
+    sh(Command::new("tar")
+        .args([
+            "--numeric-owner",
+            "--owner=0",
+            "--group=0",
+            "--mtime=@0",
+            "--sort=name",
+            "-C",
+        ])
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&layer)
+        .arg("."))?;
+    let diff_id = hex(&Sha256::digest(std::fs::read(&layer)?));
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Entrypoint": spec.entrypoint,
+            "Cmd": spec.cmd,
+            "WorkingDir": "/",
+        },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{diff_id}")] },
+    });
+    let config = serde_json::to_vec(&config)?;
+    let config_name = format!("{}.json", hex(&Sha256::digest(&config)));
+    let archive_dir = out.join(format!("{stem}.archive"));
+    let _ = std::fs::remove_dir_all(&archive_dir);
+    std::fs::create_dir_all(archive_dir.join(&diff_id))?;
+    std::fs::rename(&layer, archive_dir.join(&diff_id).join("layer.tar"))?;
+    std::fs::write(archive_dir.join(&config_name), &config)?;
+    let manifest = serde_json::json!([{
+        "Config": config_name,
+        "RepoTags": [spec.name],
+        "Layers": [format!("{diff_id}/layer.tar")],
+    }]);
+    std::fs::write(
+        archive_dir.join("manifest.json"),
+        serde_json::to_vec(&manifest)?,
+    )?;
+    let archive = out.join(format!("{stem}.tar"));
+    sh(Command::new("tar")
+        .arg("-C")
+        .arg(&archive_dir)
+        .arg("-cf")
+        .arg(&archive)
+        .arg("."))?;
+    std::fs::remove_dir_all(&archive_dir)?;
+    std::fs::remove_dir_all(&rootfs)?;
+    Ok(archive)
+}
+
+/// Debian's static busybox as /bin/busybox with a link per applet.
+fn add_busybox(rootfs: &Path) -> Result<()> {
+    let busybox = Path::new("/bin/busybox");
+    std::fs::copy(busybox, rootfs.join("bin/busybox"))
+        .with_context(|| format!("copying {} (Debian's busybox-static)", busybox.display()))?;
+    let list = sh(Command::new(busybox).arg("--list"))?;
+    for applet in list.lines().filter(|a| !a.is_empty() && *a != "busybox") {
+        let link = rootfs.join("bin").join(applet);
+        if !link.exists() {
+            std::os::unix::fs::symlink("busybox", &link)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies a program and every shared library ldd lists for it.
+fn add_program(rootfs: &Path, host: &Path, path: &str) -> Result<()> {
+    if !host.is_file() {
+        bail!("{} is missing", host.display());
+    }
+    copy_into(rootfs, host, path)?;
+    let ldd = Command::new("ldd").arg(host).output()?;
+    // A static binary makes ldd fail ("not a dynamic executable").
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let lib = match line.split_once("=>") {
+            Some((_, right)) => right.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
+        };
+        if let Some(lib) = lib.filter(|l| l.starts_with('/')) {
+            copy_into(rootfs, Path::new(lib), lib)?;
+        }
+    }
+    Ok(())
+}
+
+fn copy_into(rootfs: &Path, host: &Path, path: &str) -> Result<()> {
+    let dest = rootfs.join(path.trim_start_matches('/'));
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if std::fs::symlink_metadata(&dest).is_ok() {
+        std::fs::remove_file(&dest)?;
+    }
+    std::fs::copy(host, &dest)
+        .with_context(|| format!("copying {} to {}", host.display(), dest.display()))?;
+    Ok(())
+}
