@@ -4,7 +4,7 @@
 //! so applications only ever see the address they asked for.
 
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -19,6 +19,9 @@ use crate::pick;
 /// Verdicts of cgroup sock_addr programs.
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
+/// Linux's ECONNREFUSED: what a kube-proxy reject (TCP RST, ICMP port
+/// unreachable) makes connect() or a UDP socket return.
+const ECONNREFUSED: i32 = 111;
 
 /// Unconnected UDP: datagrams of one socket to one Service keep going to
 /// the same backend while it lives, for this long after the last one.
@@ -49,9 +52,10 @@ pub fn ferry_getpeer4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// Rewrites a Service destination to a backend. Ok(DENY) refuses the
-/// connect()/sendmsg() at once (no backend, or a Local policy without a
-/// local one); an address that is no Service is left alone.
+/// Rewrites a Service destination to a backend. A reject fails the
+/// connect()/sendmsg() at once with ECONNREFUSED (no backend), a drop with
+/// EPERM (a Local policy without a local endpoint); an address that is no
+/// Service is left alone.
 #[inline(always)]
 fn try_translate(ctx: &SockAddrContext, datagram: bool) -> Result<i32, i64> {
     // SAFETY: the kernel hands every sock_addr program a valid context.
@@ -88,7 +92,7 @@ fn try_translate(ctx: &SockAddrContext, datagram: bool) -> Result<i32, i64> {
     }
     if svc.flags & SVC_FLAG_REJECT != 0 || svc.count == 0 {
         count(LbCounter::SockRejected);
-        return Ok(DENY);
+        return Ok(refused());
     }
     let picked = match pick::affinity_backend(client, &svc, key) {
         Some(hit) => {
@@ -99,7 +103,7 @@ fn try_translate(ctx: &SockAddrContext, datagram: bool) -> Result<i32, i64> {
             Some(p) => p,
             None => {
                 count(LbCounter::SockLookupMiss);
-                return Ok(DENY);
+                return Ok(refused());
             }
         },
     };
@@ -126,6 +130,15 @@ fn try_translate(ctx: &SockAddrContext, datagram: bool) -> Result<i32, i64> {
     sa.user_port = u32::from(backend.port.0);
     count(LbCounter::SockTranslated);
     Ok(ALLOW)
+}
+
+/// Denies the call with ECONNREFUSED instead of the default EPERM.
+#[inline(always)]
+fn refused() -> i32 {
+    // SAFETY: a helper of cgroup programs (kernel 5.19+) that only sets the
+    // error the filtered system call returns when the verdict is DENY.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    DENY
 }
 
 /// Shows the Service address instead of the backend (UDP replies,
