@@ -21,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "netcat-openbsd",
     "socat",
     "bind9-dnsutils",
+    "wget",
     "util-linux",
     "iproute2",
 ];

@@ -30,6 +30,9 @@ const AGNHOST_TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/socat", "/usr/bin/socat"),
     ("/bin/ip", "/sbin/ip"),
     ("/bin/bash", "/bin/bash"),
+    // Debian's busybox wget crashes with -T (a timeout), which the e2e
+    // tests pass; GNU wget takes the same flags.
+    ("/usr/bin/wget", "/usr/bin/wget"),
 ];
 
 /// What goes into an image.
@@ -50,13 +53,18 @@ pub fn assemble(
 ) -> Result<Vec<PathBuf>> {
     let out = layout.state.join("images");
     std::fs::create_dir_all(&out)?;
-    let pause = compile_pause(root, &out)?;
+    let source = kubernetes_source(root)?;
+    let pause = compile_pause(&source, &out)?;
     let bin = |name: &str| layout.program(name);
     // Debian's busybox shell runs its own applets before any program on
     // PATH (its nsenter lacks --cgroup, its nc most flags), so images with
     // real tools get dash as /bin/sh.
     let dash = || (PathBuf::from("/bin/dash"), "/bin/sh");
     let mut agnhost_files = vec![(bin("agnhost"), "/agnhost"), dash()];
+    // porter serves TLS with these (its Dockerfile adds them at /).
+    let porter = source.join("test/images/agnhost/porter");
+    agnhost_files.push((porter.join("localhost.crt"), "/localhost.crt"));
+    agnhost_files.push((porter.join("localhost.key"), "/localhost.key"));
     agnhost_files.extend(AGNHOST_TOOLS.iter().map(|(h, i)| (PathBuf::from(h), *i)));
     let specs = [
         Spec {
@@ -109,10 +117,10 @@ pub fn assemble(
     Ok(archives)
 }
 
-/// The pause container of build/pause/linux/pause.c, linked statically.
-fn compile_pause(root: &Path, out: &Path) -> Result<PathBuf> {
+/// Where the Go module cache holds k8s.io/kubernetes at the pinned release.
+fn kubernetes_source(root: &Path) -> Result<PathBuf> {
     let version = super::build::module_version("kubernetes", "k8s.io/kubernetes")?;
-    let source = sh(Command::new("go")
+    let out = sh(Command::new("go")
         .current_dir(root.join("tools/cluster/kubernetes"))
         .args([
             "mod",
@@ -120,17 +128,23 @@ fn compile_pause(root: &Path, out: &Path) -> Result<PathBuf> {
             "-json",
             &format!("k8s.io/kubernetes@{version}"),
         ]))?;
-    let source: serde_json::Value = serde_json::from_str(&source)?;
-    let source = source["Dir"]
-        .as_str()
-        .context("go mod download named no directory")?;
-    let pause_c = Path::new(source.trim()).join("build/pause/linux/pause.c");
+    let info: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(PathBuf::from(
+        info["Dir"]
+            .as_str()
+            .context("go mod download named no directory")?,
+    ))
+}
+
+/// The pause container of build/pause/linux/pause.c, linked statically.
+fn compile_pause(source: &Path, out: &Path) -> Result<PathBuf> {
+    let pause_c = source.join("build/pause/linux/pause.c");
     let binary = out.join("pause");
     sh(Command::new("gcc")
         .args(["-Os", "-static", "-Wall", "-o"])
         .arg(&binary)
         .arg(&pause_c)
-        .arg(format!("-DVERSION={}", "3.10.2")))?;
+        .arg("-DVERSION=3.10.2"))?;
     Ok(binary)
 }
 
