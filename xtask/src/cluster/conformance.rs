@@ -14,15 +14,16 @@ use super::{images, Layout, CLIENT_NS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Selection {
-    /// Every `[sig-network] Services` test and every `[sig-network]`
-    /// `[Conformance]` test.
+    /// Every `[sig-network] Services` test, every `[sig-network]`
+    /// `[Conformance]` test, kube-proxy's URLs, the Services granular checks
+    /// and the Conntrack tests.
     Full,
     /// The Services conformance tests and the behaviours that set Ferry
     /// apart (rejects, traffic policies, kube-proxy's URLs): CI's subset.
     Ci,
 }
 
-const FOCUS_FULL: &str = r"\[sig-network\] Services|\[sig-network\].*\[Conformance\]";
+const FOCUS_FULL: &str = r"\[sig-network\] Services|\[sig-network\].*\[Conformance\]|\[sig-network\] Networking (should check kube-proxy urls|Granular Checks: Services)|\[sig-network\] Conntrack";
 const FOCUS_CI: &str = r"\[sig-network\] Services.*(\[Conformance\]|no endpoints|externalTrafficPolicy|internalTrafficPolicy|ESIPP|health check node port)";
 
 /// Tests not run, each with its reason (docs/CONFORMANCE.md).

@@ -2,9 +2,10 @@
 //! kube-controller-manager and kube-scheduler as processes in that node's
 //! namespaces, with the flags kubeadm would give them.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::time::{Duration, Instant};
 
+use super::poll::poll;
 use super::{
     node, Layout, NodeSpec, API_PORT, CLUSTER_CIDR, CONTROL_PLANE_IP, NODES, SERVICE_CIDR,
 };
@@ -142,24 +143,25 @@ pub fn stop_apiserver(layout: &Layout) -> Result<()> {
 
 /// Polls `url` from the control-plane node until it answers healthy.
 fn wait_for(layout: &Layout, what: &str, url: &str, seconds: u64) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
     let ca = layout.pki().join("ca.crt").display().to_string();
-    loop {
-        let probe = node::in_netns(
-            control_plane().ns,
-            &format!("curl -s --max-time 2 --cacert {ca} {url}"),
-        );
-        // kube-apiserver's /readyz says "ok", etcd's /health a JSON object.
-        let healthy = |body: &str| body.trim() == "ok" || body.contains(r#""health":"true""#);
-        if probe.as_deref().is_ok_and(healthy) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{what} did not answer {url} in {seconds} s (see {})",
-                layout.log(control_plane().name, what).display()
+    let log = layout.log(control_plane().name, what);
+    let goal = format!("{what} answering {url} (see {})", log.display());
+    poll(
+        &goal,
+        Duration::from_secs(seconds),
+        Duration::from_millis(250),
+        || {
+            let probe = node::in_netns(
+                control_plane().ns,
+                &format!("curl -s --max-time 2 --cacert {ca} {url}"),
             );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+            // kube-apiserver's /readyz says "ok", etcd's /health a JSON object.
+            let healthy = |body: &str| body.trim() == "ok" || body.contains(r#""health":"true""#);
+            Ok(match probe {
+                Ok(body) if healthy(&body) => Ok(()),
+                Ok(body) => Err(format!("answered {:?}", body.trim())),
+                Err(e) => Err(format!("{e:#}")),
+            })
+        },
+    )
 }

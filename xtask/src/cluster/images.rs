@@ -19,6 +19,8 @@ pub const PAUSE: &str = "ferry.local/pause:3.10.2";
 pub const AGNHOST: &str = "ferry.local/e2e-test-images/agnhost:2.66.1";
 pub const BUSYBOX: &str = "ferry.local/e2e-test-images/busybox:1.37.0-2";
 pub const COREDNS: &str = "ferry.local/coredns:v1.14.6";
+/// The DNS tests' glibc resolver (upstream: bookworm-slim with dnsutils).
+pub const GLIBC_DNS: &str = "ferry.local/e2e-test-images/glibc-dns-testing:2.1.1";
 
 /// Debian programs agnhost's image carries (its Dockerfile adds curl, nc,
 /// dig, ip and socat to alpine), as (host path, image path).
@@ -80,6 +82,17 @@ pub fn assemble(
             busybox: true,
             entrypoint: &["/agnhost"],
             cmd: &["pause"],
+        },
+        Spec {
+            name: GLIBC_DNS,
+            files: vec![
+                dash(),
+                (PathBuf::from("/usr/bin/dig"), "/usr/bin/dig"),
+                (PathBuf::from("/usr/bin/getent"), "/usr/bin/getent"),
+            ],
+            busybox: true,
+            entrypoint: &[],
+            cmd: &["sh"],
         },
         Spec {
             name: BUSYBOX,
@@ -160,6 +173,7 @@ fn pack(out: &Path, spec: &Spec<'_>) -> Result<PathBuf> {
         "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
     )?;
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    std::fs::write(rootfs.join("etc/nsswitch.conf"), "hosts: files dns\n")?;
     if spec.busybox {
         add_busybox(&rootfs)?;
     }

@@ -4,10 +4,11 @@
 //! under the node's name and address. The CNI configuration is written once
 //! the controller manager gave the node its pod CIDR.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use super::poll::poll;
 use super::{images, node, pki, Layout, NodeSpec, DNS_SERVICE_IP, NODES};
 
 pub fn start_containerd(
@@ -32,13 +33,17 @@ pub fn start_containerd(
     ];
     node::spawn(layout, spec, "containerd", &argv)?;
     let ctr = layout.program("ctr").display().to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while node::exec(layout, spec, &[&ctr, "version"]).is_err() {
-        if Instant::now() > deadline {
-            bail!("node {}: containerd did not start in 30 s", spec.name);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let what = format!("node {}: containerd answering", spec.name);
+    poll(
+        &what,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            Ok(node::exec(layout, spec, &[&ctr, "version"])
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}")))
+        },
+    )?;
     for archive in archives {
         let archive = archive.display().to_string();
         node::exec(
@@ -152,29 +157,32 @@ rotateCertificates: false
 /// configuration and the routes to the other nodes' pods (kindnet's job
 /// in kind).
 pub fn configure_pod_network(layout: &Layout) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let cidrs = loop {
-        let text = crate::host::sh(layout.kubectl().args([
-            "get",
-            "nodes",
-            "-o",
-            "jsonpath={range .items[*]}{.metadata.name} {.spec.podCIDR}{\"\\n\"}{end}",
-        ]));
-        let found: Vec<(String, String)> = text
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .filter(|(_, cidr)| !cidr.is_empty())
-            .map(|(n, c)| (n.to_string(), c.to_string()))
-            .collect();
-        if found.len() == NODES.len() {
-            break found;
-        }
-        if Instant::now() > deadline {
-            bail!("nodes with a pod CIDR after 90 s: {found:?} (see the kubelet logs)");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let what = "a pod CIDR for every node (see the kubelet logs)";
+    let cidrs = poll(
+        what,
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+        || {
+            let text = crate::host::sh(layout.kubectl().args([
+                "get",
+                "nodes",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name} {.spec.podCIDR}{\"\\n\"}{end}",
+            ]));
+            let found: Vec<(String, String)> = text
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split_once(' '))
+                .filter(|(_, cidr)| !cidr.is_empty())
+                .map(|(n, c)| (n.to_string(), c.to_string()))
+                .collect();
+            Ok(if found.len() == NODES.len() {
+                Ok(found)
+            } else {
+                Err(format!("{found:?}"))
+            })
+        },
+    )?;
     for spec in &NODES {
         let own = cidr_of(&cidrs, spec.name)?;
         std::fs::write(

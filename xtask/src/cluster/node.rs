@@ -3,12 +3,13 @@
 //! with its own PID 1 (init.rs), mounts and cgroup subtree. Processes are
 //! started inside a node through its init's namespaces, in its cgroups.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::poll::poll;
 use super::{init, Layout, NodeSpec, CLIENT_IP, CLIENT_NS, GATEWAY, NODES, SWITCH_NS};
 use crate::host::{bridge_port, ip, sh};
 
@@ -74,17 +75,23 @@ pub fn start(layout: &Layout, node: &NodeSpec) -> Result<u32> {
         .arg(node.name);
     let unshare = spawn_detached(cmd, &layout.log(node.name, "init"))?;
     let ready = init::ready_file(&dir);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready.exists() {
-        if Instant::now() > deadline {
-            bail!(
-                "node {}: init did not get ready in 20 s (see {})",
-                node.name,
-                layout.log(node.name, "init").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let what = format!(
+        "node {}: its init ready (see {})",
+        node.name,
+        layout.log(node.name, "init").display()
+    );
+    poll(
+        &what,
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || {
+            Ok(if ready.exists() {
+                Ok(())
+            } else {
+                Err("no ready file".into())
+            })
+        },
+    )?;
     let pid = child_of(unshare)
         .with_context(|| format!("node {}: finding its init process", node.name))?;
     std::fs::write(dir.join("init.pid"), pid.to_string())?;
@@ -100,16 +107,13 @@ pub fn spawn(layout: &Layout, node: &NodeSpec, name: &str, argv: &[String]) -> R
         .args(argv);
     let nsenter = spawn_detached(cmd, &layout.log(node.name, name))?;
     // nsenter forks into the PID namespace; the program is its child.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let pid = loop {
-        if let Ok(pid) = child_of(nsenter) {
-            break pid;
-        }
-        if Instant::now() > deadline {
-            bail!("node {}: {name} did not start", node.name);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let what = format!("node {}: {name} started", node.name);
+    let pid = poll(
+        &what,
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || Ok(child_of(nsenter).map_err(|e| format!("{e:#}"))),
+    )?;
     std::fs::write(layout.pid_file(node.name, name), pid.to_string())?;
     Ok(pid)
 }

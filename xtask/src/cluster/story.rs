@@ -7,55 +7,30 @@
 //! the story.
 
 use anyhow::{bail, Context, Result};
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::traffic::{table, KeepAlive, Traffic};
-use super::{control, latency, node, Layout, CLIENT_NS, NODES};
+use super::observe::{
+    check_no_new_answers, pod_ips, pods, prober_log, scale, wait_lb_address, wait_new_pods,
+    wait_pods_gone_from_endpoints, wait_serving, wait_unprogrammed, NS,
+};
+use super::traffic::{table, KeepAlive, Tally, Traffic};
+use super::{control, latency, Layout, CLIENT_NS, NODES};
 
-const NS: &str = "ferry-demo";
 const NODE_PORT: u16 = 30080;
 
 /// What the story measured, for the closing line and docs.
 #[derive(Debug, Default)]
 pub struct Report {
     pub requests: u64,
-    pub failures: u64,
     pub healed_in: Duration,
     pub scaled_up_in: Duration,
     pub programming: Option<latency::Quantiles>,
 }
 
 pub fn run(root: &Path, layout: &Layout) -> Result<Report> {
-    let kubectl = |args: &[&str]| crate::host::sh(layout.kubectl().args(args));
-    crate::run(
-        layout
-            .kubectl()
-            .arg("apply")
-            .arg("-f")
-            .arg(root.join("tools/cluster/manifests/story.yaml")),
-    )?;
-    kubectl(&[
-        "-n",
-        NS,
-        "rollout",
-        "status",
-        "deployment/echo",
-        "--timeout=180s",
-    ])?;
-    kubectl(&[
-        "-n",
-        NS,
-        "wait",
-        "--for=condition=Ready",
-        "pod/client",
-        "--timeout=120s",
-    ])?;
-    let lb = wait_lb_address(layout)?;
-    println!("== LoadBalancer address {lb} (from the FerryLoadBalancerIPPool, announced by L2)");
-
+    let lb = deploy(root, layout)?;
     let traffic = Traffic::default();
     let started = Instant::now();
     traffic.log_loop("pod->dns", prober_log(layout)?)?;
@@ -74,35 +49,7 @@ pub fn run(root: &Path, layout: &Layout) -> Result<Report> {
     );
     let tally = traffic.snapshot();
     println!("{}", table(&tally));
-    let failures = tally.failures();
-    let requests = tally
-        .paths
-        .values()
-        .flat_map(|p| p.pods.values())
-        .map(|t| t.count)
-        .sum::<u64>()
-        + failures;
-    let mut why = String::new();
-    for (path, t) in &tally.paths {
-        for (at, f) in &t.failed {
-            why.push_str(&format!(
-                "\n  {path} at {:.1} s: {f}",
-                (*at - started).as_secs_f64()
-            ));
-        }
-    }
-    let mut report = match result {
-        Ok(r) => r,
-        Err(e) if failures > 0 => {
-            return Err(e.context(format!("{failures} of {requests} requests failed:{why}")))
-        }
-        Err(e) => return Err(e),
-    };
-    report.failures = failures;
-    report.requests = requests;
-    if failures > 0 {
-        bail!("{failures} of {requests} requests failed:{why}");
-    }
+    let report = judge(&tally, started, result)?;
     println!(
         "== story passed: {} requests, 0 failed; pod deleted -> replacement serving in {:.1} s; \
          scaled 3 -> 5: new pods serving in {:.1} s",
@@ -113,6 +60,60 @@ pub fn run(root: &Path, layout: &Layout) -> Result<Report> {
     if let Some(q) = &report.programming {
         println!("== Ferry's network programming latency during the scale steps: {q}");
     }
+    Ok(report)
+}
+
+/// Applies the story's objects and waits for them; the LoadBalancer address.
+fn deploy(root: &Path, layout: &Layout) -> Result<String> {
+    crate::run(
+        layout
+            .kubectl()
+            .arg("apply")
+            .arg("-f")
+            .arg(root.join("tools/cluster/manifests/story.yaml")),
+    )?;
+    let rollout = ["rollout", "status", "deployment/echo", "--timeout=180s"];
+    crate::host::sh(layout.kubectl_ns(NS).args(rollout))?;
+    let ready = [
+        "wait",
+        "--for=condition=Ready",
+        "pod/client",
+        "--timeout=120s",
+    ];
+    crate::host::sh(layout.kubectl_ns(NS).args(ready))?;
+    let lb = wait_lb_address(layout)?;
+    println!("== LoadBalancer address {lb} (from the FerryLoadBalancerIPPool, announced by L2)");
+    Ok(lb)
+}
+
+/// The story's verdict: any failed request fails it, with the first
+/// failures of each path and when they happened.
+fn judge(tally: &Tally, started: Instant, result: Result<Report>) -> Result<Report> {
+    let failures = tally.failures();
+    let answered: u64 = tally
+        .paths
+        .values()
+        .flat_map(|p| p.pods.values())
+        .map(|t| t.count)
+        .sum();
+    let requests = answered + failures;
+    let mut why = String::new();
+    for (path, t) in &tally.paths {
+        for (at, f) in &t.failed {
+            let at = (*at - started).as_secs_f64();
+            why.push_str(&format!("\n  {path} at {at:.1} s: {f}"));
+        }
+    }
+    let failed = || format!("{failures} of {requests} requests failed:{why}");
+    let mut report = match result {
+        Ok(r) => r,
+        Err(e) if failures > 0 => return Err(e.context(failed())),
+        Err(e) => return Err(e),
+    };
+    if failures > 0 {
+        bail!(failed());
+    }
+    report.requests = requests;
     Ok(report)
 }
 
@@ -200,212 +201,6 @@ fn live(traffic: &Traffic, d: Duration) {
     while Instant::now() < end {
         std::thread::sleep(Duration::from_secs(2).min(end - Instant::now()));
         println!("{}", table(&traffic.snapshot()));
-    }
-}
-
-fn scale(layout: &Layout, replicas: u32) -> Result<()> {
-    crate::host::sh(layout.kubectl_ns(NS).args([
-        "scale",
-        "deployment/echo",
-        &format!("--replicas={replicas}"),
-    ]))
-    .map(|_| ())
-}
-
-/// The Deployment's pods that are not being deleted.
-fn pods(layout: &Layout) -> Result<BTreeSet<String>> {
-    let out = crate::host::sh(layout.kubectl_ns(NS).args([
-        "get",
-        "pods",
-        "-l",
-        "app=echo",
-        "-o",
-        "jsonpath={range .items[*]}{.metadata.name} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
-    ]))?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.split_once(' '))
-        .filter(|(_, deleted)| deleted.trim().is_empty())
-        .map(|(name, _)| name.to_string())
-        .collect())
-}
-
-fn wait_new_pods(
-    layout: &Layout,
-    before: &BTreeSet<String>,
-    count: usize,
-) -> Result<BTreeSet<String>> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let new: BTreeSet<String> = pods(layout)?.difference(before).cloned().collect();
-        if new.len() >= count {
-            return Ok(new);
-        }
-        if Instant::now() > deadline {
-            bail!("expected {count} new pods, have {new:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Waits until every path got an answer from each of `pods`.
-fn wait_serving(traffic: &Traffic, pods: &BTreeSet<String>, limit: Duration) -> Result<Duration> {
-    let started = Instant::now();
-    loop {
-        let tally = traffic.snapshot();
-        let missing: Vec<String> = tally
-            .paths
-            .iter()
-            .flat_map(|(path, t)| {
-                pods.iter()
-                    .filter(|p| !t.pods.contains_key(*p))
-                    .map(move |p| format!("{path}:{p}"))
-            })
-            .collect();
-        if missing.is_empty() && tally.paths.len() == NODES.len() + 2 {
-            return Ok(started.elapsed());
-        }
-        if started.elapsed() > limit {
-            bail!(
-                "no traffic after {} s for {missing:?}\n{}",
-                limit.as_secs(),
-                table(&tally)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Waits until `count` of `before` are no longer in the Deployment.
-fn wait_pods_gone_from_endpoints(
-    layout: &Layout,
-    before: &BTreeSet<String>,
-    count: usize,
-) -> Result<Vec<String>> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let gone: Vec<String> = before.difference(&pods(layout)?).cloned().collect();
-        if gone.len() >= count {
-            return Ok(gone);
-        }
-        if Instant::now() > deadline {
-            bail!("expected {count} pods to go, gone: {gone:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// No path got an answer from `pods` later than a moment after `programmed`
-/// (when no node's maps held them any more; a connection already begun
-/// may still be answered).
-fn check_no_new_answers(traffic: &Traffic, pods: &[String], programmed: Instant) -> Result<()> {
-    let since = programmed + IN_FLIGHT;
-    std::thread::sleep(since.saturating_duration_since(Instant::now()) + Duration::from_secs(2));
-    let tally = traffic.snapshot();
-    for (path, t) in &tally.paths {
-        for pod in pods {
-            if let Some(p) = t.pods.get(pod).filter(|p| p.last > since) {
-                bail!(
-                    "{path}: removed pod {pod} still answered {:.1} s after no node's maps held it",
-                    (p.last - programmed).as_secs_f64()
-                );
-            }
-        }
-    }
-    println!(
-        "== removed pods {pods:?} got no new connections once Ferry had programmed their removal"
-    );
-    Ok(())
-}
-
-/// How long after the maps changed an answer may still come from a removed
-/// pod: a request already connected, and the pod loop's reporting delay.
-const IN_FLIGHT: Duration = Duration::from_secs(1);
-
-fn pod_ips(layout: &Layout, pods: &[String]) -> Result<Vec<String>> {
-    pods.iter()
-        .map(|p| {
-            let ip = crate::host::sh(layout.kubectl_ns(NS).args([
-                "get",
-                "pod",
-                p,
-                "-o",
-                "jsonpath={.status.podIP}",
-            ]))?;
-            Ok(ip.trim().to_string())
-        })
-        .collect()
-}
-
-/// Waits until no node's Ferry maps hold any of `ips` as an active backend
-/// (`ferry services -o json` on each node's pinned maps); when that was.
-fn wait_unprogrammed(root: &Path, layout: &Layout, ips: &[String]) -> Result<Instant> {
-    let ferry = root.join("target/release/ferry").display().to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut held = Vec::new();
-        for node in &NODES {
-            let dump = node::exec(layout, node, &[&ferry, "services", "-o", "json"])?;
-            let frontends: serde_json::Value = serde_json::from_str(&dump)?;
-            for backend in frontends
-                .as_array()
-                .into_iter()
-                .flatten()
-                .flat_map(|f| f["backends"].as_array().into_iter().flatten())
-            {
-                let addr = backend["address"].as_str().unwrap_or("");
-                if backend["state"] == "active"
-                    && ips.iter().any(|ip| addr.starts_with(&format!("{ip}:")))
-                {
-                    held.push(format!("{}: {addr}", node.name));
-                }
-            }
-        }
-        if held.is_empty() {
-            return Ok(Instant::now());
-        }
-        if Instant::now() > deadline {
-            bail!("removed endpoints still programmed after 60 s: {held:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The prober container's log file on the node that runs the client pod.
-fn prober_log(layout: &Layout) -> Result<std::path::PathBuf> {
-    let out = crate::host::sh(layout.kubectl_ns(NS).args([
-        "get",
-        "pod",
-        "client",
-        "-o",
-        "jsonpath={.spec.nodeName} {.metadata.uid}",
-    ]))?;
-    let (node, uid) = out
-        .trim()
-        .split_once(' ')
-        .context("the client pod has no node")?;
-    Ok(layout
-        .node(node)
-        .join(format!("var-log/pods/{NS}_client_{uid}/prober/0.log")))
-}
-
-fn wait_lb_address(layout: &Layout) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ip = crate::host::sh(layout.kubectl_ns(NS).args([
-            "get",
-            "service",
-            "echo-lb",
-            "-o",
-            "jsonpath={.status.loadBalancer.ingress[0].ip}",
-        ]))?;
-        if !ip.trim().is_empty() {
-            return Ok(ip.trim().to_string());
-        }
-        if Instant::now() > deadline {
-            bail!("Service ferry-demo/echo-lb got no LoadBalancer address in 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

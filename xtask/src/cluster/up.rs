@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use super::poll::poll;
 use super::{control, images, kubelet, node, pki, Layout, NODES};
 
 /// The image deploy/kustomization.yaml names for Ferry.
@@ -139,21 +140,24 @@ fn rollout(layout: &Layout, what: &str) -> Result<()> {
 }
 
 fn wait_nodes_ready(layout: &Layout) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let out = crate::host::sh(layout.kubectl().args([
+    poll(
+        "every node Ready",
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+        || {
+            let out = crate::host::sh(layout.kubectl().args([
             "get",
             "nodes",
             "-o",
             "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
         ]))
         .unwrap_or_default();
-        if out.lines().filter(|l| *l == "True").count() == NODES.len() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("nodes not Ready after 120 s: {out:?}");
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
+            let ready = out.lines().filter(|l| *l == "True").count();
+            Ok(if ready == NODES.len() {
+                Ok(())
+            } else {
+                Err(format!("Ready: {out:?}"))
+            })
+        },
+    )
 }
