@@ -8,7 +8,7 @@ mod slice;
 
 pub use node::parse_node;
 pub use service::{parse_service, ParsedService, PROXY_NAME_LABEL};
-pub use slice::{parse_slice, ParsedSlice, SERVICE_NAME_LABEL};
+pub use slice::{parse_slice, ParsedSlice, HEADLESS_LABEL, SERVICE_NAME_LABEL};
 
 use crate::model::ObjectName;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -24,6 +24,11 @@ pub struct InvalidObject {
 }
 
 /// The object's namespace/name ("default" namespace when unset).
+/// Whether `meta` carries the label `key` (with any value).
+pub fn has_label(meta: &ObjectMeta, key: &str) -> bool {
+    meta.labels.as_ref().is_some_and(|l| l.contains_key(key))
+}
+
 pub fn object_name(meta: &ObjectMeta) -> ObjectName {
     ObjectName::new(
         meta.namespace.as_deref().unwrap_or("default"),

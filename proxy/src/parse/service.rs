@@ -125,6 +125,11 @@ pub fn parse_service(svc: &Service, proxy_name: &str) -> Result<ParsedService, I
             ));
         }
     }
+    if super::has_label(&svc.metadata, super::HEADLESS_LABEL) {
+        return Ok(ParsedService::Ignore(
+            "labelled service.kubernetes.io/headless",
+        ));
+    }
     let spec = svc.spec.clone().unwrap_or_default();
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
     match type_ {

@@ -6,11 +6,14 @@ use std::sync::Arc;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::{object_name, port_number, InvalidObject};
+use super::{has_label, object_name, port_number, InvalidObject};
 use crate::model::{EndpointInfo, EndpointState, Protocol, SliceInfo, SlicePort};
 
 /// The label that ties a slice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Marks a slice (or Service) that no proxy serves; kube-proxy's
+/// informers select `!service.kubernetes.io/headless`.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// When the change behind a slice happened (set by the controller).
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
@@ -29,6 +32,11 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<ParsedSlice, InvalidObject> 
         field,
         reason,
     };
+    if has_label(&slice.metadata, HEADLESS_LABEL) {
+        return Ok(ParsedSlice::Ignore(
+            "labelled service.kubernetes.io/headless",
+        ));
+    }
     let want_v4 = match slice.address_type.as_str() {
         "IPv4" => true,
         "IPv6" => false,
