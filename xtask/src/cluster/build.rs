@@ -47,6 +47,10 @@ const MODULES: &[Module] = &[
             ("k8s.io/kubernetes/cmd/kubelet", "kubelet"),
             ("k8s.io/kubernetes/cmd/kubectl", "kubectl"),
             ("k8s.io/kubernetes/test/images/agnhost", "agnhost"),
+            (
+                "k8s.io/kubernetes/test/images/regression-issue-74839",
+                "regression-issue-74839",
+            ),
             ("k8s.io/kubernetes/test/e2e", "e2e.test"),
             ("github.com/onsi/ginkgo/v2/ginkgo", "ginkgo"),
         ],

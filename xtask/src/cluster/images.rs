@@ -19,6 +19,8 @@ pub const PAUSE: &str = "ferry.local/pause:3.10.2";
 pub const AGNHOST: &str = "ferry.local/e2e-test-images/agnhost:2.66.1";
 pub const BUSYBOX: &str = "ferry.local/e2e-test-images/busybox:1.37.0-2";
 pub const COREDNS: &str = "ferry.local/coredns:v1.14.6";
+/// The Conntrack test's server that sends an out-of-window packet.
+pub const REGRESSION_74839: &str = "ferry.local/e2e-test-images/regression-issue-74839:1.5";
 /// The DNS tests' glibc resolver (upstream: bookworm-slim with dnsutils).
 pub const GLIBC_DNS: &str = "ferry.local/e2e-test-images/glibc-dns-testing:2.1.1";
 
@@ -82,6 +84,13 @@ pub fn assemble(
             busybox: true,
             entrypoint: &["/agnhost"],
             cmd: &["pause"],
+        },
+        Spec {
+            name: REGRESSION_74839,
+            files: vec![(bin("regression-issue-74839"), "/regression-issue-74839")],
+            busybox: false,
+            entrypoint: &["/regression-issue-74839"],
+            cmd: &[],
         },
         Spec {
             name: GLIBC_DNS,
