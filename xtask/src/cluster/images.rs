@@ -32,6 +32,8 @@ const AGNHOST_TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/dig", "/usr/bin/dig"),
     ("/usr/bin/nslookup", "/usr/bin/nslookup"),
     ("/usr/bin/socat", "/usr/bin/socat"),
+    // The DNS tests' probes resolve /etc/hosts names with getent.
+    ("/usr/bin/getent", "/usr/bin/getent"),
     ("/bin/ip", "/sbin/ip"),
     ("/bin/bash", "/bin/bash"),
     // Debian's busybox wget crashes with -T (a timeout), which the e2e
