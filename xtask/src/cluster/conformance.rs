@@ -103,6 +103,9 @@ pub fn run(root: &Path, layout: &Layout, selection: Selection) -> Result<()> {
             layout.program("kubectl").display()
         ))
         .arg("--provider=local")
+        // The schedulable nodes; without it the tests that need several
+        // nodes skip themselves ("Requires at least 2 nodes (not -1)").
+        .arg(format!("--num-nodes={}", super::NODES.len()))
         .arg(format!("--kube-test-repo-list={}", repo_list.display()))
         .arg(format!("--report-dir={}", report.display()));
     let status = cmd.status().context("running ginkgo")?;
@@ -125,25 +128,48 @@ pub fn run(root: &Path, layout: &Layout, selection: Selection) -> Result<()> {
     Ok(())
 }
 
-/// (passed, failed, skipped) from the JUnit report's testcases.
+/// (passed, failed, skipped) of the selected specs in the JUnit report;
+/// specs outside the selection ("skipped" with no reason) are not counted.
 fn junit_counts(path: &Path) -> Result<(usize, usize, usize)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let (mut pass, mut fail, mut skip) = (0, 0, 0);
     for case in text.split("<testcase ").skip(1) {
         let body = case.split("</testcase>").next().unwrap_or(case);
-        let status = case
+        let status = body
             .split("status=\"")
             .nth(1)
             .and_then(|s| s.split('"').next())
             .unwrap_or("");
-        if body.contains("<skipped") || status == "skipped" {
-            skip += 1;
-        } else if body.contains("<failure") || body.contains("<error") {
-            fail += 1;
-        } else {
-            pass += 1;
+        match status {
+            "passed" => pass += 1,
+            "skipped" if body.contains("<skipped message=\"skipped\">") => {}
+            "skipped" => skip += 1,
+            _ => fail += 1,
         }
     }
     Ok((pass, fail, skip))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_only_the_selected_specs() {
+        let dir = std::env::temp_dir().join(format!("ferry-junit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("junit.xml");
+        std::fs::write(
+            &path,
+            r#"<testsuites><testsuite>
+<testcase name="a" status="passed" time="1"></testcase>
+<testcase name="b" status="failed" time="1"><failure message="x"></failure></testcase>
+<testcase name="c" status="skipped" time="0"><skipped message="skipped"></skipped></testcase>
+<testcase name="d" status="skipped" time="0"><skipped message="skipped - Need at least 3 schedulable nodes"></skipped></testcase>
+<testcase name="e" status="timedout" time="1"><failure message="t"></failure></testcase>
+</testsuite></testsuites>"#,
+        )
+        .unwrap();
+        assert_eq!(super::junit_counts(&path).unwrap(), (1, 2, 1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

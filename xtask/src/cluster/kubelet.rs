@@ -103,7 +103,7 @@ pub fn start_kubelet(layout: &Layout, spec: &NodeSpec) -> Result<()> {
     let config = dir.join("etc-kubernetes/kubelet.yaml");
     std::fs::write(dir.join("etc-kubernetes/resolv.conf"), "")?;
     std::fs::write(&config, kubelet_config(&layout.pki().join("ca.crt")))?;
-    let mut argv = vec![
+    let argv = vec![
         layout.program("kubelet").display().to_string(),
         "--config=/etc/kubernetes/kubelet.yaml".into(),
         format!("--kubeconfig={}", kubeconfig.display()),
@@ -111,9 +111,6 @@ pub fn start_kubelet(layout: &Layout, spec: &NodeSpec) -> Result<()> {
         format!("--node-ip={}", spec.ip),
         "--v=1".into(),
     ];
-    if spec.control_plane {
-        argv.push("--register-with-taints=node-role.kubernetes.io/control-plane:NoSchedule".into());
-    }
     node::spawn(layout, spec, "kubelet", &argv)?;
     Ok(())
 }

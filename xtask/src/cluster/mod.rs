@@ -53,27 +53,25 @@ pub struct NodeSpec {
     /// Its network namespace.
     pub ns: &'static str,
     pub ip: &'static str,
-    pub control_plane: bool,
 }
 
+/// The first node is the control plane; all three are schedulable (no
+/// taint), so the e2e tests that want three schedulable nodes run.
 pub const NODES: [NodeSpec; 3] = [
     NodeSpec {
         name: "ferry-control-plane",
         ns: "fc-cp",
         ip: CONTROL_PLANE_IP,
-        control_plane: true,
     },
     NodeSpec {
         name: "ferry-worker",
         ns: "fc-w1",
         ip: "198.18.0.3",
-        control_plane: false,
     },
     NodeSpec {
         name: "ferry-worker2",
         ns: "fc-w2",
         ip: "198.18.0.4",
-        control_plane: false,
     },
 ];
 
