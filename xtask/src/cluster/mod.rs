@@ -210,7 +210,8 @@ pub fn ci(root: &Path) -> Result<()> {
         down(&layout);
     }
     up::up(root, &layout)?;
-    let result = story::run(root, &layout).map(|_| ());
+    let result = story::run(root, &layout)
+        .and_then(|_| conformance::run(root, &layout, conformance::Selection::Ci));
     down(&layout);
     result
 }
