@@ -45,6 +45,8 @@ fn bad_flags_exit_2_naming_the_setting() {
     refused(&["--interfaces", "a-name-longer-than-15"], "--interfaces");
     refused(&["--lb-ipam", "maybe"], "--lb-ipam");
     refused(&["--l2-interfaces", "eth0,a b"], "--l2-interfaces");
+    refused(&["--l2-lease-duration", "0s"], "--l2-lease-duration");
+    refused(&["--l2-lease-duration", "long"], "--l2-lease-duration");
     refused(
         &["--nodeport-addresses", "10.0.0.0/33"],
         "--nodeport-addresses",
