@@ -50,9 +50,21 @@ pub const SKIPS: &[(&str, &str)] = &[
     ),
 ];
 
-fn skip_regex() -> String {
+/// Tests that fail because of a Ferry bug not fixed yet. The full selection
+/// runs them (they show as failures there and in docs/CONFORMANCE.md); CI's
+/// subset leaves them out so that it keeps guarding everything else.
+pub const KNOWN_FAILURES: &[(&str, &str)] = &[(
+    r"should implement NodePort and HealthCheckNodePort correctly when ExternalTrafficPolicy changes",
+    "traffic from a node to its own NodePort with externalTrafficPolicy Local is not \
+     short-circuited to every endpoint as kube-proxy does: Ferry's socket-level \
+     programs use the frontend's local set",
+)];
+
+fn skip_regex(selection: Selection) -> String {
+    let known = KNOWN_FAILURES.iter().filter(|_| selection == Selection::Ci);
     SKIPS
         .iter()
+        .chain(known)
         .map(|(re, _)| *re)
         .collect::<Vec<_>>()
         .join("|")
@@ -83,13 +95,18 @@ pub fn run(root: &Path, layout: &Layout, selection: Selection) -> Result<()> {
         Selection::Full => FOCUS_FULL,
         Selection::Ci => FOCUS_CI,
     };
+    if selection == Selection::Ci {
+        for (test, why) in KNOWN_FAILURES {
+            println!("== conformance (ci): leaving out the known failure {test:?}: {why}");
+        }
+    }
     let started = Instant::now();
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{CLIENT_NS}"))
         .arg(layout.program("ginkgo"))
         .args(["--nodes=4", "--timeout=2h", "--no-color", "--silence-skips"])
         .arg(format!("--focus={focus}"))
-        .arg(format!("--skip={}", skip_regex()))
+        .arg(format!("--skip={}", skip_regex(selection)))
         .arg(format!(
             "--junit-report={}",
             report.join("junit.xml").display()
@@ -131,12 +148,18 @@ pub fn run(root: &Path, layout: &Layout, selection: Selection) -> Result<()> {
 }
 
 /// (passed, failed, skipped) of the selected specs in the JUnit report;
-/// specs outside the selection ("skipped" with no reason) are not counted.
+/// specs outside the selection ("skipped" with no reason) and the suite's
+/// set-up and report entries are not counted.
 fn junit_counts(path: &Path) -> Result<(usize, usize, usize)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let (mut pass, mut fail, mut skip) = (0, 0, 0);
-    for case in text.split("<testcase ").skip(1) {
+    // Suite set-up and reports are testcases too; the specs are the [It]s.
+    let specs = text
+        .split("<testcase ")
+        .skip(1)
+        .filter(|c| c.starts_with("name=\"[It]"));
+    for case in specs {
         let body = case.split("</testcase>").next().unwrap_or(case);
         let status = body
             .split("status=\"")
@@ -163,11 +186,12 @@ mod tests {
         std::fs::write(
             &path,
             r#"<testsuites><testsuite>
-<testcase name="a" status="passed" time="1"></testcase>
-<testcase name="b" status="failed" time="1"><failure message="x"></failure></testcase>
-<testcase name="c" status="skipped" time="0"><skipped message="skipped"></skipped></testcase>
-<testcase name="d" status="skipped" time="0"><skipped message="skipped - Need at least 3 schedulable nodes"></skipped></testcase>
-<testcase name="e" status="timedout" time="1"><failure message="t"></failure></testcase>
+<testcase name="[SynchronizedBeforeSuite]" status="passed" time="1"></testcase>
+<testcase name="[It] a" status="passed" time="1"></testcase>
+<testcase name="[It] b" status="failed" time="1"><failure message="x"></failure></testcase>
+<testcase name="[It] c" status="skipped" time="0"><skipped message="skipped"></skipped></testcase>
+<testcase name="[It] d" status="skipped" time="0"><skipped message="skipped - Need at least 3 schedulable nodes"></skipped></testcase>
+<testcase name="[It] e" status="timedout" time="1"><failure message="t"></failure></testcase>
 </testsuite></testsuites>"#,
         )
         .unwrap();
