@@ -141,11 +141,16 @@ pub fn cache_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/ferry-cluster"))
 }
 
+/// The directory holding the programs of the pinned release.
+pub fn bin_dir() -> PathBuf {
+    cache_root().join(format!("bin-{KUBERNETES}"))
+}
+
 /// Builds (or finds in the cache) every program; returns the directory
 /// holding all of them.
 pub fn run(root: &Path) -> Result<PathBuf> {
     ensure_packages()?;
-    let bin = cache_root().join(format!("bin-{KUBERNETES}"));
+    let bin = bin_dir();
     std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
     for module in MODULES {
         build_module(root, module, &bin)?;

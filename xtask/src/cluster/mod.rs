@@ -154,14 +154,12 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             up::up(root, &layout)
         }
         Some("down") => {
-            down(&Layout::new(build::cache_root()));
+            down(&Layout::new(build::bin_dir()));
             Ok(())
         }
-        Some("status") => status(&Layout::new(
-            build::cache_root().join(format!("bin-{KUBERNETES}")),
-        )),
+        Some("status") => status(&Layout::new(build::bin_dir())),
         Some("kubeconfig") => {
-            let layout = Layout::new(PathBuf::new());
+            let layout = Layout::new(build::bin_dir());
             let text = std::fs::read_to_string(layout.admin_kubeconfig())
                 .context("no cluster is up (cargo xtask cluster up)")?;
             print!("{text}");
