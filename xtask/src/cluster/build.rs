@@ -11,9 +11,12 @@ use std::process::Command;
 use super::KUBERNETES;
 
 /// Debian packages the cluster uses: runc and the CNI plugins on the nodes,
-/// openssl for its certificates, the rest for the images' root filesystems.
+/// openssl for its certificates, gcc and libc6-dev for the static pause,
+/// the rest for the images' root filesystems.
 const APT_PACKAGES: &[&str] = &[
     "runc",
+    "gcc",
+    "libc6-dev",
     "containernetworking-plugins",
     "openssl",
     "busybox-static",
