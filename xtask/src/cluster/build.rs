@@ -149,16 +149,15 @@ pub fn bin_dir() -> PathBuf {
     cache_root().join(format!("bin-{KUBERNETES}"))
 }
 
-/// Builds (or finds in the cache) every program; returns the directory
-/// holding all of them.
-pub fn run(root: &Path) -> Result<PathBuf> {
+/// Builds (or finds in the cache) every program into [`bin_dir`].
+pub fn run(root: &Path) -> Result<()> {
     ensure_packages()?;
     let bin = bin_dir();
     std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
     for module in MODULES {
         build_module(root, module, &bin)?;
     }
-    Ok(bin)
+    Ok(())
 }
 
 fn build_module(root: &Path, module: &Module, bin: &Path) -> Result<()> {

@@ -3,7 +3,7 @@
 //! namespaces, with the flags kubeadm would give them.
 
 use anyhow::Result;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::poll::poll;
 use super::{
@@ -123,21 +123,13 @@ pub fn start_controllers(layout: &Layout) -> Result<()> {
 
 /// Stops the API server (SIGTERM, then SIGKILL after 10 s).
 pub fn stop_apiserver(layout: &Layout) -> Result<()> {
-    let pid: i32 =
+    let pid: u32 =
         std::fs::read_to_string(layout.pid_file(control_plane().name, "kube-apiserver"))?
             .trim()
             .parse()?;
     // SAFETY: signalling the API server process we started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        if Instant::now() > deadline {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    node::wait_or_kill(pid, Duration::from_secs(10));
     Ok(())
 }
 

@@ -8,7 +8,7 @@
 use anyhow::Result;
 use std::collections::BTreeMap;
 
-use super::{node, Layout, NODES};
+use super::{node, NODES};
 
 const METRIC: &str = "kubeproxy_network_programming_duration_seconds_bucket";
 
@@ -33,7 +33,7 @@ impl std::fmt::Display for Quantiles {
 }
 
 /// Every node's histogram, summed.
-pub fn scrape(_layout: &Layout) -> Result<Buckets> {
+pub fn scrape() -> Result<Buckets> {
     let mut sum: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for spec in &NODES {
         let text = node::in_netns(

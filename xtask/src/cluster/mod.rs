@@ -80,12 +80,13 @@ pub const NODES: [NodeSpec; 3] = [
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub state: PathBuf,
-    /// The built programs (build.rs).
+    /// The built programs (build::bin_dir).
     pub bin: PathBuf,
 }
 
 impl Layout {
-    pub fn new(bin: PathBuf) -> Self {
+    pub fn new() -> Self {
+        let bin = build::bin_dir();
         let state = std::env::var_os("FERRY_CLUSTER_STATE")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/lib/ferry-cluster"));
@@ -148,25 +149,27 @@ const USAGE: &str =
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
-        Some("build") => build(root).map(|_| ()),
+        Some("build") => build(root),
         Some("up") => {
-            let layout = Layout::new(build(root)?);
+            build(root)?;
+            let layout = Layout::new();
             up::up(root, &layout)
         }
         Some("down") => {
-            down(&Layout::new(build::bin_dir()));
+            down(&Layout::new());
             Ok(())
         }
-        Some("status") => status(&Layout::new(build::bin_dir())),
+        Some("status") => status(&Layout::new()),
         Some("kubeconfig") => {
-            let layout = Layout::new(build::bin_dir());
+            let layout = Layout::new();
             let text = std::fs::read_to_string(layout.admin_kubeconfig())
                 .context("no cluster is up (cargo xtask cluster up)")?;
             print!("{text}");
             Ok(())
         }
         Some("conformance") => {
-            let layout = Layout::new(build(root)?);
+            build(root)?;
+            let layout = Layout::new();
             let selection = if args.iter().any(|a| a == "--ci") {
                 conformance::Selection::Ci
             } else {
@@ -175,7 +178,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             conformance::run(root, &layout, selection)
         }
         Some("story") => {
-            let layout = Layout::new(build(root)?);
+            build(root)?;
+            let layout = Layout::new();
             story::run(root, &layout).map(|_| ())
         }
         Some("__init") => init::run(&args[1..]),
@@ -186,7 +190,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
 /// `cargo xtask demo --cluster`: the story on a cluster brought up for it
 /// (or on the one already up, which is then left running).
 pub fn demo(root: &Path) -> Result<()> {
-    let layout = Layout::new(build(root)?);
+    build(root)?;
+    let layout = Layout::new();
     let ours = !layout.state.exists();
     if ours {
         up::up(root, &layout)?;
@@ -202,7 +207,8 @@ pub fn demo(root: &Path) -> Result<()> {
 /// bring a cluster up, run the story and the conformance subset, and take
 /// it down again whatever happened.
 pub fn ci(root: &Path) -> Result<()> {
-    let layout = Layout::new(build(root)?);
+    build(root)?;
+    let layout = Layout::new();
     if layout.state.exists() {
         eprintln!("xtask: cluster: removing a cluster left behind");
         down(&layout);

@@ -94,17 +94,15 @@ pub fn start(layout: &Layout, node: &NodeSpec) -> Result<u32> {
     )?;
     let pid = child_of(unshare)
         .with_context(|| format!("node {}: finding its init process", node.name))?;
-    std::fs::write(dir.join("init.pid"), pid.to_string())?;
+    std::fs::write(layout.pid_file(node.name, "init"), pid.to_string())?;
     Ok(pid)
 }
 
 /// Starts `argv` in `node` (all of its init's namespaces, its cgroups),
 /// detached, logging to the node's log for `name`; returns its host PID.
 pub fn spawn(layout: &Layout, node: &NodeSpec, name: &str, argv: &[String]) -> Result<u32> {
-    let init = init_pid(layout, node)?;
-    let mut cmd = in_cgroups(&node_cgroups(layout, node)?);
-    cmd.args(["nsenter", "-t", &init.to_string(), "-a", "--"])
-        .args(argv);
+    let mut cmd = entered(layout, node)?;
+    cmd.args(argv);
     let nsenter = spawn_detached(cmd, &layout.log(node.name, name))?;
     // nsenter forks into the PID namespace; the program is its child.
     let what = format!("node {}: {name} started", node.name);
@@ -120,12 +118,18 @@ pub fn spawn(layout: &Layout, node: &NodeSpec, name: &str, argv: &[String]) -> R
 
 /// Runs `argv` in `node` and waits for it; its stdout.
 pub fn exec(layout: &Layout, node: &NodeSpec, argv: &[&str]) -> Result<String> {
+    let mut cmd = entered(layout, node)?;
+    cmd.args(argv).current_dir("/");
+    sh(&mut cmd).with_context(|| format!("node {}: {}", node.name, argv.join(" ")))
+}
+
+/// A command that joins `node`'s cgroups and enters all of its init's
+/// namespaces; the program and its arguments follow.
+fn entered(layout: &Layout, node: &NodeSpec) -> Result<Command> {
     let init = init_pid(layout, node)?;
     let mut cmd = in_cgroups(&node_cgroups(layout, node)?);
-    cmd.args(["nsenter", "-t", &init.to_string(), "-a", "--"])
-        .args(argv)
-        .current_dir("/");
-    sh(&mut cmd).with_context(|| format!("node {}: {}", node.name, argv.join(" ")))
+    cmd.args(["nsenter", "-t", &init.to_string(), "-a", "--"]);
+    Ok(cmd)
 }
 
 /// A shell line run in namespace `ns`'s network only (sysctls, probes).
@@ -136,7 +140,7 @@ pub fn in_netns(ns: &str, script: &str) -> Result<String> {
 }
 
 pub fn init_pid(layout: &Layout, node: &NodeSpec) -> Result<u32> {
-    let path = layout.node(node.name).join("init.pid");
+    let path = layout.pid_file(node.name, "init");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("node {} is not running ({})", node.name, path.display()))?;
     Ok(text.trim().parse()?)
@@ -244,12 +248,7 @@ pub fn destroy(layout: &Layout) {
     }
     for node in &NODES {
         if let Ok(pid) = init_pid(layout, node) {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            // SAFETY: as above; the init did not stop in time.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            wait_or_kill(pid, Duration::from_secs(10));
         }
     }
     if let Ok(list) = hierarchies() {
@@ -259,6 +258,19 @@ pub fn destroy(layout: &Layout) {
     }
     for ns in NODES.iter().map(|n| n.ns).chain([CLIENT_NS, SWITCH_NS]) {
         let _ = ip(&["netns", "del", ns]);
+    }
+}
+
+/// Waits up to `grace` for process `pid` (already signalled) to exit, then
+/// kills it.
+pub fn wait_or_kill(pid: u32, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if Path::new(&format!("/proc/{pid}")).exists() {
+        // SAFETY: signalling a process of the cluster that did not stop.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     }
 }
 

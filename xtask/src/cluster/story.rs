@@ -160,7 +160,7 @@ fn chapters(
     check_no_new_answers(traffic, &[victim], programmed)?;
     live(traffic, Duration::from_secs(2));
 
-    let metrics_before = latency::scrape(layout)?;
+    let metrics_before = latency::scrape()?;
     chapter("scale 3 -> 5");
     let before = pods(layout)?;
     let scaled_at = Instant::now();
@@ -177,7 +177,7 @@ fn chapters(
     let programmed = wait_unprogrammed(root, layout, &pod_ips(layout, &removed)?)?;
     check_no_new_answers(traffic, &removed, programmed)?;
     live(traffic, Duration::from_secs(2));
-    report.programming = latency::quantiles(&metrics_before, &latency::scrape(layout)?);
+    report.programming = latency::quantiles(&metrics_before, &latency::scrape()?);
 
     chapter("roll the Ferry DaemonSet, keep-alive connections open");
     roll_ferry(layout, lb)?;
