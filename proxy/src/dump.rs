@@ -40,6 +40,9 @@ pub fn dump(applied: &AppliedState, desired: Option<&DesiredState>) -> String {
                 if e.source_ranges {
                     out.push_str(" source-ranges");
                 }
+                if let Some(via) = e.internal_via {
+                    let _ = write!(out, " node-traffic-via={via}");
+                }
             }
             None => out.push_str(" (no master entry)"),
         }
@@ -129,11 +132,14 @@ pub fn format_op(op: &MapOp) -> String {
         }
         MapOp::UpsertSourceRange { id, range } => format!("upsert source-range {id} {range}"),
         MapOp::UpsertFrontend { frontend, entry } => format!(
-            "upsert frontend {frontend} id={} {} {} count={}",
+            "upsert frontend {frontend} id={} {} {} count={}{}",
             entry.id,
             entry.action.name(),
             entry.algorithm.name(),
-            entry.count
+            entry.count,
+            entry
+                .internal_via
+                .map_or(String::new(), |via| format!(" node-traffic-via={via}"))
         ),
         MapOp::DeleteFrontend { frontend } => format!("delete frontend {frontend}"),
         MapOp::DeleteSlot { frontend, slot } => format!("delete slot {frontend} #{slot}"),

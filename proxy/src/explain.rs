@@ -167,6 +167,7 @@ mod tests {
                 affinity_timeout: 60,
                 preserve_source: false,
                 source_ranges: false,
+                internal_via: None,
             },
         });
         AppliedState::restore(ops)

@@ -373,6 +373,11 @@ pub struct FrontendPolicy {
     /// keep the client's source address.
     pub preserve_source: bool,
     pub source_ranges: Arc<[IpNet]>,
+    /// Traffic that starts on this node (its own and its pods') goes as to
+    /// this frontend instead: the Service's ClusterIP, for a NodePort,
+    /// LoadBalancer or externalIP frontend with externalTrafficPolicy Local
+    /// and internalTrafficPolicy Cluster (kube-proxy's short-circuit).
+    pub internal_via: Option<FrontendKey>,
     /// Active health checks (userspace dataplane only; not in the maps).
     pub probe: Option<Arc<ProbeSpec>>,
 }

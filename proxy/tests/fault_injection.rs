@@ -63,7 +63,8 @@ fn converge(dir: &Path, maps: Box<dyn LbMaps + Send>) -> (String, u32) {
     (resolve(&dump(&state, None), &state), failures)
 }
 
-/// Replaces backend IDs by addresses and drops frontend IDs.
+/// Replaces backend IDs (and the frontend IDs node traffic goes via) by
+/// addresses and drops frontend IDs.
 fn resolve(text: &str, state: &AppliedState) -> String {
     let mut lines: Vec<String> = text
         .lines()
@@ -82,6 +83,15 @@ fn resolve(text: &str, state: &AppliedState) -> String {
                     .map(|b| b.addr.to_string())
                     .unwrap_or_else(|| "DANGLING".into());
                 l.replace_range(pos.., &format!("-> {addr}"));
+            }
+            if let Some(pos) = l.find("node-traffic-via=") {
+                let id: u32 = l[pos + 17..].trim().parse().unwrap();
+                let addr = state
+                    .rev_nat()
+                    .get(&ferry_proxy::plan::FrontendId(id))
+                    .map(|f| f.to_string())
+                    .unwrap_or_else(|| "DANGLING".into());
+                l.replace_range(pos.., &format!("node-traffic-via {addr}"));
             }
             if l.trim_start().starts_with("maglev ") {
                 // The table names IDs; its shares per backend are enough here.

@@ -441,7 +441,10 @@ fn connected_udp_socket_of_a_removed_backend_is_closed() {
 /// From the node (a process in the cgroup): a NodePort on a node address,
 /// an externalIP and a LoadBalancer IP are balanced at connect() like a
 /// ClusterIP; internalTrafficPolicy Local without a local endpoint makes
-/// connect() fail at once.
+/// connect() fail at once. externalTrafficPolicy Local with endpoints only
+/// elsewhere still serves the node's own connections through every
+/// endpoint (kube-proxy's short-circuit), unless internalTrafficPolicy is
+/// Local too.
 #[test]
 fn external_frontends_and_internal_local_from_the_node() {
     if !require_privileged(
@@ -476,15 +479,38 @@ fn external_frontends_and_internal_local_from_the_node() {
             8080,
             "    internalTrafficPolicy: Local",
         ),
+        objects::service(
+            "etl",
+            "TCP",
+            30183,
+            8080,
+            "    externalTrafficPolicy: Local\n    # lb 198.19.3.12",
+        ),
+        objects::service(
+            "both",
+            "TCP",
+            30184,
+            8080,
+            "    externalTrafficPolicy: Local\n    internalTrafficPolicy: Local",
+        ),
     ];
     let slices = [
         objects::slice("np", "TCP", 8080, &remote),
         objects::slice("lb", "TCP", 8080, &remote),
         objects::slice("itl", "TCP", 8080, &remote),
+        objects::slice("etl", "TCP", 8080, &remote),
+        objects::slice("both", "TCP", 8080, &remote),
     ];
     objects::sync(&mut agent, &services, &slices);
 
-    for frontend in ["198.18.20.1:30180", "198.19.3.10:80", "198.19.3.11:80"] {
+    for frontend in [
+        "198.18.20.1:30180",
+        "198.19.3.10:80",
+        "198.19.3.11:80",
+        // externalTrafficPolicy Local, no local endpoint: via the ClusterIP.
+        "198.18.20.1:30183",
+        "198.19.3.12:80",
+    ] {
         let lines = client(&cg, &cli, "tcp", frontend, 12);
         let mut seen = std::collections::BTreeSet::new();
         for l in &lines {
@@ -496,11 +522,14 @@ fn external_frontends_and_internal_local_from_the_node() {
     }
     // internalTrafficPolicy Local, endpoints only elsewhere: the ClusterIP
     // (198.19.0.183, see objects::service) refuses at once.
-    let lines = client(&cg, &cli, "tcp", "198.19.0.183:80", 2);
-    for l in &lines {
-        let parts: Vec<&str> = l.split_whitespace().collect();
-        assert_eq!(parts[..2], ["err", "PermissionDenied"], "{lines:?}");
-        assert!(parts[2].parse::<u64>().unwrap() < 1000, "{lines:?}");
+    // Both policies Local (ClusterIP 198.19.0.185): the NodePort drops too.
+    for frontend in ["198.19.0.183:80", "198.19.0.185:80", "198.18.20.1:30184"] {
+        let lines = client(&cg, &cli, "tcp", frontend, 2);
+        for l in &lines {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(parts[..2], ["err", "PermissionDenied"], "{lines:?}");
+            assert!(parts[2].parse::<u64>().unwrap() < 1000, "{lines:?}");
+        }
     }
     drop(ebpf);
 }

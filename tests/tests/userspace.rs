@@ -54,6 +54,18 @@ fn unprivileged_tcp_udp_affinity_reject_and_unservable_frontends() {
         service_yaml("empty", "127.31.0.4", 28080, 28081, "TCP", &[], "", ""),
         service_yaml("low", "127.31.0.5", 80, 28081, "TCP", &eps, "", ""),
         service_yaml("remote", "198.19.77.1", 28080, 28081, "TCP", &eps, "", ""),
+        // externalTrafficPolicy Local, endpoints not on this node: external
+        // clients are dropped, the node's own go via the ClusterIP.
+        service_yaml(
+            "etl",
+            "127.31.0.6",
+            28080,
+            28081,
+            "TCP",
+            &eps,
+            ", externalIPs: [127.31.0.7], externalTrafficPolicy: Local",
+            "",
+        ),
     ]
     .concat();
     // auto: as nobody eBPF cannot load, so this also checks the fallback.
@@ -75,6 +87,16 @@ fn unprivileged_tcp_udp_affinity_reject_and_unservable_frontends() {
 
     // TCP: both backends, every connection answered.
     let seen = tally("127.31.0.1:28080", 40);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // A client on the node (loopback) of an externalTrafficPolicy Local
+    // address: every endpoint, as through the ClusterIP.
+    let rows = agent.services().unwrap();
+    assert_eq!(
+        row(&rows, "127.31.0.7:28080/TCP").unwrap()["action"],
+        "drop"
+    );
+    let seen = tally("127.31.0.7:28080", 20);
     assert_eq!(seen.len(), 2, "{seen:?}");
 
     // ClientIP affinity: one backend for every connection from this client.

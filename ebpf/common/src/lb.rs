@@ -78,6 +78,10 @@ pub struct Service4Key {
 
 /// Value of the services map. In the master entry `count`, `flags`,
 /// `affinity_timeout` and `frontend_id` are set; in a slot, `backend_id`.
+/// A master entry with [`SVC_FLAG_INTERNAL_VIA`] also sets `backend_id`: to
+/// the ID of the frontend (its reverse-NAT entry) that serves this one's
+/// traffic when it starts on the node. Without that flag a master's
+/// `backend_id` is 0 and read by no one, so older programs are unaffected.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Service4Value {
@@ -101,6 +105,11 @@ pub const SVC_FLAG_PRESERVE_SOURCE: u16 = 1 << 3;
 pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 4;
 /// ferry.dev/lb-algorithm least-connections (random in the kernel).
 pub const SVC_FLAG_LEAST_CONNECTIONS: u16 = 1 << 5;
+/// Traffic that starts on this node (socket level) is balanced as the
+/// frontend whose ID `backend_id` holds: kube-proxy's short-circuit, which
+/// sends a node's and its pods' traffic to an externalTrafficPolicy Local
+/// NodePort or LoadBalancer address to the Service's ClusterIP set.
+pub const SVC_FLAG_INTERNAL_VIA: u16 = 1 << 6;
 /// Bits 8..=9: the scope.
 pub const SVC_SCOPE_SHIFT: u16 = 8;
 pub const SVC_SCOPE_MASK: u16 = 0b11 << SVC_SCOPE_SHIFT;

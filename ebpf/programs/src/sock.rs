@@ -10,10 +10,10 @@ use aya_ebpf::{
 };
 use ferry_common::lb::{
     Be16, Be32, LbCounter, Service4Key, Service4Value, SockRevNat4Key, SockRevNat4Value,
-    SVC_FLAG_DROP, SVC_FLAG_REJECT,
+    SVC_FLAG_DROP, SVC_FLAG_INTERNAL_VIA, SVC_FLAG_REJECT,
 };
 
-use crate::maps::{count, SERVICES4, SOCK_REVNAT4};
+use crate::maps::{count, REVNAT4, SERVICES4, SOCK_REVNAT4};
 use crate::pick;
 
 /// Verdicts of cgroup sock_addr programs.
@@ -60,7 +60,7 @@ pub fn ferry_getpeer4(ctx: SockAddrContext) -> i32 {
 fn try_translate(ctx: &SockAddrContext, datagram: bool) -> Result<i32, i64> {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let key = Service4Key {
+    let mut key = Service4Key {
         addr: Be32(sa.user_ip4),
         // user_port holds the port in network order in its low 16 bits.
         port: Be16(sa.user_port as u16),
@@ -73,6 +73,12 @@ fn try_translate(ctx: &SockAddrContext, datagram: bool) -> Result<i32, i64> {
         Some(v) => unsafe { *v },
         None => return Ok(ALLOW),
     };
+    if svc.flags & SVC_FLAG_INTERNAL_VIA != 0 {
+        if let Some((via_key, via)) = internal_via(&key, &svc) {
+            key = via_key;
+            svc = via;
+        }
+    }
     // The client whose choice is remembered: its netns for ClientIP
     // affinity, else the socket itself for unconnected UDP.
     let client = if svc.affinity_timeout != 0 {
@@ -130,6 +136,25 @@ fn try_translate(ctx: &SockAddrContext, datagram: bool) -> Result<i32, i64> {
     sa.user_port = u32::from(backend.port.0);
     count(LbCounter::SockTranslated);
     Ok(ALLOW)
+}
+
+/// The frontend that serves traffic from this node in place of `svc`
+/// (the Service's ClusterIP for an externalTrafficPolicy Local address).
+/// None while that frontend is not (yet) in the maps: `svc` serves then.
+#[inline(always)]
+fn internal_via(key: &Service4Key, svc: &Service4Value) -> Option<(Service4Key, Service4Value)> {
+    // SAFETY: a pointer from a successful lookup, copied at once.
+    let target = unsafe { *REVNAT4.get_ptr(svc.backend_id)? };
+    let via_key = Service4Key {
+        addr: target.addr,
+        port: target.port,
+        slot: 0,
+        proto: key.proto,
+        pad: [0; 3],
+    };
+    // SAFETY: as above.
+    let via = unsafe { *SERVICES4.get_ptr(via_key)? };
+    Some((via_key, via))
 }
 
 /// Denies the call with ECONNREFUSED instead of the default EPERM.

@@ -12,9 +12,9 @@ use ferry_common::lb::{
     Backend4, Be16, Be32, MaglevTable, RevNat4, Service4Key, Service4Value, SourceRange4,
     BACKENDS4_MAP, BACKEND_FLAG_LOCAL, BACKEND_FLAG_TERMINATING, MAGLEV4_MAP, MAGLEV_TABLE_SIZE,
     REVNAT4_MAP, SCOPE_CLUSTER_IP, SCOPE_EXTERNAL_IP, SCOPE_LOAD_BALANCER, SCOPE_NODE_PORT,
-    SERVICES4_MAP, SOURCE_RANGES4_MAP, SVC_FLAG_DROP, SVC_FLAG_LEAST_CONNECTIONS, SVC_FLAG_MAGLEV,
-    SVC_FLAG_PRESERVE_SOURCE, SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES, SVC_SCOPE_MASK,
-    SVC_SCOPE_SHIFT,
+    SERVICES4_MAP, SOURCE_RANGES4_MAP, SVC_FLAG_DROP, SVC_FLAG_INTERNAL_VIA,
+    SVC_FLAG_LEAST_CONNECTIONS, SVC_FLAG_MAGLEV, SVC_FLAG_PRESERVE_SOURCE, SVC_FLAG_REJECT,
+    SVC_FLAG_SOURCE_RANGES, SVC_SCOPE_MASK, SVC_SCOPE_SHIFT,
 };
 use ipnet::{IpNet, Ipv4Net};
 
@@ -344,8 +344,11 @@ pub fn encode_frontend(e: &FrontendEntry) -> Service4Value {
     if e.source_ranges {
         flags |= SVC_FLAG_SOURCE_RANGES;
     }
+    if e.internal_via.is_some() {
+        flags |= SVC_FLAG_INTERNAL_VIA;
+    }
     Service4Value {
-        backend_id: 0,
+        backend_id: e.internal_via.map_or(0, |id| id.0),
         frontend_id: e.id.0,
         count: e.count,
         flags,
@@ -383,6 +386,7 @@ pub fn decode_frontend(v: &Service4Value) -> FrontendEntry {
         affinity_timeout: v.affinity_timeout,
         preserve_source: v.flags & SVC_FLAG_PRESERVE_SOURCE != 0,
         source_ranges: v.flags & SVC_FLAG_SOURCE_RANGES != 0,
+        internal_via: (v.flags & SVC_FLAG_INTERNAL_VIA != 0).then_some(FrontendId(v.backend_id)),
     }
 }
 

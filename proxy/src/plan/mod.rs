@@ -43,6 +43,9 @@ pub struct FrontendEntry {
     pub preserve_source: bool,
     /// Source ranges are enforced (the source-range map holds them).
     pub source_ranges: bool,
+    /// The frontend whose entry serves this one's node-originated traffic
+    /// (see [`crate::model::FrontendPolicy::internal_via`]).
+    pub internal_via: Option<FrontendId>,
 }
 
 /// One map operation. Every op is idempotent; deleting a missing key is
@@ -327,15 +330,14 @@ impl Planner<'_> {
         let Some((id, ids)) = self.reserve_ids(f) else {
             return;
         };
-        if let Some(fresh) = self.new_frontends.get(&f.key) {
-            if !self.emitted_frontends.contains(fresh) {
-                self.emitted_frontends.insert(*fresh);
-                self.upserts.rev_nat.push(MapOp::UpsertRevNat {
-                    id: *fresh,
-                    frontend: f.key,
-                });
-            }
-        }
+        self.rev_nat_of_new(&f.key);
+        // The short-circuit target may come later in this plan: its ID and
+        // reverse-NAT entry are made now, before this master names it.
+        let internal_via = f.policy.internal_via.and_then(|k| {
+            let via = self.frontend_id(&k)?;
+            self.rev_nat_of_new(&k);
+            Some(via)
+        });
         for (b, (bid, fresh)) in f.backends.iter().zip(&ids) {
             if *fresh {
                 let entry = self.merged_entry(&b.addr);
@@ -389,12 +391,26 @@ impl Planner<'_> {
             affinity_timeout: f.policy.affinity_timeout,
             preserve_source: f.policy.preserve_source,
             source_ranges: !f.policy.source_ranges.is_empty(),
+            internal_via,
         };
         if old.and_then(|o| o.entry) != Some(entry) {
             self.upserts.frontends.push(MapOp::UpsertFrontend {
                 frontend: f.key,
                 entry,
             });
+        }
+    }
+
+    /// The reverse-NAT upsert of a frontend whose ID this plan allocated
+    /// (once).
+    fn rev_nat_of_new(&mut self, key: &FrontendKey) {
+        if let Some(fresh) = self.new_frontends.get(key) {
+            if self.emitted_frontends.insert(*fresh) {
+                self.upserts.rev_nat.push(MapOp::UpsertRevNat {
+                    id: *fresh,
+                    frontend: *key,
+                });
+            }
         }
     }
 

@@ -59,6 +59,7 @@ pub fn translate_service(
                 continue;
             }
             let sets = SetsForFamily::new(svc, &eps, port.protocol, v4, node);
+            let via = internal_via(svc, &keys);
             for (key, scope) in keys {
                 let policy = if scope.is_external() {
                     svc.external_policy
@@ -99,6 +100,7 @@ pub fn translate_service(
                         } else {
                             no_ranges.clone()
                         },
+                        internal_via: via.filter(|_| scope.is_external()),
                     },
                     backends,
                     draining,
@@ -194,6 +196,20 @@ fn has_external_frontends(svc: &ServiceInfo) -> bool {
     !svc.external_ips.is_empty()
         || !svc.load_balancer_ips.is_empty()
         || svc.ports.iter().any(|p| p.node_port != 0)
+}
+
+/// The frontend that serves node-originated traffic to this port's
+/// external addresses: its ClusterIP, when externalTrafficPolicy Local
+/// would narrow them to local endpoints but internalTrafficPolicy is
+/// Cluster (kube-proxy sends such traffic to the internal chain).
+fn internal_via(svc: &ServiceInfo, keys: &[(FrontendKey, Scope)]) -> Option<FrontendKey> {
+    if svc.external_policy != TrafficPolicy::Local || svc.internal_policy != TrafficPolicy::Cluster
+    {
+        return None;
+    }
+    keys.iter()
+        .find(|(_, scope)| *scope == Scope::ClusterIp)
+        .map(|(key, _)| *key)
 }
 
 /// Every frontend address of one port in one IP family.

@@ -153,8 +153,9 @@ impl Shared {
         self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn frontend(&self, key: &L4Addr) -> Option<Arc<Frontend>> {
-        self.table().frontends.get(key).cloned()
+    /// The frontend serving `client` on `key` (see [`Table::serving`]).
+    pub fn frontend(&self, key: &L4Addr, client: IpAddr) -> Option<Arc<Frontend>> {
+        self.table().serving(key, client)
     }
 
     /// Takes a connection slot; false at the limit.
@@ -399,9 +400,12 @@ impl UserspaceDataplane {
     /// Rebuilds the table from the maps and serves it.
     fn refresh(&mut self, desired: &DesiredState) {
         self.generation += 1;
+        let mut local: BTreeSet<IpAddr> = crate::agent::local_addresses(&[]).into_iter().collect();
+        local.retain(|ip| !self.addresses.holds(ip));
         let table = Arc::new(table::build(
             &self.mirror,
             desired,
+            local.iter().copied().collect(),
             &mut self.registry,
             self.generation,
         ));
@@ -418,14 +422,12 @@ impl UserspaceDataplane {
 
         // Addresses: every frontend IP (a rejecting frontend's too, so the
         // kernel refuses its connections at once).
-        let mut local: BTreeSet<IpAddr> = crate::agent::local_addresses(&[]).into_iter().collect();
         let wanted_ips: BTreeSet<IpAddr> = table
             .frontends
             .keys()
             .map(|k| k.ip)
             .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
             .collect();
-        local.retain(|ip| !self.addresses.holds(ip));
         if let Err(e) = self.addresses.sync(&wanted_ips, &local) {
             tracing::warn!(error = %e, "cannot manage frontend addresses");
         }
@@ -434,7 +436,8 @@ impl UserspaceDataplane {
         let wanted: BTreeSet<L4Addr> = table
             .frontends
             .values()
-            .filter(|f| f.entry.action == Action::Forward)
+            // A frontend with an internal one serves this node's clients.
+            .filter(|f| f.entry.action == Action::Forward || f.internal_via.is_some())
             .map(|f| f.key)
             .collect();
         let shared = self.shared.clone();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::model::{Action, Algorithm, FastMap, L4Addr, ProbeSpec, ServiceName};
+use crate::model::{Action, Algorithm, FastMap, FastSet, L4Addr, ProbeSpec, ServiceName};
 use crate::plan::{AppliedState, FrontendEntry};
 use crate::translate::DesiredState;
 
@@ -109,12 +109,18 @@ pub struct Frontend {
     pub maglev: Vec<u16>,
     pub source_ranges: Vec<IpNet>,
     pub probe: Option<Arc<ProbeSpec>>,
+    /// Serves this frontend's clients on this node instead (kube-proxy's
+    /// short-circuit of externalTrafficPolicy Local).
+    pub internal_via: Option<L4Addr>,
 }
 
 /// Every frontend, indexed by address; rebuilt after each sync.
 #[derive(Debug, Default)]
 pub struct Table {
     pub frontends: FastMap<L4Addr, Arc<Frontend>>,
+    /// This node's addresses: a client from one of them (or loopback) is
+    /// on the node.
+    pub node_addresses: FastSet<IpAddr>,
     /// Bumped on each rebuild: sessions re-check their backend when it moves.
     pub generation: u64,
 }
@@ -125,6 +131,7 @@ pub struct Table {
 pub fn build(
     applied: &AppliedState,
     desired: &DesiredState,
+    node_addresses: FastSet<IpAddr>,
     registry: &mut FastMap<L4Addr, Arc<BackendState>>,
     generation: u64,
 ) -> Table {
@@ -183,13 +190,30 @@ pub fn build(
                 maglev,
                 source_ranges,
                 probe: d.and_then(|d| d.policy.probe.clone()),
+                internal_via: entry
+                    .internal_via
+                    .and_then(|id| applied.rev_nat().get(&id).copied()),
             }),
         );
     }
     registry.retain(|addr, _| used.contains_key(addr));
     Table {
         frontends,
+        node_addresses,
         generation,
+    }
+}
+
+impl Table {
+    /// The frontend that serves `client` on `key`: the internal one for a
+    /// client on this node when the frontend names one, else its own.
+    pub fn serving(&self, key: &L4Addr, client: IpAddr) -> Option<Arc<Frontend>> {
+        let fe = self.frontends.get(key)?;
+        let on_node = client.is_loopback() || self.node_addresses.contains(&client);
+        let via = fe.internal_via.filter(|_| on_node);
+        // The internal frontend missing (not programmed): the own one.
+        let via = via.and_then(|v| self.frontends.get(&v));
+        Some(via.unwrap_or(fe).clone())
     }
 }
 
@@ -333,6 +357,7 @@ mod tests {
                 affinity_timeout: 0,
                 preserve_source: false,
                 source_ranges: false,
+                internal_via: None,
             },
             slots: (0..n)
                 .map(|i| Backend {
@@ -346,7 +371,40 @@ mod tests {
             maglev: (0..31).map(|i| (i % n) as u16).collect(),
             source_ranges: Vec::new(),
             probe: None,
+            internal_via: None,
         }
+    }
+
+    #[test]
+    fn node_clients_of_an_external_local_frontend_go_via_the_internal_one() {
+        let cluster_ip = frontend(Algorithm::Random, 3);
+        let mut node_port = frontend(Algorithm::Maglev, 1);
+        node_port.key = l4("198.18.0.2:30080");
+        node_port.internal_via = Some(l4("198.19.0.10:80"));
+        let mut lone = frontend(Algorithm::Maglev, 1);
+        lone.key = l4("198.18.0.2:30081");
+        lone.internal_via = Some(l4("198.19.0.99:80")); // not programmed
+        let table = Table {
+            frontends: [cluster_ip, node_port, lone]
+                .into_iter()
+                .map(|f| (f.key, Arc::new(f)))
+                .collect(),
+            node_addresses: ["198.18.0.2".parse().unwrap()].into_iter().collect(),
+            generation: 1,
+        };
+        let served = |key: &str, client: &str| {
+            table
+                .serving(&l4(key), client.parse().unwrap())
+                .map(|f| f.key.to_string())
+        };
+        let via = Some("198.19.0.10:80/TCP".to_string());
+        assert_eq!(served("198.18.0.2:30080", "198.18.0.2"), via);
+        assert_eq!(served("198.18.0.2:30080", "127.0.0.1"), via);
+        let own = Some("198.18.0.2:30080/TCP".to_string());
+        assert_eq!(served("198.18.0.2:30080", "198.18.0.100"), own);
+        let lone_own = Some("198.18.0.2:30081/TCP".to_string());
+        assert_eq!(served("198.18.0.2:30081", "198.18.0.2"), lone_own);
+        assert_eq!(served("198.18.0.9:80", "198.18.0.2"), None);
     }
 
     fn client(port: u16) -> SocketAddr {

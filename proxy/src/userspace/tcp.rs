@@ -136,7 +136,7 @@ pub async fn accept_loop(listener: AsyncFd<TcpListener>, key: L4Addr, shared: Ar
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, key: L4Addr, shared: &Shared, mut rng: Rng) {
-    let Some(fe) = shared.frontend(&key) else {
+    let Some(fe) = shared.frontend(&key, peer.ip()) else {
         shared.stats.refused(Refused::NoEndpoints);
         return reset(&client);
     };

@@ -64,10 +64,15 @@ pub async fn serve(
         let table = shared.table();
         let existing = sessions.lock().get(&client).cloned();
         let session = match existing {
-            Some(s) if s.generation == table.generation || still_valid(&table, &key, &s, now) => s,
+            Some(s)
+                if s.generation == table.generation
+                    || still_valid(&table, &key, client, &s, now) =>
+            {
+                s
+            }
             old => {
                 // New flow, or its backend left / went down: (re)pick.
-                let Some(fe) = table.frontends.get(&key).cloned() else {
+                let Some(fe) = table.serving(&key, client.ip()) else {
                     shared.stats.refused(Refused::NoEndpoints);
                     continue;
                 };
@@ -121,8 +126,14 @@ pub async fn serve(
     }
 }
 
-fn still_valid(table: &super::table::Table, key: &L4Addr, s: &Session, now: u64) -> bool {
-    table.frontends.get(key).is_some_and(|fe| {
+fn still_valid(
+    table: &super::table::Table,
+    key: &L4Addr,
+    client: SocketAddr,
+    s: &Session,
+    now: u64,
+) -> bool {
+    table.serving(key, client.ip()).is_some_and(|fe| {
         fe.slots
             .iter()
             .any(|b| b.addr == s.backend && b.state.available(now))
