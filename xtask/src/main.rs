@@ -45,9 +45,10 @@ commands:
                a real Kubernetes cluster (built from its Go modules) whose
                nodes are network namespaces, Ferry from deploy/ as its only
                service proxy (root; docs/cluster.md)
-  conformance [--ci]
+  conformance [--ci|--focus REGEX]
                the upstream sig-network e2e tests against that cluster
-               (the CI subset with --ci); docs/CONFORMANCE.md
+               (the CI subset with --ci, the tests matching REGEX with
+               --focus); docs/CONFORMANCE.md
   help         this text
 
 environment:

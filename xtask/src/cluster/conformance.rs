@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use super::{images, Layout, CLIENT_NS};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selection {
     /// Every `[sig-network] Services` test, every `[sig-network]`
     /// `[Conformance]` test, kube-proxy's URLs, the Services granular checks
@@ -20,8 +20,11 @@ pub enum Selection {
     Full,
     /// Every `[sig-network] Services` test (the conformance ones, rejects,
     /// traffic policies, terminating endpoints, session affinity) and
-    /// kube-proxy's URLs: CI's subset, about 6 minutes here.
+    /// kube-proxy's URLs: CI's subset, about 5 minutes here.
     Ci,
+    /// The tests matching a regular expression (`--focus REGEX`), to rerun
+    /// one; the skips still apply.
+    Focus(String),
 }
 
 const FOCUS_FULL: &str = r"\[sig-network\] Services|\[sig-network\].*\[Conformance\]|\[sig-network\] Networking (should check kube-proxy urls|Granular Checks: Services)|\[sig-network\] Conntrack";
@@ -50,21 +53,9 @@ pub const SKIPS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Tests that fail because of a Ferry bug not fixed yet. The full selection
-/// runs them (they show as failures there and in docs/CONFORMANCE.md); CI's
-/// subset leaves them out so that it keeps guarding everything else.
-pub const KNOWN_FAILURES: &[(&str, &str)] = &[(
-    r"should implement NodePort and HealthCheckNodePort correctly when ExternalTrafficPolicy changes",
-    "traffic from a node to its own NodePort with externalTrafficPolicy Local is not \
-     short-circuited to every endpoint as kube-proxy does: Ferry's socket-level \
-     programs use the frontend's local set",
-)];
-
-fn skip_regex(selection: Selection) -> String {
-    let known = KNOWN_FAILURES.iter().filter(|_| selection == Selection::Ci);
+fn skip_regex() -> String {
     SKIPS
         .iter()
-        .chain(known)
         .map(|(re, _)| *re)
         .collect::<Vec<_>>()
         .join("|")
@@ -77,6 +68,7 @@ pub fn run(root: &Path, layout: &Layout, selection: Selection) -> Result<()> {
     let name = match selection {
         Selection::Full => "full",
         Selection::Ci => "ci",
+        Selection::Focus(_) => "focus",
     };
     let report = root
         .join("bench-results")
@@ -91,22 +83,18 @@ pub fn run(root: &Path, layout: &Layout, selection: Selection) -> Result<()> {
             r = images::REGISTRY
         ),
     )?;
-    let focus = match selection {
+    let focus = match &selection {
         Selection::Full => FOCUS_FULL,
         Selection::Ci => FOCUS_CI,
+        Selection::Focus(re) => re.as_str(),
     };
-    if selection == Selection::Ci {
-        for (test, why) in KNOWN_FAILURES {
-            println!("== conformance (ci): leaving out the known failure {test:?}: {why}");
-        }
-    }
     let started = Instant::now();
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{CLIENT_NS}"))
         .arg(layout.program("ginkgo"))
         .args(["--nodes=4", "--timeout=2h", "--no-color", "--silence-skips"])
         .arg(format!("--focus={focus}"))
-        .arg(format!("--skip={}", skip_regex(selection)))
+        .arg(format!("--skip={}", skip_regex()))
         .arg(format!(
             "--junit-report={}",
             report.join("junit.xml").display()

@@ -145,7 +145,7 @@ impl Layout {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask cluster build|up|down|status|kubeconfig|story|conformance [--ci]";
+    "usage: cargo xtask cluster build|up|down|status|kubeconfig|story|conformance [--ci|--focus REGEX]";
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
@@ -170,10 +170,12 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         Some("conformance") => {
             build(root)?;
             let layout = Layout::new();
-            let selection = if args.iter().any(|a| a == "--ci") {
-                conformance::Selection::Ci
-            } else {
-                conformance::Selection::Full
+            let focus = args.iter().position(|a| a == "--focus");
+            let selection = match focus.map(|i| args.get(i + 1)) {
+                Some(Some(re)) => conformance::Selection::Focus(re.clone()),
+                Some(None) => bail!("--focus needs a regular expression\n{USAGE}"),
+                None if args.iter().any(|a| a == "--ci") => conformance::Selection::Ci,
+                None => conformance::Selection::Full,
             };
             conformance::run(root, &layout, selection)
         }
