@@ -4,6 +4,7 @@
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 /// One object Ferry understands.
@@ -28,69 +29,126 @@ struct Header {
     kind: Option<String>,
 }
 
+#[derive(Deserialize)]
+struct List {
+    #[serde(default)]
+    items: Vec<serde_json::Value>,
+}
+
 /// Parses every document of `text`; `origin` (a file name) goes into
 /// errors. Empty documents are skipped; `List` objects are flattened.
 pub fn parse_documents(text: &str, origin: &str) -> (Vec<Object>, Vec<DocumentError>) {
     let mut objects = Vec::new();
     let mut errors = Vec::new();
-    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = match serde_yaml::Value::deserialize(doc) {
-            Ok(v) => v,
+    for (index, (first_line, doc)) in split_documents(text).into_iter().enumerate() {
+        let err = |reason: String| DocumentError {
+            origin: origin.into(),
+            index,
+            reason,
+        };
+        let kind = match from_yaml::<Option<Header>>(doc, first_line) {
+            Ok(None) => continue,
+            Ok(Some(Header { kind: Some(k) })) => k,
+            Ok(Some(Header { kind: None })) => {
+                errors.push(err("no kind".into()));
+                continue;
+            }
             Err(e) => {
-                errors.push(DocumentError {
-                    origin: origin.into(),
-                    index,
-                    reason: format!("not YAML: {e}"),
-                });
-                // A syntax error ends the stream: nothing after it is usable.
-                break;
+                errors.push(err(format!("not YAML: {e}")));
+                continue;
             }
         };
-        if value.is_null() {
-            continue;
+        let parsed = match kind.as_str() {
+            "Service" => from_yaml(doc, first_line).map(|s| vec![Object::Service(Box::new(s))]),
+            "EndpointSlice" => {
+                from_yaml(doc, first_line).map(|s| vec![Object::EndpointSlice(Box::new(s))])
+            }
+            "Node" => from_yaml(doc, first_line).map(|n| vec![Object::Node(Box::new(n))]),
+            "List" => from_yaml::<List>(doc, first_line).map(|l| {
+                l.items
+                    .into_iter()
+                    .filter_map(|item| list_item(item, &mut |e| errors.push(err(e))))
+                    .collect()
+            }),
+            other => {
+                errors.push(err(format!("kind {other} is not used by ferry")));
+                continue;
+            }
+        };
+        match parsed {
+            Ok(o) => objects.extend(o),
+            Err(e) => errors.push(err(format!("invalid {kind}: {e}"))),
         }
-        push_value(value, origin, index, &mut objects, &mut errors);
     }
     (objects, errors)
 }
 
-fn push_value(
-    value: serde_yaml::Value,
-    origin: &str,
-    index: usize,
-    objects: &mut Vec<Object>,
-    errors: &mut Vec<DocumentError>,
-) {
-    let err = |reason: String| DocumentError {
-        origin: origin.into(),
-        index,
-        reason,
-    };
-    let kind = match Header::deserialize(&value) {
-        Ok(Header { kind: Some(k) }) => k,
-        Ok(Header { kind: None }) => return errors.push(err("no kind".into())),
-        Err(e) => return errors.push(err(format!("not an object: {e}"))),
-    };
+/// One item of a `List` (already a tree, so its errors carry no line).
+fn list_item(item: serde_json::Value, report: &mut impl FnMut(String)) -> Option<Object> {
+    let kind = item
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or("")
+        .to_owned();
     let parsed = match kind.as_str() {
-        "Service" => Service::deserialize(value).map(|s| Object::Service(Box::new(s))),
-        "EndpointSlice" => {
-            EndpointSlice::deserialize(value).map(|s| Object::EndpointSlice(Box::new(s)))
+        "Service" => serde_json::from_value(item).map(|s| Object::Service(Box::new(s))),
+        "EndpointSlice" => serde_json::from_value(item).map(|s| Object::EndpointSlice(Box::new(s))),
+        "Node" => serde_json::from_value(item).map(|n| Object::Node(Box::new(n))),
+        "" => {
+            report("a List item has no kind".into());
+            return None;
         }
-        "Node" => Node::deserialize(value).map(|n| Object::Node(Box::new(n))),
-        "List" => {
-            if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
-                for item in items.clone() {
-                    push_value(item, origin, index, objects, errors);
-                }
-            }
-            return;
+        other => {
+            report(format!("kind {other} is not used by ferry"));
+            return None;
         }
-        other => return errors.push(err(format!("kind {other} is not used by ferry"))),
     };
-    match parsed {
-        Ok(o) => objects.push(o),
-        Err(e) => errors.push(err(format!("invalid {kind}: {e}"))),
+    parsed
+        .map_err(|e| report(format!("invalid {kind} in a List: {e}")))
+        .ok()
+}
+
+/// `doc` as a `T`; an error names the line and column in the whole file
+/// (`doc` starts after `first_line` lines of it), on one line.
+fn from_yaml<T: DeserializeOwned>(doc: &str, first_line: usize) -> Result<T, String> {
+    serde_saphyr::from_str(doc).map_err(|e| {
+        e.render_with_options(serde_saphyr::render_options! {
+            snippets: serde_saphyr::SnippetMode::Off,
+            line_offset: first_line as u64,
+        })
+        .replace('\n', " ")
+    })
+}
+
+/// The documents of a YAML stream, each with the number of lines before
+/// it. YAML forbids a line that starts with a document marker (`---` or
+/// `...` followed by a blank or the end) inside a document's content (YAML
+/// 1.2, c-forbidden), so the stream is cut at such lines: a `---` line
+/// opens the next document (it may hold content, as in `--- {a: 1}`), a
+/// `...` line ends the current one.
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let marker = |line: &str, m: &str| {
+        line.strip_prefix(m)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r']))
+    };
+    let mut docs = Vec::new();
+    let (mut start, mut start_line, mut offset) = (0, 0, 0);
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end_matches('\n');
+        if marker(bare, "---") && offset > start {
+            docs.push((start_line, &text[start..offset]));
+            (start, start_line) = (offset, n);
+        }
+        offset += line.len();
+        if marker(bare, "...") {
+            docs.push((start_line, &text[start..offset]));
+            (start, start_line) = (offset, n + 1);
+        }
     }
+    if offset > start {
+        docs.push((start_line, &text[start..]));
+    }
+    docs
 }
 
 #[cfg(test)]
@@ -128,5 +186,77 @@ metadata: {name: x}
         assert_eq!(errors[0].index, 2);
         assert!(errors[0].reason.contains("invalid Service"));
         assert!(errors[1].reason.contains("ConfigMap"));
+    }
+
+    #[test]
+    fn anchors_lists_and_document_markers() {
+        let text = r#"# a comment before the first marker
+--- 
+kind: Service
+metadata: {name: a, namespace: default, labels: &labels {app: web}}
+spec: {clusterIP: 198.19.0.10, ports: [&http {name: http, port: 80}]}
+...
+--- {kind: Service, metadata: {name: b, labels: &l {app: api}, annotations: *l}, spec: {ports: [&p {port: 80}, {<<: *p, name: x}]}}
+---
+kind: List
+items:
+- {kind: Node, metadata: {name: n1}}
+- {kind: Secret, metadata: {name: s}}
+- {kind: Service, spec: {ports: 7}}
+"#;
+        let (objects, errors) = parse_documents(text, "f.yaml");
+        let names: Vec<String> = objects
+            .iter()
+            .map(|o| match o {
+                Object::Service(s) => s.metadata.name.clone().unwrap_or_default(),
+                Object::Node(n) => n.metadata.name.clone().unwrap_or_default(),
+                Object::EndpointSlice(_) => "slice".into(),
+            })
+            .collect();
+        assert_eq!(names, ["a", "b", "n1"]);
+        let Object::Service(b) = &objects[1] else {
+            panic!("b is a Service")
+        };
+        // Anchors are local to their document (YAML 1.2); aliases and
+        // merge keys within one.
+        assert_eq!(b.metadata.annotations.as_ref().unwrap()["app"], "api");
+        let ports = b.spec.as_ref().unwrap().ports.as_ref().unwrap();
+        assert_eq!((ports[1].port, ports[1].name.as_deref()), (80, Some("x")));
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].reason.contains("Secret"), "{errors:?}");
+        assert!(
+            errors[1].reason.contains("invalid Service in a List"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_line_and_column_in_the_file() {
+        let text = "kind: Service\nmetadata: {name: a}\n---\nkind: Service\nmetadata: {name: b}\nspec:\n  ports:\n  - port: eighty\n---\nkind: [\n---\nkind: Node\nmetadata: {name: n}\n";
+        let (objects, errors) = parse_documents(text, "f.yaml");
+        assert_eq!(objects.len(), 2, "{errors:?}");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(errors[0].index, 1);
+        assert!(
+            errors[0].reason.contains("line 8, column 11"),
+            "{}",
+            errors[0]
+        );
+        assert_eq!(errors[1].index, 2);
+        assert!(errors[1].reason.starts_with("not YAML"), "{}", errors[1]);
+        assert!(errors[1].reason.contains("line 10"), "{}", errors[1]);
+        assert!(errors.iter().all(|e| !e.to_string().contains('\n')));
+    }
+
+    #[test]
+    fn documents_are_cut_only_at_markers_at_the_start_of_a_line() {
+        let text = "a: 1\n---\nb: |\n  --- not a marker\n  ...\n--- # c\nc: 3\n...\n";
+        let docs = split_documents(text);
+        let firsts: Vec<usize> = docs.iter().map(|d| d.0).collect();
+        assert_eq!(firsts, [0, 1, 5]);
+        assert_eq!(docs[1].1, "---\nb: |\n  --- not a marker\n  ...\n");
+        assert_eq!(docs.iter().map(|d| d.1).collect::<String>(), text);
+        assert!(split_documents("").is_empty());
+        assert_eq!(split_documents("---a: 1\n").len(), 1, "---a is no marker");
     }
 }
