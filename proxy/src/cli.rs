@@ -236,29 +236,6 @@ pub fn format_table(rows: &[ServiceRow]) -> String {
     out
 }
 
-/// A plain HTTP/1.0 GET on `addr` (ADDRESS:PORT); the body of a 200.
-pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let sock: std::net::SocketAddr = addr
-        .parse()
-        .map_err(|_| format!("{addr:?} is not ADDRESS:PORT"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2))
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| format!("{addr}: {e}"))?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)
-        .map_err(|e| format!("{addr}: {e}"))?;
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(format!(
-            "{addr}{path}: {}",
-            head.lines().next().unwrap_or("no answer")
-        ));
-    }
-    Ok(body.to_string())
-}
-
 /// The userspace agent's /services JSON as a table.
 pub fn format_userspace_table(json: &str) -> Result<String, String> {
     let rows: Vec<serde_json::Value> =

@@ -5,12 +5,12 @@
 //! nodes that can serve it locally.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
+use hyper::StatusCode;
+
+use crate::http::{HttpServer, Reply, Serving};
 use crate::model::ServiceName;
 
 /// What one health-check port reports.
@@ -22,30 +22,33 @@ pub struct Report {
 }
 
 impl Report {
-    /// (status line, JSON body) as kube-proxy answers.
-    pub fn response(&self) -> (&'static str, String) {
+    /// The answer kube-proxy gives: 200 with local endpoints (and a healthy
+    /// proxy), 503 otherwise, and a JSON body.
+    pub fn response(&self) -> Reply {
         let status = if self.local_endpoints > 0 && self.proxy_healthy {
-            "200 OK"
+            StatusCode::OK
         } else {
-            "503 Service Unavailable"
+            StatusCode::SERVICE_UNAVAILABLE
         };
         let body = format!(
             "{{\"service\":{{\"namespace\":{:?},\"name\":{:?}}},\"localEndpoints\":{},\"serviceProxyHealthy\":{}}}",
             &*self.service.namespace, &*self.service.name, self.local_endpoints, self.proxy_healthy
         );
-        (status, body)
+        Reply::new(status, "application/json", body)
     }
 }
 
 struct Server {
     report: Arc<Mutex<Report>>,
-    stop: Arc<AtomicBool>,
+    _listeners: Vec<Serving>,
 }
 
 /// The running health-check servers, by port.
 #[derive(Default)]
 pub struct HealthCheckServers {
     servers: BTreeMap<u16, Server>,
+    /// Started with the first port.
+    http: Option<HttpServer>,
 }
 
 impl std::fmt::Debug for HealthCheckServers {
@@ -68,9 +71,7 @@ impl HealthCheckServers {
             .copied()
             .collect();
         for port in gone {
-            if let Some(s) = self.servers.remove(&port) {
-                s.stop.store(true, Ordering::Relaxed);
-            }
+            self.servers.remove(&port);
         }
         for (port, report) in wanted {
             if let Some(s) = self.servers.get(&port) {
@@ -79,7 +80,7 @@ impl HealthCheckServers {
                 }
                 continue;
             }
-            match start(port, report.clone(), addresses) {
+            match self.start(port, report.clone(), addresses) {
                 Ok(server) => {
                     self.servers.insert(port, server);
                 }
@@ -98,57 +99,54 @@ impl HealthCheckServers {
     }
 }
 
-impl Drop for HealthCheckServers {
-    fn drop(&mut self) {
-        for s in self.servers.values() {
-            s.stop.store(true, Ordering::Relaxed);
-        }
+impl HealthCheckServers {
+    fn start(
+        &mut self,
+        port: u16,
+        report: Report,
+        addresses: &[IpAddr],
+    ) -> std::io::Result<Server> {
+        let unspecified = [IpAddr::from([0, 0, 0, 0])];
+        let addrs = if addresses.is_empty() {
+            &unspecified[..]
+        } else {
+            addresses
+        };
+        let listeners = addrs
+            .iter()
+            .map(|ip| TcpListener::bind(SocketAddr::new(*ip, port)))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let http = match &mut self.http {
+            Some(h) => h,
+            None => self.http.insert(HttpServer::start("ferry-hc")?),
+        };
+        let report = Arc::new(Mutex::new(report));
+        let handler: crate::http::Handler = {
+            let report = report.clone();
+            Arc::new(move |_path| report.lock().unwrap_or_else(|p| p.into_inner()).response())
+        };
+        let listeners = listeners
+            .into_iter()
+            .map(|l| http.serve(l, handler.clone()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Server {
+            report,
+            _listeners: listeners,
+        })
     }
-}
-
-fn start(port: u16, report: Report, addresses: &[IpAddr]) -> std::io::Result<Server> {
-    let unspecified = [IpAddr::from([0, 0, 0, 0])];
-    let addrs = if addresses.is_empty() {
-        &unspecified[..]
-    } else {
-        addresses
-    };
-    let listeners = addrs
-        .iter()
-        .map(|ip| TcpListener::bind(SocketAddr::new(*ip, port)))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let report = Arc::new(Mutex::new(report));
-    let stop = Arc::new(AtomicBool::new(false));
-    for l in listeners {
-        let report = report.clone();
-        crate::http::spawn_accept_loop(l, stop.clone(), move |s| answer(s, &report))?;
-    }
-    Ok(Server { report, stop })
-}
-
-fn answer(mut s: TcpStream, report: &Mutex<Report>) {
-    let _ = s.set_nonblocking(false);
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut buf = [0u8; 1024];
-    let _ = s.read(&mut buf);
-    let Ok(r) = report.lock().map(|r| r.clone()) else {
-        return;
-    };
-    let (status, body) = r.response();
-    let _ = write!(
-        s,
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
 
     fn get(port: u16) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
@@ -182,8 +180,11 @@ mod tests {
         assert!(get(port).starts_with("HTTP/1.1 503"));
         servers.update(BTreeMap::new(), &lo);
         assert!(servers.ports().is_empty());
-        // The listener goes away once its thread sees the stop flag.
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(TcpListener::bind(("127.0.0.1", port)).is_ok());
+        // The listener goes away once its task sees the stop.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while TcpListener::bind(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "port still bound");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

@@ -410,7 +410,7 @@ fn main() -> ExitCode {
                 Ok(m) => m,
                 Err(e) => {
                     // No pinned maps: a userspace agent answers /services.
-                    match cli::http_get(&metrics_address, "/services") {
+                    match ferry_proxy::http::get(&metrics_address, "/services") {
                         Ok(body) => {
                             match output {
                                 Output::Json => println!("{body}"),
@@ -673,15 +673,21 @@ fn run(
             )));
     }
     let stop_source = Arc::new(AtomicBool::new(false));
+    let http = match ferry_proxy::http::HttpServer::start("ferry-http") {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the HTTP server");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut serving = Vec::new();
     for (addr, what) in listen {
-        match ferry_proxy::http::serve(
-            *addr,
-            *what,
-            agent.metrics(),
-            health_timeout,
-            stop_source.clone(),
-        ) {
-            Ok(bound) => tracing::info!(address = %bound, endpoints = ?what, "serving"),
+        let handler = ferry_proxy::http::agent_handler(*what, agent.metrics(), health_timeout);
+        match std::net::TcpListener::bind(addr).and_then(|l| http.serve(l, handler)) {
+            Ok(s) => {
+                tracing::info!(address = %s.local, endpoints = ?what, "serving");
+                serving.push(s);
+            }
             Err(e) => {
                 tracing::error!(address = %addr, error = %e, "cannot listen");
                 return ExitCode::FAILURE;
@@ -756,6 +762,8 @@ fn run(
     } else {
         tracing::info!("stopped; the userspace dataplane closed its listeners");
     }
+    drop(serving);
+    drop(http);
     drop(agent);
     drop(ebpf);
     ExitCode::SUCCESS

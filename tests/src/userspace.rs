@@ -302,7 +302,7 @@ impl UserspaceAgent {
 
     /// GET on the agent's metrics address.
     pub fn get(&self, path: &str) -> Result<String> {
-        ferry_proxy::cli::http_get(&self.metrics, path).map_err(anyhow::Error::msg)
+        ferry_proxy::http::get(&self.metrics, path).map_err(anyhow::Error::msg)
     }
 
     /// The /services rows.
