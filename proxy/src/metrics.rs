@@ -3,14 +3,22 @@
 //! kube-proxy's `kubeproxy_*` names where one exists, `ferry_*` otherwise;
 //! labels are bounded (never a Service name).
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
 /// The content type of /metrics: Prometheus text format 0.0.4, as
 /// kube-proxy's.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Histogram buckets (seconds) of kube-proxy's sync duration metric.
 const BUCKETS: [f64; 14] = [
@@ -23,56 +31,44 @@ const PROGRAMMING_BUCKETS: [f64; 14] = [
     0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 16.0, 32.0, 64.0, 128.0,
 ];
 
-#[derive(Debug)]
-struct Histogram {
-    buckets: &'static [f64; 14],
-    counts: [u64; 14],
-    sum: f64,
-    count: u64,
+/// Labels of a sample: bounded values only (never a Service name).
+pub type Labels = Vec<(&'static str, String)>;
+
+/// One label.
+pub fn label(key: &'static str, value: impl Into<String>) -> Labels {
+    vec![(key, value.into())]
 }
 
-impl Histogram {
-    const fn new(buckets: &'static [f64; 14]) -> Histogram {
-        Histogram {
-            buckets,
-            counts: [0; 14],
-            sum: 0.0,
-            count: 0,
+/// Writes one metric family read at scrape time (for [`Collector`]s):
+/// `name` (a counter's without `_total`, which the encoder adds), its
+/// help, its type (counter or gauge) and one sample per label set.
+pub fn family(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Labels, u64)>,
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in samples {
+        let sample = metric.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(v).encode(sample)?,
+            _ => ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX)).encode(sample)?,
         }
     }
-
-    fn observe(&mut self, v: f64) {
-        for (i, b) in self.buckets.iter().enumerate() {
-            if v <= *b {
-                self.counts[i] += 1;
-            }
-        }
-        self.sum += v;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, b) in self.buckets.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i]);
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
-    }
+    Ok(())
 }
 
-/// Appends one counter sample with its HELP and TYPE lines.
-pub fn counter(out: &mut String, name: &str, help: &str, v: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-    );
-}
-
-/// Appends one gauge sample with its HELP and TYPE lines.
-pub fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+/// One unlabelled sample (see [`family`]).
+pub fn single(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    v: u64,
+) -> std::fmt::Result {
+    family(encoder, name, help, kind, [(Labels::new(), v)])
 }
 
 /// Gauges set after each sync.
@@ -86,43 +82,156 @@ pub struct Gauges {
     pub slices: u64,
 }
 
+type ByLabel = Family<[(&'static str, &'static str); 1], Counter>;
+type GaugeByLabel = Family<[(&'static str, &'static str); 1], Gauge>;
+
+/// The agent's own metrics (registered once, updated by the sync loop).
+#[derive(Debug)]
+struct Own {
+    sync_duration: Histogram,
+    programming: Histogram,
+    service_changes: Counter,
+    endpoint_changes: Counter,
+    last_sync: Gauge<f64, AtomicU64>,
+    syncs: ByLabel,
+    map_operations: ByLabel,
+    plan_errors: Counter,
+    invalid: GaugeByLabel,
+    objects: GaugeByLabel,
+    frontends: Gauge,
+    backends: Gauge,
+}
+
+impl Own {
+    fn new() -> Own {
+        let own = Own {
+            sync_duration: Histogram::new(BUCKETS),
+            programming: Histogram::new(PROGRAMMING_BUCKETS),
+            service_changes: Counter::default(),
+            endpoint_changes: Counter::default(),
+            last_sync: Gauge::default(),
+            syncs: Family::default(),
+            map_operations: Family::default(),
+            plan_errors: Counter::default(),
+            invalid: Family::default(),
+            objects: Family::default(),
+            frontends: Gauge::default(),
+            backends: Gauge::default(),
+        };
+        // Every label value from the start, so a rate never misses its 0.
+        for result in ["ok", "error"] {
+            own.syncs.get_or_create_owned(&[("result", result)]);
+            own.map_operations
+                .get_or_create_owned(&[("result", result)]);
+        }
+        for kind in ["Service", "EndpointSlice"] {
+            own.invalid.get_or_create_owned(&[("kind", kind)]);
+            own.objects.get_or_create_owned(&[("kind", kind)]);
+        }
+        own
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            self.sync_duration.clone(),
+        );
+        r.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            self.programming.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            self.service_changes.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            self.endpoint_changes.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            self.last_sync.clone(),
+        );
+        r.register(
+            "ferry_syncs",
+            "Syncs of the dataplane by result",
+            self.syncs.clone(),
+        );
+        r.register(
+            "ferry_map_operations",
+            "Map operations by result",
+            self.map_operations.clone(),
+        );
+        r.register(
+            "ferry_plan_errors",
+            "Frontends left out of a sync because a map was full",
+            self.plan_errors.clone(),
+        );
+        r.register(
+            "ferry_invalid_objects",
+            "Objects skipped as invalid, by kind",
+            self.invalid.clone(),
+        );
+        r.register(
+            "ferry_objects",
+            "Objects known to the agent, by kind",
+            self.objects.clone(),
+        );
+        r.register(
+            "ferry_frontends",
+            "Frontends in the maps",
+            self.frontends.clone(),
+        );
+        r.register(
+            "ferry_backends",
+            "Backends in the maps",
+            self.backends.clone(),
+        );
+    }
+}
+
+/// The dataplane's status, once it has one.
+type DataplaneSlot = Arc<Mutex<Option<Arc<dyn DataplaneStatus>>>>;
+
+/// Adds the installed dataplane's metrics to a scrape.
+#[derive(Debug)]
+struct DataplaneCollector(DataplaneSlot);
+
+impl Collector for DataplaneCollector {
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let status = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match status {
+            Some(s) => s.encode(encoder),
+            None => Ok(()),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Metrics {
-    sync_duration: Mutex<Histogram>,
-    programming: Mutex<Histogram>,
-    service_changes: AtomicU64,
-    endpoint_changes: AtomicU64,
+    own: Own,
+    registry: Mutex<Registry>,
     last_sync_unix_ms: AtomicU64,
-    syncs_ok: AtomicU64,
-    syncs_failed: AtomicU64,
-    ops_ok: AtomicU64,
-    ops_failed: AtomicU64,
-    plan_errors: AtomicU64,
-    gauges: Mutex<Gauges>,
     /// Unix ms since when a sync has been wanted without a successful one
     /// (0: none pending).
     pending_since_ms: AtomicU64,
     /// Set when the node is being deleted (not reported by the file source).
     node_deleting: AtomicU64,
     /// The dataplane's own status (mode, metrics, /services), when it has one.
-    dataplane: Mutex<Option<Arc<dyn DataplaneStatus>>>,
-    /// Other parts of the agent with metrics (the LoadBalancer allocator,
-    /// the L2 announcer).
-    sources: Mutex<Vec<Arc<dyn MetricsSource>>>,
-}
-
-/// A part of the agent that adds metrics to /metrics.
-pub trait MetricsSource: Send + Sync + std::fmt::Debug {
-    /// Appends its metrics (Prometheus text).
-    fn render(&self, out: &mut String);
+    dataplane: DataplaneSlot,
 }
 
 /// What a dataplane adds to the agent's endpoints.
 pub trait DataplaneStatus: Send + Sync {
     /// /proxyMode: "ebpf" or "userspace".
     fn mode(&self) -> &'static str;
-    /// Appends its metrics (Prometheus text).
-    fn render(&self, out: &mut String);
+    /// Its metrics, read at scrape time (see [`family`]).
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> std::fmt::Result;
     /// /services: every frontend with its backends and their state (JSON).
     fn services_json(&self) -> String;
 }
@@ -135,22 +244,18 @@ impl std::fmt::Debug for dyn DataplaneStatus {
 
 impl Default for Metrics {
     fn default() -> Self {
+        let own = Own::new();
+        let mut registry = Registry::default();
+        own.register(&mut registry);
+        let dataplane = DataplaneSlot::default();
+        registry.register_collector(Box::new(DataplaneCollector(dataplane.clone())));
         Metrics {
-            sync_duration: Mutex::new(Histogram::new(&BUCKETS)),
-            programming: Mutex::new(Histogram::new(&PROGRAMMING_BUCKETS)),
-            service_changes: AtomicU64::default(),
-            endpoint_changes: AtomicU64::default(),
+            own,
+            registry: Mutex::new(registry),
             last_sync_unix_ms: AtomicU64::default(),
-            syncs_ok: AtomicU64::default(),
-            syncs_failed: AtomicU64::default(),
-            ops_ok: AtomicU64::default(),
-            ops_failed: AtomicU64::default(),
-            plan_errors: AtomicU64::default(),
-            gauges: Mutex::default(),
             pending_since_ms: AtomicU64::default(),
             node_deleting: AtomicU64::default(),
-            dataplane: Mutex::default(),
-            sources: Mutex::default(),
+            dataplane,
         }
     }
 }
@@ -184,23 +289,24 @@ impl Metrics {
     }
 
     pub fn record_sync(&self, r: SyncRecord, now: SystemTime) {
-        if let Ok(mut h) = self.sync_duration.lock() {
-            h.observe(r.took.as_secs_f64());
-        }
-        self.ops_ok.fetch_add(r.ops_ok, Ordering::Relaxed);
-        self.ops_failed.fetch_add(r.ops_failed, Ordering::Relaxed);
-        self.plan_errors.fetch_add(r.plan_errors, Ordering::Relaxed);
-        self.service_changes
-            .fetch_add(r.service_changes, Ordering::Relaxed);
-        self.endpoint_changes
-            .fetch_add(r.endpoint_changes, Ordering::Relaxed);
+        let own = &self.own;
+        own.sync_duration.observe(r.took.as_secs_f64());
+        let ops = |result| {
+            own.map_operations
+                .get_or_create_owned(&[("result", result)])
+        };
+        ops("ok").inc_by(r.ops_ok);
+        ops("error").inc_by(r.ops_failed);
+        own.plan_errors.inc_by(r.plan_errors);
+        own.service_changes.inc_by(r.service_changes);
+        own.endpoint_changes.inc_by(r.endpoint_changes);
+        let result = if r.ok { "ok" } else { "error" };
+        own.syncs.get_or_create(&[("result", result)]).inc();
         if r.ok {
-            self.syncs_ok.fetch_add(1, Ordering::Relaxed);
             self.last_sync_unix_ms
                 .store(unix_ms(now), Ordering::Relaxed);
+            own.last_sync.set(unix_ms(now) as f64 / 1000.0);
             self.pending_since_ms.store(0, Ordering::Relaxed);
-        } else {
-            self.syncs_failed.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -208,15 +314,20 @@ impl Metrics {
     /// dataplane at `now`.
     pub fn programmed(&self, trigger_ms: i64, now: SystemTime) {
         let latency = (unix_ms(now) as i64 - trigger_ms).max(0) as f64 / 1000.0;
-        if let Ok(mut h) = self.programming.lock() {
-            h.observe(latency);
-        }
+        self.own.programming.observe(latency);
     }
 
     pub fn set_gauges(&self, g: Gauges) {
-        if let Ok(mut have) = self.gauges.lock() {
-            *have = g;
-        }
+        let own = &self.own;
+        let set = |f: &GaugeByLabel, kind, v: u64| {
+            f.get_or_create(&[("kind", kind)]).set(v as i64);
+        };
+        set(&own.invalid, "Service", g.invalid_services);
+        set(&own.invalid, "EndpointSlice", g.invalid_slices);
+        set(&own.objects, "Service", g.services);
+        set(&own.objects, "EndpointSlice", g.slices);
+        own.frontends.set(g.frontends as i64);
+        own.backends.set(g.backends as i64);
     }
 
     pub fn set_node_deleting(&self, deleting: bool) {
@@ -263,101 +374,22 @@ impl Metrics {
         self.last_sync_unix_ms.load(Ordering::Relaxed) > 0
     }
 
-    /// Adds a source of metrics to /metrics.
-    pub fn add_source(&self, source: Arc<dyn MetricsSource>) {
-        self.sources
+    /// Adds a part of the agent with metrics of its own (the LoadBalancer
+    /// allocator, the L2 announcer): read at every scrape.
+    pub fn add_source(&self, source: Box<dyn Collector>) {
+        self.registry
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(source);
+            .register_collector(source);
     }
 
-    /// The Prometheus text exposition.
+    /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        if let Some(d) = self.dataplane() {
-            d.render(&mut out);
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
+            tracing::warn!(error = %e, "cannot encode the metrics");
         }
-        let sources = self
-            .sources
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        for s in sources {
-            s.render(&mut out);
-        }
-        if let Ok(h) = self.sync_duration.lock() {
-            h.render(
-                &mut out,
-                "kubeproxy_sync_proxy_rules_duration_seconds",
-                "SyncProxyRules latency in seconds",
-            );
-        }
-        if let Ok(h) = self.programming.lock() {
-            h.render(
-                &mut out,
-                "kubeproxy_network_programming_duration_seconds",
-                "In Cluster Network Programming Latency in seconds",
-            );
-        }
-        counter(
-            &mut out,
-            "kubeproxy_sync_proxy_rules_service_changes_total",
-            "Cumulative proxy rules Service changes",
-            self.service_changes.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
-            "Cumulative proxy rules Endpoint changes",
-            self.endpoint_changes.load(Ordering::Relaxed),
-        );
-        let last = self.last_sync_unix_ms.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds The last time proxy rules were successfully synced\n# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge\nkubeproxy_sync_proxy_rules_last_timestamp_seconds {}",
-            last as f64 / 1000.0
-        );
-        let _ = writeln!(
-            out,
-            "# HELP ferry_syncs_total Syncs of the dataplane by result\n# TYPE ferry_syncs_total counter\nferry_syncs_total{{result=\"ok\"}} {}\nferry_syncs_total{{result=\"error\"}} {}",
-            self.syncs_ok.load(Ordering::Relaxed),
-            self.syncs_failed.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP ferry_map_operations_total Map operations by result\n# TYPE ferry_map_operations_total counter\nferry_map_operations_total{{result=\"ok\"}} {}\nferry_map_operations_total{{result=\"error\"}} {}",
-            self.ops_ok.load(Ordering::Relaxed),
-            self.ops_failed.load(Ordering::Relaxed)
-        );
-        counter(
-            &mut out,
-            "ferry_plan_errors_total",
-            "Frontends left out of a sync because a map was full",
-            self.plan_errors.load(Ordering::Relaxed),
-        );
-        let g = self.gauges.lock().map(|g| *g).unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "# HELP ferry_invalid_objects Objects skipped as invalid, by kind\n# TYPE ferry_invalid_objects gauge\nferry_invalid_objects{{kind=\"Service\"}} {}\nferry_invalid_objects{{kind=\"EndpointSlice\"}} {}",
-            g.invalid_services, g.invalid_slices
-        );
-        let _ = writeln!(
-            out,
-            "# HELP ferry_objects Objects known to the agent, by kind\n# TYPE ferry_objects gauge\nferry_objects{{kind=\"Service\"}} {}\nferry_objects{{kind=\"EndpointSlice\"}} {}",
-            g.services, g.slices
-        );
-        gauge(
-            &mut out,
-            "ferry_frontends",
-            "Frontends in the maps",
-            g.frontends,
-        );
-        gauge(
-            &mut out,
-            "ferry_backends",
-            "Backends in the maps",
-            g.backends,
-        );
         out
     }
 }
@@ -436,5 +468,123 @@ mod tests {
         let text = m.render();
         assert!(text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"2\"} 1"));
         assert!(text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 0"));
+    }
+
+    #[derive(Debug)]
+    struct FakeDataplane;
+
+    impl DataplaneStatus for FakeDataplane {
+        fn mode(&self) -> &'static str {
+            "fake"
+        }
+        fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
+            family(
+                &mut enc,
+                "ferry_fake_events",
+                "Events with \\ and \"quotes\"",
+                MetricType::Counter,
+                [(label("event", "a\"b"), 3), (label("event", "c\\d\ne"), 4)],
+            )?;
+            single(
+                &mut enc,
+                "ferry_fake_level",
+                "A level",
+                MetricType::Gauge,
+                7,
+            )
+        }
+        fn services_json(&self) -> String {
+            "[]".into()
+        }
+    }
+
+    /// The whole exposition parses as Prometheus text: every sample has its
+    /// HELP, kube-proxy's buckets are exact, label values are escaped.
+    #[test]
+    fn the_exposition_parses_as_prometheus_text() {
+        use prometheus_parse::{Scrape, Value};
+        let m = Metrics::default();
+        m.set_dataplane(Arc::new(FakeDataplane));
+        m.record_sync(
+            SyncRecord {
+                ok: true,
+                took: Duration::from_millis(3),
+                ops_ok: 5,
+                ops_failed: 1,
+                plan_errors: 0,
+                service_changes: 1,
+                endpoint_changes: 2,
+            },
+            at(5_000),
+        );
+        m.programmed(3_500, at(5_000));
+        let text = m.render();
+        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+        let value = |name: &str, labels: &[(&str, &str)]| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| {
+                    s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+                })
+                .map(|s| s.value.clone())
+        };
+        for s in &scrape.samples {
+            // A histogram's _sum and _count come as samples of their own.
+            let base = ["_sum", "_count"]
+                .iter()
+                .find_map(|x| s.metric.strip_suffix(x))
+                .filter(|b| scrape.docs.contains_key(*b));
+            let name = base.unwrap_or(&s.metric);
+            assert!(scrape.docs.contains_key(name), "no HELP for {}", s.metric);
+        }
+        let buckets = |name| match value(name, &[]) {
+            Some(Value::Histogram(b)) => b.iter().map(|c| (c.less_than, c.count)).collect(),
+            other => panic!("{name}: {other:?}"),
+        };
+        let sync: Vec<(f64, f64)> = buckets("kubeproxy_sync_proxy_rules_duration_seconds");
+        let bounds: Vec<f64> = sync.iter().map(|b| b.0).collect();
+        let mut want = BUCKETS.to_vec();
+        want.push(f64::INFINITY);
+        assert_eq!(bounds, want);
+        assert_eq!(sync[3], (0.002, 0.0));
+        assert_eq!(sync[4], (0.004, 1.0));
+        let prog: Vec<(f64, f64)> = buckets("kubeproxy_network_programming_duration_seconds");
+        assert_eq!(prog[1], (0.5, 0.0));
+        assert_eq!(prog[2], (1.0, 0.0));
+        assert_eq!(prog[3], (2.0, 1.0));
+        let counter = |name, labels: &[(&str, &str)]| match value(name, labels) {
+            Some(Value::Counter(v)) => v,
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(counter("ferry_syncs_total", &[("result", "ok")]), 1.0);
+        assert_eq!(counter("ferry_syncs_total", &[("result", "error")]), 0.0);
+        assert_eq!(
+            counter("ferry_map_operations_total", &[("result", "error")]),
+            1.0
+        );
+        assert_eq!(
+            counter("kubeproxy_sync_proxy_rules_endpoint_changes_total", &[]),
+            2.0
+        );
+        // prometheus-parse keeps label values as escaped in the text.
+        assert_eq!(
+            counter("ferry_fake_events_total", &[("event", r#"a\"b"#)]),
+            3.0
+        );
+        assert_eq!(
+            counter("ferry_fake_events_total", &[("event", r"c\\d\ne")]),
+            4.0
+        );
+        assert!(matches!(
+            value("kubeproxy_sync_proxy_rules_last_timestamp_seconds", &[]),
+            Some(Value::Gauge(v)) if v == 5.0
+        ));
+        assert!(matches!(value("ferry_fake_level", &[]), Some(Value::Gauge(v)) if v == 7.0));
+        assert!(
+            text.contains("# TYPE ferry_fake_events_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("event=\"c\\\\d\\ne\""), "escaped: {text}");
     }
 }

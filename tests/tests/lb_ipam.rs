@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_proxy::ipam::controller::{self, IpamConfig, IpamStatus};
-use ferry_proxy::metrics::MetricsSource;
 use ferry_tests::fake_api::{FakeApi, Kind};
 use serde_json::{json, Value};
 
@@ -66,9 +65,9 @@ impl Allocator {
     }
 
     fn metrics(&self) -> String {
-        let mut out = String::new();
-        self.status.render(&mut out);
-        out
+        let metrics = ferry_proxy::metrics::Metrics::default();
+        metrics.add_source(Box::new(self.status.clone()));
+        metrics.render()
     }
 }
 

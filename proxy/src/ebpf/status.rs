@@ -17,6 +17,7 @@ use ferry_common::lb::{
 use crate::datapath::{BpfMaps, LbMaps, MapCapacities};
 use crate::metrics::DataplaneStatus;
 use crate::plan::AppliedState;
+use prometheus_client::encoding::DescriptorEncoder;
 
 /// Reads the maps pinned under `dir` on each request.
 #[derive(Debug)]
@@ -92,41 +93,48 @@ impl DataplaneStatus for EbpfStatus {
         "ebpf"
     }
 
-    fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
+        use crate::metrics::{family, label, single};
+        use prometheus_client::metrics::MetricType::{Counter, Gauge};
         let Ok(counters) = super::lb::read_lb_counters(&self.dir) else {
-            return;
+            return Ok(());
         };
-        let _ = writeln!(
-            out,
-            "# HELP ferry_datapath_events_total What the eBPF programs did, by event (sock_*: socket-level balancing; tc_*: the TC path)\n# TYPE ferry_datapath_events_total counter"
-        );
-        for (event, v) in counters {
-            let _ = writeln!(out, "ferry_datapath_events_total{{event=\"{event}\"}} {v}");
-        }
+        family(
+            &mut enc,
+            "ferry_datapath_events",
+            "What the eBPF programs did, by event (sock_*: socket-level balancing; tc_*: the TC path)",
+            Counter,
+            counters
+                .into_iter()
+                .map(|(event, v)| (label("event", event), v)),
+        )?;
         let census = self.census();
-        let _ = writeln!(
-            out,
-            "# HELP ferry_map_entries Entries in an eBPF map (counted at most every 30 s)\n# TYPE ferry_map_entries gauge"
-        );
-        for (map, n, _) in &census {
-            let _ = writeln!(out, "ferry_map_entries{{map=\"{map}\"}} {n}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP ferry_map_capacity Capacity of an eBPF map\n# TYPE ferry_map_capacity gauge"
-        );
-        for (map, _, cap) in &census {
-            let _ = writeln!(out, "ferry_map_capacity{{map=\"{map}\"}} {cap}");
-        }
+        family(
+            &mut enc,
+            "ferry_map_entries",
+            "Entries in an eBPF map (counted at most every 30 s)",
+            Gauge,
+            census.iter().map(|(map, n, _)| (label("map", *map), *n)),
+        )?;
+        family(
+            &mut enc,
+            "ferry_map_capacity",
+            "Capacity of an eBPF map",
+            Gauge,
+            census
+                .iter()
+                .map(|(map, _, cap)| (label("map", *map), u64::from(*cap))),
+        )?;
         if let Some((_, n, _)) = census.iter().find(|(m, _, _)| *m == CT4_MAP) {
-            crate::metrics::gauge(
-                out,
+            single(
+                &mut enc,
                 "ferry_conntrack_entries",
                 "Conntrack entries of the TC path (two per flow)",
+                Gauge,
                 *n,
-            );
+            )?;
         }
+        Ok(())
     }
 
     fn services_json(&self) -> String {

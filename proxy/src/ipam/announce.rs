@@ -81,20 +81,27 @@ pub struct L2Status {
     pub replies: Arc<AtomicU64>,
 }
 
-impl crate::metrics::MetricsSource for L2Status {
-    fn render(&self, out: &mut String) {
-        crate::metrics::gauge(
-            out,
+impl prometheus_client::collector::Collector for L2Status {
+    fn encode(
+        &self,
+        mut enc: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        use crate::metrics::single;
+        use prometheus_client::metrics::MetricType::{Counter, Gauge};
+        single(
+            &mut enc,
             "ferry_l2_announced_addresses",
             "LoadBalancer addresses this node answers ARP for",
+            Gauge,
             self.announced.load(Ordering::Relaxed),
-        );
-        crate::metrics::counter(
-            out,
-            "ferry_l2_arp_replies_total",
+        )?;
+        single(
+            &mut enc,
+            "ferry_l2_arp_replies",
             "ARP replies sent for announced addresses",
+            Counter,
             self.replies.load(Ordering::Relaxed),
-        );
+        )
     }
 }
 

@@ -7,7 +7,6 @@
 //! condition changes, and each pool's status. Metrics go to [`IpamStatus`].
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -87,35 +86,46 @@ impl IpamStatus {
     }
 }
 
-impl crate::metrics::MetricsSource for IpamStatus {
-    fn render(&self, out: &mut String) {
-        crate::metrics::gauge(
-            out,
+impl prometheus_client::collector::Collector for IpamStatus {
+    fn encode(
+        &self,
+        mut enc: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        use crate::metrics::{family, label, single};
+        use prometheus_client::metrics::MetricType::Gauge;
+        single(
+            &mut enc,
             "ferry_lb_ipam_leader",
             "1 while this agent is the LoadBalancer IP allocator",
+            Gauge,
             u64::from(self.is_leader()),
-        );
+        )?;
         let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(
-            out,
-            "# HELP ferry_lb_ipam_addresses Addresses of each pool by state (from the leader)\n# TYPE ferry_lb_ipam_addresses gauge"
-        );
-        for (pool, (used, free)) in &counts.0 {
-            let _ = writeln!(
-                out,
-                "ferry_lb_ipam_addresses{{pool=\"{pool}\",state=\"used\"}} {used}\nferry_lb_ipam_addresses{{pool=\"{pool}\",state=\"free\"}} {free}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP ferry_lb_ipam_unsatisfied_services Services without (all) their addresses, by reason\n# TYPE ferry_lb_ipam_unsatisfied_services gauge"
-        );
-        for (reason, n) in &counts.1 {
-            let _ = writeln!(
-                out,
-                "ferry_lb_ipam_unsatisfied_services{{reason=\"{reason}\"}} {n}"
-            );
-        }
+        let by_state = counts.0.iter().flat_map(|(pool, (used, free))| {
+            let of = |state: &str| {
+                let mut l = label("pool", pool.clone());
+                l.push(("state", state.into()));
+                l
+            };
+            [(of("used"), *used), (of("free"), *free)]
+        });
+        family(
+            &mut enc,
+            "ferry_lb_ipam_addresses",
+            "Addresses of each pool by state (from the leader)",
+            Gauge,
+            by_state,
+        )?;
+        family(
+            &mut enc,
+            "ferry_lb_ipam_unsatisfied_services",
+            "Services without (all) their addresses, by reason",
+            Gauge,
+            counts
+                .1
+                .iter()
+                .map(|(reason, n)| (label("reason", *reason), *n)),
+        )
     }
 }
 

@@ -77,10 +77,10 @@ pub fn spawn(
         ..Default::default()
     });
     if settings.allocate {
-        metrics.add_source(ipam_status.clone());
+        metrics.add_source(Box::new(ipam_status.clone()));
     }
     if responder.is_some() {
-        metrics.add_source(l2_status.clone());
+        metrics.add_source(Box::new(l2_status.clone()));
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -15,7 +15,6 @@ mod tcp;
 mod udp;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -28,6 +27,7 @@ use crate::metrics::DataplaneStatus;
 use crate::model::{Action, FastMap, L4Addr, Protocol};
 use crate::plan::{AppliedState, MapOp};
 use crate::translate::DesiredState;
+use prometheus_client::encoding::DescriptorEncoder;
 use table::{AffinityKey, Backend, Frontend, Refusal, Rng, Table};
 
 /// A socket bound to `addr` with SO_REUSEADDR and IP_FREEBIND (the address
@@ -683,74 +683,77 @@ impl DataplaneStatus for Status {
         "userspace"
     }
 
-    fn render(&self, out: &mut String) {
-        use crate::metrics::{counter, gauge};
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
+        use crate::metrics::{family, label, single};
+        use prometheus_client::metrics::MetricType::{Counter, Gauge};
         let s = &self.shared.stats;
         let c = &self.checks;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        gauge(
-            out,
+        single(
+            &mut enc,
             "ferry_userspace_connections_active",
             "Open TCP connections and UDP sessions.",
+            Gauge,
             load(&self.shared.active),
-        );
-        let _ = writeln!(out, "# HELP ferry_userspace_refused_total Connections and datagrams refused, by reason.\n# TYPE ferry_userspace_refused_total counter");
-        for (name, why) in REFUSED {
-            let _ = writeln!(
-                out,
-                "ferry_userspace_refused_total{{reason=\"{name}\"}} {}",
-                s.refused_count(why)
-            );
-        }
+        )?;
+        family(
+            &mut enc,
+            "ferry_userspace_refused",
+            "Connections and datagrams refused, by reason.",
+            Counter,
+            REFUSED
+                .iter()
+                .map(|(name, why)| (label("reason", *name), s.refused_count(*why))),
+        )?;
         let counters: [(&str, &str, u64); 9] = [
             (
-                "ferry_userspace_connections_total",
+                "ferry_userspace_connections",
                 "TCP connections forwarded to a backend.",
                 load(&s.accepted),
             ),
             (
-                "ferry_userspace_connect_failures_total",
+                "ferry_userspace_connect_failures",
                 "Failed connects to a backend (each is retried on another).",
                 load(&s.connect_failures),
             ),
             (
-                "ferry_userspace_idle_timeouts_total",
+                "ferry_userspace_idle_timeouts",
                 "TCP connections reset after the idle timeout.",
                 load(&s.idle_timeouts),
             ),
             (
-                "ferry_userspace_udp_sessions_total",
+                "ferry_userspace_udp_sessions",
                 "UDP sessions opened.",
                 load(&s.udp_sessions_total),
             ),
             (
-                "ferry_userspace_bytes_total",
+                "ferry_userspace_bytes",
                 "Bytes moved by closed TCP connections, both directions.",
                 load(&s.bytes),
             ),
             (
-                "ferry_health_check_probes_total",
+                "ferry_health_check_probes",
                 "Active health check probes sent.",
                 load(&c.probes_total),
             ),
             (
-                "ferry_health_check_failures_total",
+                "ferry_health_check_failures",
                 "Active health check probes that failed.",
                 load(&c.probe_failures_total),
             ),
             (
-                "ferry_health_check_marked_down_total",
+                "ferry_health_check_marked_down",
                 "Backends taken out by a failing check.",
                 load(&c.marked_down_total),
             ),
             (
-                "ferry_health_check_marked_up_total",
+                "ferry_health_check_marked_up",
                 "Backends brought back by a passing check.",
                 load(&c.marked_up_total),
             ),
         ];
         for (name, help, v) in counters {
-            counter(out, name, help, v);
+            single(&mut enc, name, help, Counter, v)?;
         }
         let table = self.shared.table();
         let now = self.shared.now_ms();
@@ -773,30 +776,34 @@ impl DataplaneStatus for Status {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .len() as u64;
-        gauge(
-            out,
+        single(
+            &mut enc,
             "ferry_userspace_backends_unhealthy",
             "Backends failing their active health check.",
+            Gauge,
             unhealthy,
-        );
-        gauge(
-            out,
+        )?;
+        single(
+            &mut enc,
             "ferry_userspace_backends_ejected",
             "Backends ejected after consecutive connect failures.",
+            Gauge,
             ejected,
-        );
-        counter(
-            out,
-            "ferry_userspace_ejections_total",
+        )?;
+        single(
+            &mut enc,
+            "ferry_userspace_ejections",
             "Passive ejections of current backends.",
+            Counter,
             ejections,
-        );
-        gauge(
-            out,
+        )?;
+        single(
+            &mut enc,
             "ferry_userspace_frontends_unserved",
             "Frontends that could not be bound.",
+            Gauge,
             unserved,
-        );
+        )
     }
 
     fn services_json(&self) -> String {
