@@ -14,6 +14,8 @@ pub mod ipam;
 pub mod memory;
 pub mod metrics;
 pub mod model;
+pub mod netif;
+pub mod netlink;
 pub mod objects;
 pub mod parse;
 pub mod plan;

@@ -411,10 +411,19 @@ fn privileged_service_addresses_on_ferry0_in_a_namespace() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("cluster.yaml"), yaml).unwrap();
     let bin = ferry_tests::ferry_path().unwrap();
+    // The agent manages addresses over netlink: it runs with a PATH that
+    // holds no `ip` (nor anything else).
+    let empty = dir.join("empty-path");
+    std::fs::create_dir_all(&empty).unwrap();
+    let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .expect("iproute2's ip (the test uses it for the namespace)");
     let mut agent = ferry_tests::KillOnDrop(
-        std::process::Command::new("ip")
+        std::process::Command::new(ip)
             .args(["netns", "exec", &name])
             .arg(&bin)
+            .env("PATH", &empty)
             .arg("run")
             .arg(format!(
                 "--source=file:{}",

@@ -7,7 +7,6 @@
 pub mod runner;
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -109,7 +108,7 @@ impl Agent {
         let local_node = NodeInfo {
             name: cfg.node_name.clone(),
             zone: None,
-            nodeport_addresses: local_addresses(&cfg.nodeport_cidrs),
+            nodeport_addresses: crate::netif::local_addresses(&cfg.nodeport_cidrs),
         };
         tracing::info!(
             frontends = applied.frontends().len(),
@@ -460,61 +459,4 @@ impl Agent {
             }
         }
     }
-}
-
-/// Every (interface name, address) of this network namespace, loopback
-/// and IPv6 link-local addresses left out.
-pub fn interface_addresses() -> Vec<(String, IpAddr)> {
-    let mut out = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we free below.
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return out;
-    }
-    let mut cur = ifap;
-    while !cur.is_null() {
-        // SAFETY: a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_addr points to a sockaddr of the family it names.
-        let ip = unsafe {
-            match i32::from((*ifa.ifa_addr).sa_family) {
-                libc::AF_INET => {
-                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
-                }
-                libc::AF_INET6 => {
-                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                    IpAddr::from(sin6.sin6_addr.s6_addr)
-                }
-                _ => continue,
-            }
-        };
-        let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
-        if ip.is_loopback() || link_local {
-            continue;
-        }
-        // SAFETY: a NUL-terminated name from getifaddrs.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        out.push((name.to_string_lossy().into_owned(), ip));
-    }
-    // SAFETY: the list from getifaddrs above.
-    unsafe { libc::freeifaddrs(ifap) };
-    out
-}
-
-/// The addresses of this network namespace's interfaces (no loopback, no
-/// IPv6 link-local), within `cidrs` when given.
-pub fn local_addresses(cidrs: &[IpNet]) -> Vec<IpAddr> {
-    let mut out: Vec<IpAddr> = interface_addresses()
-        .into_iter()
-        .map(|(_, ip)| ip)
-        .filter(|ip| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(ip)))
-        .collect();
-    out.sort();
-    out.dedup();
-    out
 }

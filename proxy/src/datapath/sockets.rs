@@ -10,27 +10,17 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-const NETLINK_SOCK_DIAG: i32 = 4;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const SOCK_DESTROY: u16 = 21;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_DUMP: u16 = 0x300;
-/// TCP_ESTABLISHED: what a connected UDP socket reports.
-const STATE_CONNECTED: u32 = 1 << 1;
-const NLMSG_HDRLEN: usize = 16;
-/// struct inet_diag_sockid.
-const SOCKID_LEN: usize = 48;
-/// struct inet_diag_req_v2.
-const REQ_LEN: usize = 8 + SOCKID_LEN;
-/// struct inet_diag_msg.
-const MSG_LEN: usize = 4 + SOCKID_LEN + 20;
+use netlink_packet_sock_diag::constants::{AF_INET, IPPROTO_UDP};
+use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_packet_sock_diag::{SockDiagDestroy, SockDiagMessage};
+use netlink_sys::protocols::NETLINK_SOCK_DIAG;
+
+use crate::netlink::{request, socket, Kind};
+
 const NETNS_DIR: &str = "/var/run/netns";
 
 /// A UDP peer (address, port) whose connected sockets must go.
@@ -76,149 +66,54 @@ pub fn destroy_udp_sockets(peers: &[Peer], cookies: &Arc<HashSet<u64>>) -> usize
     done
 }
 
-fn netlink() -> Result<OwnedFd, String> {
-    // SAFETY: plain socket(2); the fd is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(format!(
-            "sock_diag socket: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: a fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// A UDP/IPv4 request for `socket_id` (all zero: every socket, in a dump)
+/// among the connected ones (TCP_ESTABLISHED is what a connected UDP
+/// socket reports).
+fn udp_request(socket_id: SocketId) -> SockDiagMessage {
+    SockDiagMessage::InetRequest(InetRequest {
+        family: AF_INET,
+        protocol: IPPROTO_UDP,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::ESTABLISHED,
+        socket_id,
+    })
 }
 
-/// A netlink message: header, then an inet_diag_req_v2 for UDP/IPv4 with
-/// `id` (48 bytes) as its socket ID.
-fn request(kind: u16, flags: u16, seq: u32, id: &[u8]) -> Vec<u8> {
-    let len = NLMSG_HDRLEN + REQ_LEN;
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&kind.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.push(libc::AF_INET as u8);
-    m.push(libc::IPPROTO_UDP as u8);
-    m.push(0); // idiag_ext
-    m.push(0); // pad
-    m.extend_from_slice(&STATE_CONNECTED.to_ne_bytes());
-    m.extend_from_slice(id);
-    m
-}
-
-fn send(fd: &OwnedFd, msg: &[u8]) -> Result<(), String> {
-    // SAFETY: sending our own buffer on our socket (to the kernel: the
-    // default destination of a netlink socket).
-    let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-    if n < 0 {
-        return Err(format!(
-            "sock_diag send: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
-}
-
-fn recv(fd: &OwnedFd, buf: &mut [u8]) -> Result<usize, String> {
-    // SAFETY: receiving into our own buffer.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(format!(
-            "sock_diag recv: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(n as usize)
-}
-
-/// The netlink messages in `buf[..n]`: (type, payload).
-fn messages(buf: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off + NLMSG_HDRLEN <= buf.len() {
-        let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
-        let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-        if len < NLMSG_HDRLEN || off + len > buf.len() {
-            break;
-        }
-        out.push((kind, &buf[off + NLMSG_HDRLEN..off + len]));
-        off += (len + 3) & !3;
-    }
-    out
-}
-
-/// The cookie in an inet_diag_sockid (two host-order u32, low first).
-fn cookie(id: &[u8]) -> u64 {
-    let lo = u32::from_ne_bytes([id[40], id[41], id[42], id[43]]);
-    let hi = u32::from_ne_bytes([id[44], id[45], id[46], id[47]]);
+/// The cookie of a socket ID (two host-order u32, low first).
+fn cookie(id: &SocketId) -> u64 {
+    let c = id.cookie;
+    let lo = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+    let hi = u32::from_ne_bytes([c[4], c[5], c[6], c[7]]);
     u64::from(lo) | (u64::from(hi) << 32)
 }
 
-/// The socket IDs of connected UDP sockets in this namespace whose peer is
-/// in `peers` and whose cookie is in `cookies`.
-fn matching(fd: &OwnedFd, peers: &[Peer], cookies: &HashSet<u64>) -> Result<Vec<Vec<u8>>, String> {
-    send(
-        fd,
-        &request(
-            SOCK_DIAG_BY_FAMILY,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            1,
-            &[0; SOCKID_LEN],
-        ),
-    )?;
-    let mut found = Vec::new();
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        let n = recv(fd, &mut buf)?;
-        if n == 0 {
-            return Ok(found);
-        }
-        for (kind, body) in messages(&buf[..n]) {
-            match kind {
-                NLMSG_DONE => return Ok(found),
-                NLMSG_ERROR => return Err("sock_diag dump refused".into()),
-                SOCK_DIAG_BY_FAMILY if body.len() >= MSG_LEN => {
-                    let id = &body[4..4 + SOCKID_LEN];
-                    let dport = u16::from_be_bytes([id[2], id[3]]);
-                    let dst = Ipv4Addr::new(id[20], id[21], id[22], id[23]);
-                    if peers.contains(&(dst, dport)) && cookies.contains(&cookie(id)) {
-                        found.push(id.to_vec());
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
+/// Whether a socket ID is one to destroy: its peer in `peers`, its cookie
+/// in `cookies`.
+fn wanted(id: &SocketId, peers: &[Peer], cookies: &HashSet<u64>) -> bool {
+    let IpAddr::V4(dst) = id.destination_address else {
+        return false;
+    };
+    peers.contains(&(dst, id.destination_port)) && cookies.contains(&cookie(id))
 }
 
 fn destroy_here(peers: &[Peer], cookies: &HashSet<u64>) -> Result<usize, String> {
-    let fd = netlink()?;
-    let ids = matching(&fd, peers, cookies)?;
+    let sock = socket(NETLINK_SOCK_DIAG).map_err(|e| format!("sock_diag socket: {e}"))?;
+    let dump = request(&sock, udp_request(SocketId::new_v4()), Kind::Dump, 1)
+        .map_err(|e| format!("sock_diag dump: {e}"))?;
+    let ids: Vec<SocketId> = dump
+        .into_iter()
+        .filter_map(|m| match m {
+            SockDiagMessage::InetResponse(r) => Some(r.header.socket_id),
+            _ => None,
+        })
+        .filter(|id| wanted(id, peers, cookies))
+        .collect();
     let mut done = 0;
-    let mut buf = vec![0u8; 4096];
-    for (i, id) in ids.iter().enumerate() {
-        send(
-            &fd,
-            &request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 2 + i as u32, id),
-        )?;
-        let n = recv(&fd, &mut buf)?;
-        for (kind, body) in messages(&buf[..n]) {
-            if kind == NLMSG_ERROR && body.len() >= 4 {
-                let err = i32::from_ne_bytes([body[0], body[1], body[2], body[3]]);
-                if err == 0 {
-                    done += 1;
-                } else {
-                    tracing::debug!(errno = -err, "SOCK_DESTROY refused");
-                }
-            }
+    for (i, id) in ids.into_iter().enumerate() {
+        let destroy = SockDiagDestroy::new(udp_request(id));
+        match request(&sock, destroy, Kind::Change { flags: 0 }, 2 + i as u32) {
+            Ok(_) => done += 1,
+            Err(e) => tracing::debug!(error = %e, "SOCK_DESTROY refused"),
         }
     }
     Ok(done)
@@ -228,42 +123,57 @@ fn destroy_here(peers: &[Peer], cookies: &HashSet<u64>) -> Result<usize, String>
 mod tests {
     use super::*;
 
-    #[test]
-    fn requests_have_the_kernel_layout() {
-        let m = request(
-            SOCK_DESTROY,
-            NLM_F_REQUEST | NLM_F_ACK,
-            7,
-            &[0xab; SOCKID_LEN],
-        );
-        assert_eq!(m.len(), 16 + 56);
-        assert_eq!(u32::from_ne_bytes([m[0], m[1], m[2], m[3]]), 72);
-        assert_eq!(u16::from_ne_bytes([m[4], m[5]]), SOCK_DESTROY);
-        assert_eq!(m[16], libc::AF_INET as u8);
-        assert_eq!(m[17], libc::IPPROTO_UDP as u8);
-        assert_eq!(&m[24..], &[0xab; SOCKID_LEN][..]);
+    fn id(dst: [u8; 4], port: u16, cookie: u64) -> SocketId {
+        let mut id = SocketId::new_v4();
+        id.destination_address = IpAddr::from(dst);
+        id.destination_port = port;
+        let (lo, hi) = (cookie as u32, (cookie >> 32) as u32);
+        id.cookie[..4].copy_from_slice(&lo.to_ne_bytes());
+        id.cookie[4..].copy_from_slice(&hi.to_ne_bytes());
+        id
     }
 
     #[test]
     fn cookies_read_low_word_first() {
-        let mut id = [0u8; SOCKID_LEN];
-        id[40..44].copy_from_slice(&7u32.to_ne_bytes());
-        id[44..48].copy_from_slice(&1u32.to_ne_bytes());
-        assert_eq!(cookie(&id), (1 << 32) | 7);
+        assert_eq!(cookie(&id([0; 4], 0, (1 << 32) | 7)), (1 << 32) | 7);
     }
 
     #[test]
-    fn messages_split_on_aligned_lengths() {
-        let mut buf = Vec::new();
-        for kind in [NLMSG_DONE, NLMSG_ERROR] {
-            buf.extend_from_slice(&20u32.to_ne_bytes());
-            buf.extend_from_slice(&kind.to_ne_bytes());
-            buf.extend_from_slice(&[0; 10]);
-            buf.extend_from_slice(&[1, 2, 3, 4]);
-        }
-        let m = messages(&buf);
-        assert_eq!(m.len(), 2);
-        assert_eq!(m[0], (NLMSG_DONE, &[1u8, 2, 3, 4][..]));
-        assert_eq!(m[1].0, NLMSG_ERROR);
+    fn only_sockets_to_a_gone_peer_with_our_cookie_are_wanted() {
+        let peers = [(Ipv4Addr::new(198, 18, 1, 1), 53)];
+        let cookies: HashSet<u64> = [42].into_iter().collect();
+        assert!(wanted(&id([198, 18, 1, 1], 53, 42), &peers, &cookies));
+        assert!(!wanted(&id([198, 18, 1, 1], 53, 43), &peers, &cookies));
+        assert!(!wanted(&id([198, 18, 1, 1], 54, 42), &peers, &cookies));
+        assert!(!wanted(&id([198, 18, 1, 2], 53, 42), &peers, &cookies));
+    }
+
+    /// Unprivileged: a dump of this namespace's connected UDP sockets
+    /// finds one of ours by its cookie (SO_COOKIE).
+    #[test]
+    fn a_dump_finds_a_connected_udp_socket() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.connect("127.0.0.1:9").unwrap();
+        let mut cookie_of_s = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: getsockopt on our socket into a u64 of the given length.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                (&mut cookie_of_s as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        let sock = socket(NETLINK_SOCK_DIAG).unwrap();
+        let dump = request(&sock, udp_request(SocketId::new_v4()), Kind::Dump, 1).unwrap();
+        let found = dump.iter().any(|m| {
+            matches!(m, SockDiagMessage::InetResponse(r)
+                if cookie(&r.header.socket_id) == cookie_of_s
+                    && r.header.socket_id.destination_port == 9)
+        });
+        assert!(found, "{dump:?}");
     }
 }

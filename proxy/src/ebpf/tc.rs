@@ -98,7 +98,11 @@ pub fn attach_tc(
 /// `cali*`), whose traffic the socket-level programs already translate.
 pub fn default_interfaces() -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
-    for (name, ip) in crate::agent::interface_addresses() {
+    let addresses = crate::netif::interface_addresses().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot list the interfaces for the TC path");
+        Vec::new()
+    });
+    for (name, ip) in addresses {
         let global_v4 = matches!(ip, std::net::IpAddr::V4(v4) if !v4.is_link_local());
         if global_v4 && !is_pod_link(&name) && !names.contains(&name) {
             names.push(name);

@@ -2,46 +2,49 @@
 //! Service IPs that are not local are added so the kernel delivers their
 //! traffic to our sockets, and removed again when no frontend needs them
 //! and on exit. Where the kernel has no dummy driver they go on `lo`
-//! instead (and only the ones Ferry added are removed).
+//! instead (and only the ones Ferry added are removed). Over rtnetlink
+//! (crate::netif), so no `ip` binary is needed.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
+
+use crate::netif::Rtnl;
 
 pub const DUMMY: &str = "ferry0";
+
+/// A failed change of the frontend addresses.
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    #[error("cannot open a route netlink socket")]
+    Netlink(#[source] std::io::Error),
+    #[error("cannot find the interface lo")]
+    NoLoopback(#[source] std::io::Error),
+    #[error("cannot {action} {ip}/{prefix} on {device}")]
+    Change {
+        action: &'static str,
+        ip: IpAddr,
+        prefix: u8,
+        device: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The interface holding the addresses.
+#[derive(Debug, Clone, Copy)]
+struct Device {
+    name: &'static str,
+    index: u32,
+}
 
 #[derive(Debug)]
 pub struct Addresses {
     /// Whether we manage addresses at all (root).
     pub enabled: bool,
-    /// The interface holding them, once chosen: ferry0 (created by us) or lo.
-    device: Option<&'static str>,
+    rtnl: Option<Rtnl>,
+    /// Chosen with the first address: ferry0 (created by us) or lo.
+    device: Option<Device>,
     have: BTreeSet<IpAddr>,
-}
-
-fn ip_batch(lines: &[String]) -> Result<(), String> {
-    if lines.is_empty() {
-        return Ok(());
-    }
-    let mut child = Command::new("ip")
-        .args(["-force", "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running ip: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(lines.join("\n").as_bytes());
-    }
-    let out = child.wait_with_output().map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr)
-            .trim()
-            .replace('\n', "; "))
-    }
 }
 
 fn prefix(ip: &IpAddr) -> u8 {
@@ -56,24 +59,38 @@ impl Addresses {
     pub fn new(enabled: bool) -> Addresses {
         Addresses {
             enabled,
+            rtnl: None,
             device: None,
             have: BTreeSet::new(),
         }
     }
 
-    fn device(&mut self) -> Result<&'static str, String> {
+    fn rtnl(&mut self) -> Result<&mut Rtnl, AddressError> {
+        if self.rtnl.is_none() {
+            self.rtnl = Some(Rtnl::open().map_err(AddressError::Netlink)?);
+        }
+        self.rtnl
+            .as_mut()
+            .ok_or_else(|| AddressError::Netlink(std::io::ErrorKind::NotConnected.into()))
+    }
+
+    fn device(&mut self) -> Result<Device, AddressError> {
         if let Some(d) = self.device {
             return Ok(d);
         }
-        let _ = ip_batch(&[format!("link del {DUMMY}")]);
-        let d = match ip_batch(&[
-            format!("link add {DUMMY} type dummy"),
-            format!("link set {DUMMY} up"),
-        ]) {
-            Ok(()) => DUMMY,
+        let rtnl = self.rtnl()?;
+        // A ferry0 left by an earlier run goes: its addresses are unknown.
+        if let Ok(Some(old)) = rtnl.link_index(DUMMY) {
+            let _ = rtnl.delete_link(old);
+        }
+        let d = match rtnl.add_dummy(DUMMY) {
+            Ok(index) => Device { name: DUMMY, index },
             Err(e) => {
                 tracing::info!(reason = %e, "no dummy interface: frontend addresses go on lo");
-                "lo"
+                let lo = rtnl.link_index("lo").map_err(AddressError::NoLoopback)?;
+                let index = lo
+                    .ok_or_else(|| AddressError::NoLoopback(std::io::ErrorKind::NotFound.into()))?;
+                Device { name: "lo", index }
             }
         };
         self.device = Some(d);
@@ -81,12 +98,13 @@ impl Addresses {
     }
 
     /// Makes the device hold exactly `wanted` (less the addresses other
-    /// interfaces already have). Errors name the command's complaint.
+    /// interfaces already have). Every change is tried; the first failure
+    /// is returned, and what failed is tried again at the next sync.
     pub fn sync(
         &mut self,
         wanted: &BTreeSet<IpAddr>,
         local: &BTreeSet<IpAddr>,
-    ) -> Result<(), String> {
+    ) -> Result<(), AddressError> {
         if !self.enabled {
             return Ok(());
         }
@@ -95,16 +113,51 @@ impl Addresses {
             return Ok(());
         }
         let dev = self.device()?;
-        let mut lines = Vec::new();
-        for ip in wanted.difference(&self.have) {
-            lines.push(format!("address add {ip}/{} dev {dev}", prefix(ip)));
+        let add: Vec<IpAddr> = wanted.difference(&self.have).copied().collect();
+        let del: Vec<IpAddr> = self.have.difference(&wanted).copied().collect();
+        let mut first = None;
+        for ip in add {
+            match self.change("add", dev, ip) {
+                Ok(()) => {
+                    self.have.insert(ip);
+                }
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
         }
-        for ip in self.have.difference(&wanted) {
-            lines.push(format!("address del {ip}/{} dev {dev}", prefix(ip)));
+        for ip in del {
+            match self.change("remove", dev, ip) {
+                Ok(()) => {
+                    self.have.remove(&ip);
+                }
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
         }
-        let r = ip_batch(&lines);
-        self.have = wanted;
-        r.map_err(|e| format!("addresses on {dev}: {e}"))
+        first.map_or(Ok(()), Err)
+    }
+
+    fn change(
+        &mut self,
+        action: &'static str,
+        dev: Device,
+        ip: IpAddr,
+    ) -> Result<(), AddressError> {
+        let rtnl = self.rtnl()?;
+        let r = if action == "add" {
+            rtnl.add_address(dev.index, ip, prefix(&ip))
+        } else {
+            rtnl.delete_address(dev.index, ip, prefix(&ip))
+        };
+        r.map_err(|source| AddressError::Change {
+            action,
+            ip,
+            prefix: prefix(&ip),
+            device: dev.name,
+            source,
+        })
     }
 
     /// Whether `ip` was added by us.
@@ -114,16 +167,15 @@ impl Addresses {
 
     pub fn remove_all(&mut self) {
         match self.device.take() {
-            Some(DUMMY) => {
-                let _ = ip_batch(&[format!("link del {DUMMY}")]);
+            Some(d) if d.name == DUMMY => {
+                if let Ok(rtnl) = self.rtnl() {
+                    let _ = rtnl.delete_link(d.index);
+                }
             }
-            Some(dev) => {
-                let lines: Vec<String> = self
-                    .have
-                    .iter()
-                    .map(|ip| format!("address del {ip}/{} dev {dev}", prefix(ip)))
-                    .collect();
-                let _ = ip_batch(&lines);
+            Some(d) => {
+                for ip in std::mem::take(&mut self.have) {
+                    let _ = self.change("remove", d, ip);
+                }
             }
             None => {}
         }

@@ -400,7 +400,7 @@ impl UserspaceDataplane {
     /// Rebuilds the table from the maps and serves it.
     fn refresh(&mut self, desired: &DesiredState) {
         self.generation += 1;
-        let mut local: BTreeSet<IpAddr> = crate::agent::local_addresses(&[]).into_iter().collect();
+        let mut local: BTreeSet<IpAddr> = crate::netif::local_addresses(&[]).into_iter().collect();
         local.retain(|ip| !self.addresses.holds(ip));
         let table = Arc::new(table::build(
             &self.mirror,
@@ -429,7 +429,10 @@ impl UserspaceDataplane {
             .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
             .collect();
         if let Err(e) = self.addresses.sync(&wanted_ips, &local) {
-            tracing::warn!(error = %e, "cannot manage frontend addresses");
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "cannot manage frontend addresses"
+            );
         }
         let is_local = |ip: &IpAddr| ip.is_loopback() || local.contains(ip);
 
