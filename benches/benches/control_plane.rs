@@ -166,9 +166,45 @@ fn allocations(_c: &mut Criterion) {
     );
 }
 
+/// The file source's parse of a YAML file of N Services and their
+/// EndpointSlices (block style, as `kubectl get -o yaml` writes), one
+/// document each: the YAML parser, the kind dispatch and the k8s-openapi
+/// types.
+fn file_parse(c: &mut Criterion) {
+    let mut g = c.benchmark_group("file_source_parse");
+    g.sample_size(10).measurement_time(Duration::from_secs(8));
+    for (label, services) in [("1k", 1_000), ("10k", 10_000)] {
+        let shape = Shape {
+            services,
+            endpoints: 10,
+            nodeport_every: 0,
+        };
+        let (svcs, slices) = cluster(shape);
+        let mut text = String::new();
+        for (svc, sl) in svcs.iter().zip(&slices) {
+            for doc in [
+                yaml_serde::to_string(svc).expect("a Service as YAML"),
+                yaml_serde::to_string(sl).expect("a slice as YAML"),
+            ] {
+                text.push_str("---\n");
+                text.push_str(&doc);
+            }
+        }
+        g.bench_function(label, |b| {
+            b.iter(|| {
+                let (objects, errors) = ferry_proxy::objects::parse_documents(&text, "bench.yaml");
+                assert!(errors.is_empty(), "{errors:?}");
+                black_box(objects.len())
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     full_sync,
+    file_parse,
     endpoint_change,
     maglev_build,
     allocations

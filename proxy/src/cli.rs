@@ -38,12 +38,7 @@ pub struct RunSettings {
 impl RunSettings {
     pub fn load(path: &std::path::Path) -> Result<RunSettings, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_saphyr::from_str(&text).map_err(|e| {
-            let e = e.render_with_options(serde_saphyr::render_options! {
-                snippets: serde_saphyr::SnippetMode::Off,
-            });
-            format!("{}: {}", path.display(), e.replace('\n', " "))
-        })
+        yaml_serde::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 }
 
@@ -305,13 +300,13 @@ mod tests {
 
     #[test]
     fn run_settings_from_yaml() {
-        let s: RunSettings = serde_saphyr::from_str(
+        let s: RunSettings = yaml_serde::from_str(
             "source: file:/etc/ferry\nminSyncPeriod: 250ms\nnodeportAddresses: 198.18.0.0/15\n",
         )
         .unwrap();
         assert_eq!(s.source.as_deref(), Some("file:/etc/ferry"));
         assert_eq!(s.min_sync_period.as_deref(), Some("250ms"));
-        let err = serde_saphyr::from_str::<RunSettings>("syncPeriodd: 1s\n").unwrap_err();
+        let err = yaml_serde::from_str::<RunSettings>("syncPeriodd: 1s\n").unwrap_err();
         assert!(err.to_string().contains("syncPeriodd"), "{err}");
     }
 

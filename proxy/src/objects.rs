@@ -4,8 +4,8 @@
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use yaml_serde::Value;
 
 /// One object Ferry understands.
 #[derive(Debug, Clone)]
@@ -29,14 +29,11 @@ struct Header {
     kind: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct List {
-    #[serde(default)]
-    items: Vec<serde_json::Value>,
-}
-
 /// Parses every document of `text`; `origin` (a file name) goes into
-/// errors. Empty documents are skipped; `List` objects are flattened.
+/// errors. Empty documents are skipped; `List` objects are flattened. A
+/// document is parsed once into a tree; only when its object turns out
+/// invalid is it parsed again as that object, for the line and column of
+/// the bad field.
 pub fn parse_documents(text: &str, origin: &str) -> (Vec<Object>, Vec<DocumentError>) {
     let mut objects = Vec::new();
     let mut errors = Vec::new();
@@ -46,78 +43,110 @@ pub fn parse_documents(text: &str, origin: &str) -> (Vec<Object>, Vec<DocumentEr
             index,
             reason,
         };
-        let kind = match from_yaml::<Option<Header>>(doc, first_line) {
-            Ok(None) => continue,
-            Ok(Some(Header { kind: Some(k) })) => k,
-            Ok(Some(Header { kind: None })) => {
+        let mut value: Value = match yaml_serde::from_str(doc) {
+            Ok(Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(err(format!("not YAML: {}", message(&e, first_line))));
+                continue;
+            }
+        };
+        if let Err(e) = value.apply_merge() {
+            errors.push(err(format!("bad merge key: {e}")));
+            continue;
+        }
+        let kind = match Header::deserialize(&value) {
+            Ok(Header { kind: Some(k) }) => k,
+            Ok(Header { kind: None }) => {
                 errors.push(err("no kind".into()));
                 continue;
             }
             Err(e) => {
-                errors.push(err(format!("not YAML: {e}")));
+                errors.push(err(format!("not an object: {e}")));
                 continue;
             }
         };
-        let parsed = match kind.as_str() {
-            "Service" => from_yaml(doc, first_line).map(|s| vec![Object::Service(Box::new(s))]),
-            "EndpointSlice" => {
-                from_yaml(doc, first_line).map(|s| vec![Object::EndpointSlice(Box::new(s))])
+        if kind == "List" {
+            for item in list_items(value) {
+                match item_object(item) {
+                    Ok(o) => objects.push(o),
+                    Err(e) => errors.push(err(format!("in a List: {e}"))),
+                }
             }
-            "Node" => from_yaml(doc, first_line).map(|n| vec![Object::Node(Box::new(n))]),
-            "List" => from_yaml::<List>(doc, first_line).map(|l| {
-                l.items
-                    .into_iter()
-                    .filter_map(|item| list_item(item, &mut |e| errors.push(err(e))))
-                    .collect()
-            }),
-            other => {
-                errors.push(err(format!("kind {other} is not used by ferry")));
-                continue;
+            continue;
+        }
+        match to_object(&kind, value) {
+            Ok(Some(o)) => objects.push(o),
+            Ok(None) => errors.push(err(format!("kind {kind} is not used by ferry"))),
+            Err(e) => {
+                let at = positioned(&kind, doc, first_line).unwrap_or_else(|| e.to_string());
+                errors.push(err(format!("invalid {kind}: {at}")));
             }
-        };
-        match parsed {
-            Ok(o) => objects.extend(o),
-            Err(e) => errors.push(err(format!("invalid {kind}: {e}"))),
         }
     }
     (objects, errors)
 }
 
-/// One item of a `List` (already a tree, so its errors carry no line).
-fn list_item(item: serde_json::Value, report: &mut impl FnMut(String)) -> Option<Object> {
-    let kind = item
-        .get("kind")
-        .and_then(|k| k.as_str())
-        .unwrap_or("")
-        .to_owned();
-    let parsed = match kind.as_str() {
-        "Service" => serde_json::from_value(item).map(|s| Object::Service(Box::new(s))),
-        "EndpointSlice" => serde_json::from_value(item).map(|s| Object::EndpointSlice(Box::new(s))),
-        "Node" => serde_json::from_value(item).map(|n| Object::Node(Box::new(n))),
-        "" => {
-            report("a List item has no kind".into());
-            return None;
-        }
-        other => {
-            report(format!("kind {other} is not used by ferry"));
-            return None;
-        }
-    };
-    parsed
-        .map_err(|e| report(format!("invalid {kind} in a List: {e}")))
-        .ok()
+/// The object of a tree of kind `kind`; None for a kind Ferry does not use.
+fn to_object(kind: &str, value: Value) -> Result<Option<Object>, yaml_serde::Error> {
+    Ok(Some(match kind {
+        "Service" => Object::Service(Box::new(Service::deserialize(value)?)),
+        "EndpointSlice" => Object::EndpointSlice(Box::new(EndpointSlice::deserialize(value)?)),
+        "Node" => Object::Node(Box::new(Node::deserialize(value)?)),
+        _ => return Ok(None),
+    }))
 }
 
-/// `doc` as a `T`; an error names the line and column in the whole file
-/// (`doc` starts after `first_line` lines of it), on one line.
-fn from_yaml<T: DeserializeOwned>(doc: &str, first_line: usize) -> Result<T, String> {
-    serde_saphyr::from_str(doc).map_err(|e| {
-        e.render_with_options(serde_saphyr::render_options! {
-            snippets: serde_saphyr::SnippetMode::Off,
-            line_offset: first_line as u64,
-        })
-        .replace('\n', " ")
-    })
+/// The items of a `List`.
+fn list_items(value: Value) -> Vec<Value> {
+    match value {
+        Value::Mapping(mut m) => match m.remove("items") {
+            Some(Value::Sequence(items)) => items,
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+/// One item of a `List` (already a tree, so its errors carry no line).
+fn item_object(item: Value) -> Result<Object, String> {
+    let kind = Header::deserialize(&item).ok().and_then(|h| h.kind);
+    let kind = kind.ok_or("an item has no kind")?;
+    match to_object(&kind, item) {
+        Ok(Some(o)) => Ok(o),
+        Ok(None) => Err(format!("kind {kind} is not used by ferry")),
+        Err(e) => Err(format!("invalid {kind}: {e}")),
+    }
+}
+
+/// The error of parsing `doc` straight into its kind, with its position.
+fn positioned(kind: &str, doc: &str, first_line: usize) -> Option<String> {
+    let e = match kind {
+        "Service" => yaml_serde::from_str::<Service>(doc).err(),
+        "EndpointSlice" => yaml_serde::from_str::<EndpointSlice>(doc).err(),
+        "Node" => yaml_serde::from_str::<Node>(doc).err(),
+        _ => None,
+    }?;
+    Some(message(&e, first_line))
+}
+
+/// `e`'s message with its position counted in the whole file (`doc`
+/// starts after `first_line` lines of it).
+fn message(e: &yaml_serde::Error, first_line: usize) -> String {
+    let text = e.to_string();
+    match e.location() {
+        Some(at) => {
+            let bare = text
+                .rsplit_once(" at line ")
+                .map_or(text.as_str(), |(m, _)| m);
+            format!(
+                "{bare} at line {} column {}",
+                at.line() + first_line,
+                at.column()
+            )
+        }
+        None => text,
+    }
 }
 
 /// The documents of a YAML stream, each with the number of lines before
@@ -225,7 +254,7 @@ items:
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].reason.contains("Secret"), "{errors:?}");
         assert!(
-            errors[1].reason.contains("invalid Service in a List"),
+            errors[1].reason.contains("in a List: invalid Service"),
             "{errors:?}"
         );
     }
@@ -238,13 +267,18 @@ items:
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert_eq!(errors[0].index, 1);
         assert!(
-            errors[0].reason.contains("line 8, column 11"),
+            errors[0].reason.contains("line 8 column 11"),
             "{}",
             errors[0]
         );
         assert_eq!(errors[1].index, 2);
         assert!(errors[1].reason.starts_with("not YAML"), "{}", errors[1]);
-        assert!(errors[1].reason.contains("line 10"), "{}", errors[1]);
+        // The document starts on line 10; the parser stops at its end.
+        assert!(
+            errors[1].reason.contains("at line 11 column 1"),
+            "{}",
+            errors[1]
+        );
         assert!(errors.iter().all(|e| !e.to_string().contains('\n')));
     }
 

@@ -104,7 +104,7 @@ fn sync(
 
 fn run_scenario(dir: &Path) -> String {
     let cfg: ScenarioConfig = std::fs::read_to_string(dir.join("config.yaml"))
-        .map(|t| serde_saphyr::from_str(&t).unwrap())
+        .map(|t| yaml_serde::from_str(&t).unwrap())
         .unwrap_or_default();
     let mut plan = PlanConfig {
         maglev_size: cfg.maglev_size.unwrap_or(31),

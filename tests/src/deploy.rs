@@ -14,8 +14,14 @@ pub fn deploy_dir() -> PathBuf {
 
 /// Every document of a multi-document YAML text, as JSON values.
 pub fn documents(text: &str) -> anyhow::Result<Vec<Value>> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text)?;
-    Ok(docs.into_iter().filter(|v| !v.is_null()).collect())
+    let mut out = Vec::new();
+    for doc in yaml_serde::Deserializer::from_str(text) {
+        let value: Value = serde::Deserialize::deserialize(doc)?;
+        if !value.is_null() {
+            out.push(value);
+        }
+    }
+    Ok(out)
 }
 
 /// The Kubernetes objects in deploy/*.yaml as written (not the

@@ -626,7 +626,7 @@ fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Result
 /// a resourceVersion that is no longer current, else the object with a new
 /// resourceVersion (and a MODIFIED event for watchers).
 fn patch_status(shared: &Shared, r: &Request, body: &[u8]) -> (u16, Value) {
-    let patch: Value = match serde_saphyr::from_slice(body) {
+    let patch: Value = match yaml_serde::from_slice(body) {
         Ok(v) => v,
         Err(e) => return (400, status_body(400, "BadRequest", &e.to_string())),
     };

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 pub fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> T {
-    serde_saphyr::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    yaml_serde::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
 /// A NodePort Service with one port (80 -> `target`, `node_port`) and

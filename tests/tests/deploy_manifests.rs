@@ -185,7 +185,7 @@ fn rendered_manifests_keep_every_key_and_wire_the_agent() {
         .get("config.yaml")
         .cloned()
         .expect("config.yaml");
-    let settings: ferry_proxy::cli::RunSettings = serde_saphyr::from_str(&text).unwrap();
+    let settings: ferry_proxy::cli::RunSettings = yaml_serde::from_str(&text).unwrap();
     let cgroup = settings
         .cgroup_path
         .expect("cgroupPath set")
@@ -245,7 +245,7 @@ fn example_pool_is_valid() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let text = std::fs::read_to_string(root.join("deploy/kind/lb-pool.yaml")).unwrap();
     let pool: ferry_proxy::ipam::pool::FerryLoadBalancerIPPool =
-        serde_saphyr::from_str(&text).unwrap();
+        yaml_serde::from_str(&text).unwrap();
     let parsed = ferry_proxy::ipam::pool::parse_pool("kind", 0, &pool.spec);
     assert_eq!(parsed.invalid, None);
     assert!(!parsed.ranges.is_empty());

@@ -16,6 +16,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             "control_plane",
             &[
                 "translate_plan_full",
+                "file_source_parse",
                 "endpoint_change_10k",
                 "maglev_build_16381",
             ],

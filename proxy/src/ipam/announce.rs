@@ -213,7 +213,7 @@ mod tests {
     use k8s_openapi::api::discovery::v1::EndpointSlice;
 
     fn announce_on(node: &str, policy: &str, endpoint_nodes: &[&str]) -> Announcements {
-        let svc: Service = serde_saphyr::from_str(&format!(
+        let svc: Service = yaml_serde::from_str(&format!(
             "metadata: {{name: web, namespace: t}}
 spec:
   type: LoadBalancer
@@ -230,7 +230,7 @@ status:
             .enumerate()
             .map(|(i, n)| format!("- {{addresses: [198.18.41.{}], nodeName: {n}}}", i + 2))
             .collect();
-        let slice: EndpointSlice = serde_saphyr::from_str(&format!(
+        let slice: EndpointSlice = yaml_serde::from_str(&format!(
             "metadata: {{name: web-1, namespace: t, labels: {{kubernetes.io/service-name: web}}}}
 addressType: IPv4
 ports: [{{name: a, port: 9100}}, {{name: b, port: 9100}}]

@@ -181,7 +181,7 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Option<LbService> {
-        let svc: Service = serde_saphyr::from_str(yaml).expect("a Service");
+        let svc: Service = yaml_serde::from_str(yaml).expect("a Service");
         lb_service(&svc)
     }
 
@@ -249,7 +249,7 @@ status:
 
     #[test]
     fn records_only_what_the_allocator_serves_or_served() {
-        let svc = |yaml: &str| -> Service { serde_saphyr::from_str(yaml).expect("a Service") };
+        let svc = |yaml: &str| -> Service { yaml_serde::from_str(yaml).expect("a Service") };
         assert!(record(&svc("metadata: {name: a}\nspec: {type: ClusterIP}\n")).is_none());
         let ours = record(&svc("metadata: {name: a}\nspec: {type: LoadBalancer}\n")).expect("ours");
         assert!(ours.lb.is_some() && ours.condition.is_none());
