@@ -443,21 +443,22 @@ mod tests {
         assert!(m.health(at(63_000), timeout, false).0, "/livez does not");
     }
 
+    fn a_sync_with_one_failed_op() -> SyncRecord {
+        SyncRecord {
+            ok: true,
+            took: Duration::from_millis(3),
+            ops_ok: 5,
+            ops_failed: 1,
+            plan_errors: 0,
+            service_changes: 1,
+            endpoint_changes: 2,
+        }
+    }
+
     #[test]
     fn renders_kube_proxy_names() {
         let m = Metrics::default();
-        m.record_sync(
-            SyncRecord {
-                ok: true,
-                took: Duration::from_millis(3),
-                ops_ok: 5,
-                ops_failed: 1,
-                plan_errors: 0,
-                service_changes: 1,
-                endpoint_changes: 2,
-            },
-            at(5_000),
-        );
+        m.record_sync(a_sync_with_one_failed_op(), at(5_000));
         let text = m.render();
         assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1"));
         assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 1"));
@@ -505,18 +506,7 @@ mod tests {
         use prometheus_parse::{Scrape, Value};
         let m = Metrics::default();
         m.set_dataplane(Arc::new(FakeDataplane));
-        m.record_sync(
-            SyncRecord {
-                ok: true,
-                took: Duration::from_millis(3),
-                ops_ok: 5,
-                ops_failed: 1,
-                plan_errors: 0,
-                service_changes: 1,
-                endpoint_changes: 2,
-            },
-            at(5_000),
-        );
+        m.record_sync(a_sync_with_one_failed_op(), at(5_000));
         m.programmed(3_500, at(5_000));
         let text = m.render();
         let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
