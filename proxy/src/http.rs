@@ -1,5 +1,5 @@
-//! The agent's HTTP endpoints (an I/O edge): /healthz and /livez on the
-//! healthz address, /metrics, /proxyMode and /services on the
+//! The agent's HTTP endpoints (an I/O edge): /healthz, /livez and /readyz
+//! on the healthz address, /metrics, /proxyMode and /services on the
 //! metrics address, as kube-proxy serves them, and the healthCheckNodePort
 //! listeners. HTTP/1.1 by hyper on a runtime of one thread of its own:
 //! keep-alive, HEAD, bounded headers and a header read timeout, graceful
@@ -161,6 +161,15 @@ pub fn agent_handler(what: Endpoints, metrics: Arc<Metrics>, health_timeout: Dur
 /// What a path answers.
 pub fn route(path: &str, what: Endpoints, metrics: &Metrics, health_timeout: Duration) -> Reply {
     match (what, path) {
+        (Endpoints::Health, "/readyz") => {
+            let (ok, body) = metrics.readiness(SystemTime::now(), health_timeout);
+            let status = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            Reply::new(status, "application/json", body)
+        }
         (Endpoints::Health, "/healthz" | "/livez") => {
             let (ok, body) = metrics.health(SystemTime::now(), health_timeout, path == "/healthz");
             let status = if ok {

@@ -222,6 +222,8 @@ pub struct Metrics {
     pending_since_ms: AtomicU64,
     /// Set when the node is being deleted (not reported by the file source).
     node_deleting: AtomicU64,
+    /// Set once the first full sync after start is in the dataplane.
+    ready: std::sync::atomic::AtomicBool,
     /// The dataplane's own status (mode, metrics, /services), when it has one.
     dataplane: DataplaneSlot,
 }
@@ -255,6 +257,7 @@ impl Default for Metrics {
             last_sync_unix_ms: AtomicU64::default(),
             pending_since_ms: AtomicU64::default(),
             node_deleting: AtomicU64::default(),
+            ready: std::sync::atomic::AtomicBool::default(),
             dataplane,
         }
     }
@@ -355,6 +358,27 @@ impl Metrics {
             }
         );
         (!stale && !deleting, body)
+    }
+
+    /// The first full sync after start is in the dataplane: from now on the
+    /// agent serves every Service it knows (see [`Metrics::readiness`]).
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// /readyz: ready once the first full sync after start has been applied
+    /// (so a rolling update that trusts it never leaves a node whose new
+    /// agent has not programmed anything yet) and while no sync has been
+    /// owed longer than `timeout`. Returns (ready, JSON body).
+    pub fn readiness(&self, now: SystemTime, timeout: Duration) -> (bool, String) {
+        let synced = self.ready.load(Ordering::Relaxed);
+        let (healthy, _) = self.health(now, timeout, false);
+        let body = format!(
+            "{{\"firstSyncApplied\": {synced},\"lastUpdated\": \"{}\",\"currentTime\": \"{}\"}}",
+            rfc3339(self.last_sync_unix_ms.load(Ordering::Relaxed)),
+            rfc3339(unix_ms(now))
+        );
+        (synced && healthy, body)
     }
 
     /// Installs the dataplane's status (its metrics join ours).

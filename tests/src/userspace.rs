@@ -199,6 +199,8 @@ pub struct UserspaceAgent {
     child: crate::KillOnDrop,
     pub dir: PathBuf,
     pub metrics: String,
+    /// /healthz, /livez and /readyz: 127.0.0.1 on the metrics port + 100.
+    pub health: String,
 }
 
 impl UserspaceAgent {
@@ -234,6 +236,7 @@ impl UserspaceAgent {
         let yaml_path = dir.join("cluster.yaml");
         std::fs::write(&yaml_path, yaml)?;
         let metrics = format!("127.0.0.1:{metrics_port}");
+        let health = format!("127.0.0.1:{}", metrics_port + 100);
         let mut cmd = if unprivileged && crate::privileged::is_root() {
             let mut c = Command::new("setpriv");
             c.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
@@ -247,7 +250,7 @@ impl UserspaceAgent {
             .args(["--hostname-override", "node-a", "--min-sync-period", "50ms"])
             .args([
                 "--healthz-bind-address",
-                "",
+                &health,
                 "--metrics-bind-address",
                 &metrics,
             ])
@@ -285,6 +288,7 @@ impl UserspaceAgent {
             child: crate::KillOnDrop(child),
             dir,
             metrics,
+            health,
         })
     }
 
@@ -303,6 +307,11 @@ impl UserspaceAgent {
     /// GET on the agent's metrics address.
     pub fn get(&self, path: &str) -> Result<String> {
         ferry_proxy::http::get(&self.metrics, path).map_err(anyhow::Error::msg)
+    }
+
+    /// Whether /readyz answers 200.
+    pub fn ready(&self) -> bool {
+        ferry_proxy::http::get(&self.health, "/readyz").is_ok()
     }
 
     /// The /services rows.

@@ -164,9 +164,10 @@ fn rendered_manifests_keep_every_key_and_wire_the_agent() {
             .and_then(|h| h.path.clone())
     };
     assert_eq!(probe_path(&agent.liveness_probe).as_deref(), Some("/livez"));
+    // Ready once the first full sync is in the dataplane.
     assert_eq!(
         probe_path(&agent.readiness_probe).as_deref(),
-        Some("/healthz")
+        Some("/readyz")
     );
     let mounts = agent.volume_mounts.clone().unwrap_or_default();
     let bpffs = mounts

@@ -503,3 +503,48 @@ fn many_frontends_fit_a_small_descriptor_limit() {
         agent.log()
     );
 }
+
+/// /readyz turns 200 only once the first full sync is in the dataplane:
+/// a client that starts connecting the moment it does reaches every
+/// Service, after a start and after a restart (when /healthz already
+/// answered 200 before anything was served).
+#[test]
+fn readiness_waits_for_the_first_full_sync_across_a_restart() {
+    let _backend = EchoBackend::start("127.32.1.1:28091").unwrap();
+    let eps = [("127.32.1.1", true, true, false)];
+    let frontends: Vec<String> = (1..=60).map(|i| format!("127.32.0.{i}")).collect();
+    let yaml: String = frontends
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| service_yaml(&format!("r{i}"), ip, 28090, 28091, "TCP", &eps, "", ""))
+        .collect();
+    for round in ["start", "restart"] {
+        let agent = UserspaceAgent::start("ready", &yaml, 28257, true, &[]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !agent.ready() {
+            assert!(
+                Instant::now() < deadline,
+                "{round}: never ready: {}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // At once, every Service, each on a new connection.
+        let failures: Vec<String> = frontends
+            .iter()
+            .filter_map(|ip| {
+                let to = format!("{ip}:28090");
+                ask_once(&to).err().map(|e| format!("{to}: {e}"))
+            })
+            .collect();
+        assert!(
+            failures.is_empty(),
+            "{round}: {failures:?}\n{}",
+            agent.log()
+        );
+        assert!(
+            agent.log().contains("ready: the first full sync"),
+            "{round}"
+        );
+    }
+}

@@ -87,6 +87,8 @@ pub struct Agent {
     reported: BTreeSet<String>,
     /// Lists being streamed in: parsed as they come, applied at their end.
     staged: Staged,
+    /// The first full sync after start is in the dataplane (/readyz).
+    ready: bool,
     /// Where the LoadBalancer addresses this node may announce go (L2).
     announce: Option<tokio::sync::watch::Sender<crate::ipam::announce::Announcements>>,
 }
@@ -134,6 +136,7 @@ impl Agent {
             invalid_sink: None,
             reported: BTreeSet::new(),
             announce: None,
+            ready: false,
             staged: Staged::default(),
             cfg,
         })
@@ -295,7 +298,9 @@ impl Agent {
         }
         // An object fixed and broken again is reported again.
         self.reported = now_invalid;
-        let full = kind == SyncKind::Full || t.full;
+        // Until one has succeeded, every sync is full: the first one the
+        // runner asked for may have come before the sources had listed.
+        let full = kind == SyncKind::Full || t.full || !self.ready;
         let scope = if full {
             PlanScope::Full
         } else {
@@ -349,6 +354,14 @@ impl Agent {
             for t in &t.trigger_times_ms {
                 self.metrics.programmed(*t, now);
             }
+        }
+        if full && done.failed.is_none() && !self.ready {
+            self.ready = true;
+            self.metrics.set_ready();
+            tracing::info!(
+                frontends = self.applied.frontends().len(),
+                "ready: the first full sync is in the dataplane"
+            );
         }
         self.metrics.set_gauges(self.gauges());
         if self.cfg.health_check_servers {
