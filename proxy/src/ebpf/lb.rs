@@ -34,27 +34,32 @@ pub fn is_bpffs(path: &Path) -> bool {
     }
 }
 
-/// Creates `dir` on a mounted bpffs (mounting bpffs at its parent when it
-/// is the usual /sys/fs/bpf and not mounted yet).
+/// Creates `dir` on a mounted bpffs: `dir` may be a bpffs mount itself or
+/// a directory (existing or not) on one. When it is below the usual
+/// /sys/fs/bpf and that is not mounted yet, bpffs is mounted there first.
+/// An error names `dir` as given.
 pub fn ensure_pin_dir(dir: &Path) -> Result<(), EbpfError> {
     let err = |cause: String| EbpfError::Bpffs {
         path: dir.display().to_string(),
         cause,
     };
-    let parent = dir
-        .parent()
-        .ok_or_else(|| err("no parent directory".into()))?;
-    if !is_bpffs(parent) && parent == Path::new("/sys/fs/bpf") {
+    let usual = Path::new("/sys/fs/bpf");
+    if dir.starts_with(usual) && dir != usual && !is_bpffs(usual) {
         let status = std::process::Command::new("mount")
             .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
             .status()
-            .map_err(|e| err(format!("mounting bpffs: {e}")))?;
+            .map_err(|e| err(format!("mounting bpffs at /sys/fs/bpf: {e}")))?;
         if !status.success() {
-            return Err(err(format!("mount -t bpf failed: {status}")));
+            return Err(err(format!("mount -t bpf at /sys/fs/bpf failed: {status}")));
         }
     }
-    if !is_bpffs(parent) {
-        return Err(err(format!("{} is not a bpf filesystem", parent.display())));
+    // The nearest existing directory tells which filesystem `dir` is on.
+    let existing = dir.ancestors().find(|a| a.exists()).unwrap_or(dir);
+    if !is_bpffs(existing) {
+        return Err(err(format!(
+            "not on a bpf filesystem ({} is not one; mount one with `mount -t bpf bpf DIR`)",
+            existing.display()
+        )));
     }
     std::fs::create_dir_all(dir.join("links")).map_err(|e| err(e.to_string()))
 }
