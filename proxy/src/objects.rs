@@ -22,6 +22,9 @@ pub struct DocumentError {
     pub origin: String,
     pub index: usize,
     pub reason: String,
+    /// The document is not YAML at all (as a torn or garbled file is),
+    /// rather than a YAML object Ferry cannot use.
+    pub syntax: bool,
 }
 
 #[derive(Deserialize)]
@@ -42,12 +45,16 @@ pub fn parse_documents(text: &str, origin: &str) -> (Vec<Object>, Vec<DocumentEr
             origin: origin.into(),
             index,
             reason,
+            syntax: false,
         };
         let mut value: Value = match yaml_serde::from_str(doc) {
             Ok(Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
-                errors.push(err(format!("not YAML: {}", message(&e, first_line))));
+                errors.push(DocumentError {
+                    syntax: true,
+                    ..err(format!("not YAML: {}", message(&e, first_line)))
+                });
                 continue;
             }
         };

@@ -548,3 +548,57 @@ fn readiness_waits_for_the_first_full_sync_across_a_restart() {
         );
     }
 }
+
+/// Bad input never disturbs the other Services: an invalid Service next to
+/// valid ones in one file is skipped with a line naming it and its field
+/// (and counted), the valid ones are served; a file rewritten as garbage
+/// leaves its last good version in force.
+#[test]
+fn invalid_objects_are_skipped_alone_and_a_garbled_file_keeps_the_last_good_state() {
+    let _backend = EchoBackend::start("127.33.1.1:28093").unwrap();
+    let eps = [("127.33.1.1", true, true, false)];
+    let good = service_yaml("good", "127.33.0.1", 28092, 28093, "TCP", &eps, "", "");
+    let bad = service_yaml("bad", "127.33.0.2", 28094, 28093, "TCP", &eps, "", "")
+        .replace("port: 28094,", "port: 70000,");
+    let yaml = format!(
+        "{good}{bad}---\nkind: Service\nmetadata: {{name: shape, namespace: t}}\nspec: 7\n"
+    );
+    let agent = UserspaceAgent::start("badinput", &yaml, 28258, true, &[]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !agent.ready() {
+        assert!(Instant::now() < deadline, "never ready: {}", agent.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ask_once("127.33.0.1:28092").unwrap(), "127.33.1.1:28093");
+    let log = agent.log();
+    assert!(log.contains("t/bad"), "{log}");
+    assert!(
+        log.contains("spec.ports[0].port: 70000 is not a port"),
+        "{log}"
+    );
+    assert!(
+        log.contains("document 4") && log.contains("at line 38 column 7"),
+        "{log}"
+    );
+    assert_eq!(
+        agent.metric("ferry_invalid_objects{kind=\"Service\"}"),
+        Some(1.0)
+    );
+
+    // The file rewritten as garbage: the last good state stays in force.
+    agent.update("this: [is not yaml\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.log().contains("last good version stays in force") {
+        assert!(
+            Instant::now() < deadline,
+            "garbage not noticed: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..5 {
+        assert_eq!(ask_once("127.33.0.1:28092").unwrap(), "127.33.1.1:28093");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(agent.ready(), "{}", agent.log());
+}

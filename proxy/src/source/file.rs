@@ -2,9 +2,11 @@
 //! EndpointSlice and optional Node objects (multi-document). Polled: each
 //! poll compares the files' names, sizes and modification times, reads them
 //! only when one changed, and parses and sends a new snapshot only when the
-//! content changed. Unreadable documents are logged with file and position
-//! and skipped.
+//! content changed. Documents Ferry cannot use are logged with file and
+//! position and skipped; a file with a document that is not YAML at all (a
+//! torn or garbled write) is set aside whole, its last good version kept.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -70,18 +72,40 @@ fn read_files(path: &Path) -> std::io::Result<Vec<(PathBuf, String)>> {
 /// changes) and the event.
 pub fn read_snapshot(path: &Path) -> std::io::Result<(Vec<(PathBuf, String)>, SourceEvent)> {
     let contents = read_files(path)?;
-    let event = snapshot(&contents);
+    let event = snapshot(&contents, &mut LastGood::new());
     Ok((contents, event))
 }
 
-fn snapshot(contents: &[(PathBuf, String)]) -> SourceEvent {
+/// The objects of each file's last version without a syntax error.
+type LastGood = BTreeMap<PathBuf, Vec<Object>>;
+
+/// The objects of `text` (file `f`): parsed, or the file's last good ones
+/// when a document of it is not YAML.
+fn objects_of(f: &Path, text: &str, last_good: &mut LastGood) -> Vec<Object> {
+    let (objects, errors) = parse_documents(text, &f.display().to_string());
+    let torn = errors.iter().any(|e| e.syntax);
+    for e in errors {
+        tracing::warn!(error = %e, "skipping document");
+    }
+    if torn {
+        let kept = last_good.get(f).cloned().unwrap_or_default();
+        tracing::warn!(
+            file = %f.display(),
+            kept = kept.len(),
+            "a document is not YAML: the file's last good version stays in force"
+        );
+        return kept;
+    }
+    last_good.insert(f.to_path_buf(), objects.clone());
+    objects
+}
+
+fn snapshot(contents: &[(PathBuf, String)], last_good: &mut LastGood) -> SourceEvent {
     let (mut services, mut slices, mut nodes) = (Vec::new(), Vec::new(), Vec::new());
+    // A file that went away takes its objects with it.
+    last_good.retain(|f, _| contents.iter().any(|(c, _)| c == f));
     for (f, text) in contents {
-        let (objects, errors) = parse_documents(text, &f.display().to_string());
-        for e in errors {
-            tracing::warn!(error = %e, "skipping document");
-        }
-        for o in objects {
+        for o in objects_of(f, text, last_good) {
             match o {
                 Object::Service(s) => services.push(*s),
                 Object::EndpointSlice(s) => slices.push(*s),
@@ -108,6 +132,7 @@ pub fn spawn(
     std::thread::spawn(move || {
         let mut last: Option<Vec<(PathBuf, String)>> = None;
         let mut last_stamps: Option<Stamps> = None;
+        let mut last_good = LastGood::new();
         while !stop.load(Ordering::Relaxed) {
             let polled = stamps(&path).and_then(|st| {
                 if last_stamps.as_ref() == Some(&st) {
@@ -121,7 +146,7 @@ pub fn spawn(
                 Ok(None) => {}
                 Ok(Some(contents)) => {
                     if last.as_ref() != Some(&contents) {
-                        let event = snapshot(&contents);
+                        let event = snapshot(&contents, &mut last_good);
                         last = Some(contents);
                         if tx.send(event).is_err() {
                             return;
@@ -136,4 +161,49 @@ pub fn spawn(
             std::thread::sleep(interval);
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn services(e: &SourceEvent) -> Vec<String> {
+        match e {
+            SourceEvent::Snapshot { services, .. } => services
+                .iter()
+                .map(|s| s.metadata.name.clone().unwrap_or_default())
+                .collect(),
+            _ => panic!("a snapshot"),
+        }
+    }
+
+    #[test]
+    fn a_garbled_file_keeps_its_last_good_version_and_a_removed_one_goes() {
+        let svc = |name: &str| {
+            format!("---\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec: {{clusterIP: 198.19.0.9, ports: [{{port: 80}}]}}\n")
+        };
+        let (a, b) = (PathBuf::from("/a.yaml"), PathBuf::from("/b.yaml"));
+        let mut last_good = LastGood::new();
+        let both = vec![(a.clone(), svc("a1")), (b.clone(), svc("b1"))];
+        assert_eq!(services(&snapshot(&both, &mut last_good)), ["a1", "b1"]);
+        // b is rewritten as garbage: b1 stays; a's new version is used.
+        let torn = vec![
+            (a.clone(), svc("a2")),
+            (b.clone(), "kind: Service\nspec: {ports: [\n".into()),
+        ];
+        assert_eq!(services(&snapshot(&torn, &mut last_good)), ["a2", "b1"]);
+        // A document of a wrong shape is skipped alone: not a torn file.
+        let shape = vec![
+            (a.clone(), svc("a2")),
+            (
+                b.clone(),
+                format!("{}---\nkind: Service\nspec: 7\n", svc("b3")),
+            ),
+        ];
+        assert_eq!(services(&snapshot(&shape, &mut last_good)), ["a2", "b3"]);
+        // b is gone: so are its objects, even the kept ones.
+        let only_a = vec![(a, svc("a2"))];
+        assert_eq!(services(&snapshot(&only_a, &mut last_good)), ["a2"]);
+        assert!(!last_good.contains_key(&b));
+    }
 }
