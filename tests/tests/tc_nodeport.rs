@@ -14,67 +14,15 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use ferry_proxy::datapath::MapCapacities;
 use ferry_tests::bpf::PinDir;
-use ferry_tests::netns::VethLink;
+use ferry_tests::netns::TcTopology;
 use ferry_tests::objects::{service, slice, sync};
+use ferry_tests::require_privileged;
 use ferry_tests::servers::Servers;
 use ferry_tests::userspace::{EchoBackend, LineClient};
-use ferry_tests::{require_privileged, Netns};
-
-/// client (198.18.20.2) -- ext -- node (.20.1 | .21.1 | .22.1) -- int --
-/// backends (198.18.21.2, .3); node -- pod link (not attached) -- pod
-/// (198.18.22.2).
-struct Topology {
-    cli: Netns,
-    node: Netns,
-    srv: Netns,
-    pod: Netns,
-}
-
-fn topology(tag: &str) -> Topology {
-    let cli = Netns::new(&format!("{tag}c")).unwrap();
-    let node = Netns::new(&format!("{tag}n")).unwrap();
-    let srv = Netns::new(&format!("{tag}s")).unwrap();
-    let pod = Netns::new(&format!("{tag}p")).unwrap();
-    let links = [
-        (&cli, "tce1", "198.18.20.2/24", "tce0", "198.18.20.1/24"),
-        (&srv, "tcb1", "198.18.21.2/24", "tcb0", "198.18.21.1/24"),
-        (&pod, "vethp1", "198.18.22.2/24", "vethp0", "198.18.22.1/24"),
-    ];
-    for (peer, local, local_cidr, remote, remote_cidr) in links {
-        peer.veth_to(
-            &node,
-            VethLink {
-                local,
-                local_cidr,
-                remote,
-                remote_cidr,
-            },
-        )
-        .unwrap();
-    }
-    srv.ip(&["addr", "add", "198.18.21.3/24", "dev", "tcb1"])
-        .unwrap();
-    for (ns, gw) in [
-        (&cli, "198.18.20.1"),
-        (&srv, "198.18.21.1"),
-        (&pod, "198.18.22.1"),
-    ] {
-        ns.ip(&["route", "add", "default", "via", gw]).unwrap();
-    }
-    node.exec("sh", &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
-        .unwrap();
-    Topology {
-        cli,
-        node,
-        srv,
-        pod,
-    }
-}
 
 /// One request over a new TCP connection from the client namespace.
-fn tcp_ask(t: &Topology, to: &str) -> std::io::Result<String> {
+fn tcp_ask(t: &TcTopology, to: &str) -> std::io::Result<String> {
     let to: SocketAddr = to.parse().unwrap();
     t.cli
         .run(move || {
@@ -92,7 +40,7 @@ fn tcp_ask(t: &Topology, to: &str) -> std::io::Result<String> {
 }
 
 /// A UDP socket in the client namespace (bound to `port`, 0 for any).
-fn udp_socket(t: &Topology, port: u16) -> UdpSocket {
+fn udp_socket(t: &TcTopology, port: u16) -> UdpSocket {
     t.cli
         .run(move || {
             let s = UdpSocket::bind(("198.18.20.2", port))?;
@@ -109,22 +57,6 @@ fn udp_ask(s: &UdpSocket, to: &str) -> Option<(SocketAddr, String)> {
     Some((from, String::from_utf8_lossy(&buf[..n]).into_owned()))
 }
 
-fn attach(t: &Topology, pins: &std::path::Path) -> aya::Ebpf {
-    let pins = pins.to_path_buf();
-    t.node
-        .run(move || {
-            let mut ebpf = ferry_proxy::ebpf::open(&pins, &MapCapacities::default())?;
-            let done = ferry_proxy::ebpf::tc::attach_tc(
-                &mut ebpf,
-                &pins,
-                &["tce0".to_string(), "tcb0".to_string()],
-            )?;
-            assert_eq!(done.len(), 4, "{done:?}");
-            Ok(ebpf)
-        })
-        .unwrap()
-}
-
 #[test]
 fn nodeport_loadbalancer_and_externalip_through_tc() {
     if !require_privileged(
@@ -133,7 +65,7 @@ fn nodeport_loadbalancer_and_externalip_through_tc() {
     ) {
         return;
     }
-    let t = topology("tn");
+    let t = TcTopology::new("tn").unwrap();
     let (tcp, udp) = t
         .srv
         .run(|| {
@@ -159,7 +91,7 @@ fn nodeport_loadbalancer_and_externalip_through_tc() {
     let _pod_servers = Servers::start_with_peer(pod_tcp, vec![]);
 
     let pins = PinDir::new("tcnp").unwrap();
-    let ebpf = attach(&t, pins.path());
+    let ebpf = t.attach(pins.path()).unwrap();
     let mut agent = ferry_tests::objects::bpf_agent(pins.path());
 
     let remote = |ip| (ip, "node-b", true, false);
@@ -400,7 +332,7 @@ fn tcp_drains_from_a_terminating_backend() {
     ) {
         return;
     }
-    let t = topology("td");
+    let t = TcTopology::new("td").unwrap();
     let backends = t
         .srv
         .run(|| {
@@ -411,7 +343,7 @@ fn tcp_drains_from_a_terminating_backend() {
         })
         .unwrap();
     let pins = PinDir::new("tcdr").unwrap();
-    let ebpf = attach(&t, pins.path());
+    let ebpf = t.attach(pins.path()).unwrap();
     let mut agent = ferry_tests::objects::bpf_agent(pins.path());
     let services = vec![service("echo", "TCP", 30090, 9000, "")];
     sync(
@@ -480,7 +412,7 @@ fn nodeport_stream_survives_agent_sigkill() {
         return;
     }
     let bin = bin.unwrap();
-    let t = topology("tr");
+    let t = TcTopology::new("tr").unwrap();
     let _backend = t
         .srv
         .run(|| EchoBackend::start("198.18.21.2:9100"))
