@@ -146,6 +146,9 @@ pub fn format_op(op: &MapOp) -> String {
         MapOp::DeleteMaglev { id } => format!("delete maglev {id}"),
         MapOp::DeleteSourceRange { id, range } => format!("delete source-range {id} {range}"),
         MapOp::DeleteRevNat { id } => format!("delete revnat {id}"),
+        MapOp::ReleaseFlows { frontend, backend } => {
+            format!("release flows of frontend {frontend} to backend {backend}")
+        }
         MapOp::DeleteBackend { id } => format!("delete backend {id}"),
     }
 }

@@ -379,6 +379,7 @@ fn ops_are_ordered_backends_slots_count_then_deletions() {
         MapOp::DeleteSourceRange { .. } => 9,
         MapOp::DeleteRevNat { .. } => 10,
         MapOp::DeleteBackend { .. } => 11,
+        MapOp::ReleaseFlows { .. } => 12,
     };
     let ranks: Vec<u8> = plan.ops.iter().map(rank).collect();
     assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{:?}", plan.ops);

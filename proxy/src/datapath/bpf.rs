@@ -19,7 +19,7 @@ use ferry_common::lb::{
 use ipnet::{IpNet, Ipv4Net};
 
 use super::batch::{supported, update_batch};
-use super::sweep::{GoneBackend, Sweeper};
+use super::sweep::{Gone, GoneBackend, GonePair, Sweeper};
 use super::{DatapathError, LbMaps};
 use crate::model::{Action, Algorithm, L4Addr, Protocol, Scope};
 use crate::plan::{BackendEntry, BackendId, FrontendEntry, FrontendId, MapOp};
@@ -63,8 +63,9 @@ pub struct BpfMaps {
     caps: MapCapacities,
     /// IPv6 ops accepted without programming (no IPv6 maps yet).
     pub skipped_ipv6: u64,
-    /// Backends deleted since the last sync, for the sweeper.
-    gone: Vec<GoneBackend>,
+    /// Backends deleted and pairs released since the last sync, for the
+    /// sweeper.
+    gone: Gone,
     sweeper: Option<Sweeper>,
     dir: PathBuf,
     /// The maps written in batches, when the kernel has batch updates.
@@ -213,7 +214,7 @@ impl BpfMaps {
             ranges: typed(dir, SOURCE_RANGES4_MAP)?,
             caps,
             skipped_ipv6: 0,
-            gone: Vec::new(),
+            gone: Gone::default(),
             sweeper: None,
             dir: dir.to_path_buf(),
             batch: BatchFds::open(dir),
@@ -425,7 +426,7 @@ impl LbMaps for BpfMaps {
             }
             MapOp::DeleteBackend { id } => {
                 if let Ok(b) = self.backends.get(&id.0, 0) {
-                    self.gone.push(GoneBackend {
+                    self.gone.backends.push(GoneBackend {
                         id: id.0,
                         addr: b.addr,
                         port: b.port,
@@ -448,6 +449,22 @@ impl LbMaps for BpfMaps {
                     "insert",
                     caps.frontends,
                 ))
+            }
+            MapOp::ReleaseFlows { frontend, backend } => {
+                // The backend stays (other frontends use it): its address
+                // tells the sweep which sockets and entries are the pair's.
+                if let Ok(b) = self.backends.get(&backend.0, 0) {
+                    self.gone.pairs.push(GonePair {
+                        frontend_id: frontend.0,
+                        backend: GoneBackend {
+                            id: backend.0,
+                            addr: b.addr,
+                            port: b.port,
+                            proto: b.proto,
+                        },
+                    });
+                }
+                Ok(())
             }
             MapOp::DeleteRevNat { id } => ignore_missing(self.revnat.remove(&id.0))
                 .map_err(map_err(REVNAT4_MAP, "delete", caps.frontends)),

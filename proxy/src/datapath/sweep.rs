@@ -4,7 +4,10 @@
 //! backend is gone (the flow moves to a live backend at its next packet);
 //! the sweep frees the entries and keeps a reused backend ID from ever
 //! meeting an old flow. Connected UDP sockets that socket-level balancing
-//! sent to a deleted backend are closed too ([`super::sockets`]).
+//! sent to a deleted backend are closed too ([`super::sockets`]). The same
+//! is done for a released pair (a UDP frontend and a backend that left it
+//! but stays for other frontends): the programs cannot tell such an entry
+//! is stale, so only the sweep ends those flows.
 
 use std::path::Path;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -25,10 +28,47 @@ pub struct GoneBackend {
     pub proto: u8,
 }
 
+/// A UDP frontend and a backend that left it (see
+/// [`crate::plan::MapOp::ReleaseFlows`]), with the backend's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GonePair {
+    pub frontend_id: u32,
+    pub backend: GoneBackend,
+}
+
+/// What one sweep removes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gone {
+    pub backends: Vec<GoneBackend>,
+    pub pairs: Vec<GonePair>,
+}
+
+impl Gone {
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty() && self.pairs.is_empty()
+    }
+
+    fn extend(&mut self, more: Gone) {
+        self.backends.extend(more.backends);
+        self.pairs.extend(more.pairs);
+    }
+
+    /// Whether a conntrack or affinity entry naming `frontend_id` and
+    /// `backend_id`, whose backend is at `addr:port`, is stale.
+    fn covers(&self, frontend_id: u32, backend_id: u32, addr: Be32, port: Be16) -> bool {
+        let same = |g: &GoneBackend| g.id == backend_id && g.addr == addr && g.port == port;
+        self.backends.iter().any(same)
+            || self
+                .pairs
+                .iter()
+                .any(|p| p.frontend_id == frontend_id && same(&p.backend))
+    }
+}
+
 /// The handle the datapath keeps; the thread ends when it is dropped.
 #[derive(Debug)]
 pub struct Sweeper {
-    tx: Sender<Vec<GoneBackend>>,
+    tx: Sender<Gone>,
 }
 
 impl Sweeper {
@@ -45,7 +85,7 @@ impl Sweeper {
         Sweeper { tx }
     }
 
-    pub fn sweep(&self, gone: Vec<GoneBackend>) {
+    pub fn sweep(&self, gone: Gone) {
         let _ = self.tx.send(gone);
     }
 }
@@ -57,7 +97,7 @@ fn open<K: aya::Pod, V: aya::Pod>(
     super::typed(dir, name).map_err(|e| e.to_string())
 }
 
-fn run(dir: &Path, rx: &Receiver<Vec<GoneBackend>>) {
+fn run(dir: &Path, rx: &Receiver<Gone>) {
     while let Ok(mut gone) = rx.recv() {
         // Coalesce whatever queued up meanwhile into one pass.
         while let Ok(more) = rx.try_recv() {
@@ -65,70 +105,83 @@ fn run(dir: &Path, rx: &Receiver<Vec<GoneBackend>>) {
         }
         match sweep_once(dir, &gone) {
             Ok((ct, aff)) => tracing::debug!(
-                backends = gone.len(),
+                backends = gone.backends.len(),
+                pairs = gone.pairs.len(),
                 conntrack = ct,
                 affinity = aff,
-                "swept entries of deleted backends"
+                "swept entries of deleted backends and released pairs"
             ),
             Err(e) => tracing::warn!(error = %e, "conntrack sweep failed"),
         }
-        let udp: Vec<super::sockets::Peer> = gone
-            .iter()
-            .filter(|g| g.proto == 17)
-            .map(|g| {
-                (
-                    std::net::Ipv4Addr::from_bits(g.addr.to_host()),
-                    g.port.to_host(),
-                )
-            })
-            .collect();
-        let cookies = match balanced_sockets(dir, &udp) {
-            Ok(c) => std::sync::Arc::new(c),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the socket reverse-NAT map");
-                continue;
-            }
-        };
-        let closed = super::sockets::destroy_udp_sockets(&udp, &cookies);
-        if closed > 0 {
-            tracing::info!(
-                sockets = closed,
-                "closed connected UDP sockets of deleted backends"
-            );
+        close_sockets(dir, &gone);
+    }
+}
+
+fn peer(g: &GoneBackend) -> super::sockets::Peer {
+    (
+        std::net::Ipv4Addr::from_bits(g.addr.to_host()),
+        g.port.to_host(),
+    )
+}
+
+/// Closes the connected UDP sockets socket-level balancing sent to a
+/// deleted backend, or (for a released pair) to that backend through that
+/// frontend.
+fn close_sockets(dir: &Path, gone: &Gone) {
+    let udp = |g: &&GoneBackend| g.proto == 17;
+    let backends: Vec<super::sockets::Peer> = gone.backends.iter().filter(udp).map(peer).collect();
+    let pairs: Vec<(u32, super::sockets::Peer)> = gone
+        .pairs
+        .iter()
+        .filter(|p| p.backend.proto == 17)
+        .map(|p| (p.frontend_id, peer(&p.backend)))
+        .collect();
+    if backends.is_empty() && pairs.is_empty() {
+        return;
+    }
+    let cookies = match balanced_sockets(dir, &backends, &pairs) {
+        Ok(c) => std::sync::Arc::new(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the socket reverse-NAT map");
+            return;
         }
+    };
+    let mut peers = backends;
+    peers.extend(pairs.iter().map(|(_, p)| *p));
+    let closed = super::sockets::destroy_udp_sockets(&peers, &cookies);
+    if closed > 0 {
+        tracing::info!(
+            sockets = closed,
+            "closed connected UDP sockets of deleted backends and released pairs"
+        );
     }
 }
 
 /// The cookies of the sockets socket-level balancing sent to one of
-/// `peers` (from the socket reverse-NAT map).
+/// `peers`, or to a peer of `pairs` through that frontend (from the socket
+/// reverse-NAT map).
 fn balanced_sockets(
     dir: &Path,
     peers: &[super::sockets::Peer],
+    pairs: &[(u32, super::sockets::Peer)],
 ) -> Result<std::collections::HashSet<u64>, String> {
-    if peers.is_empty() {
-        return Ok(std::collections::HashSet::new());
-    }
     let map: HashMap<MapData, SockRevNat4Key, SockRevNat4Value> = open(dir, SOCK_REVNAT4_MAP)?;
     Ok(map
-        .keys()
+        .iter()
         .filter_map(Result::ok)
-        .filter(|k| {
+        .filter(|(k, v)| {
             let peer = (
                 std::net::Ipv4Addr::from_bits(k.backend_addr.to_host()),
                 k.backend_port.to_host(),
             );
-            peers.contains(&peer)
+            peers.contains(&peer) || pairs.contains(&(v.frontend_id, peer))
         })
-        .map(|k| k.cookie)
+        .map(|(k, _)| k.cookie)
         .collect())
 }
 
 /// One pass over both maps; returns the entries removed from each.
-pub fn sweep_once(dir: &Path, gone: &[GoneBackend]) -> Result<(usize, usize), String> {
-    let is_gone = |id: u32, addr: Be32, port: Be16| {
-        gone.iter()
-            .any(|g| g.id == id && g.addr == addr && g.port == port)
-    };
+pub fn sweep_once(dir: &Path, gone: &Gone) -> Result<(usize, usize), String> {
     let mut ct: HashMap<MapData, Ct4Key, Ct4Value> = open(dir, CT4_MAP)?;
     let stale: Vec<Ct4Key> = ct
         .iter()
@@ -139,7 +192,7 @@ pub fn sweep_once(dir: &Path, gone: &[GoneBackend]) -> Result<(usize, usize), St
             } else {
                 (k.src, k.sport)
             };
-            is_gone(v.backend_id, addr, port)
+            gone.covers(v.frontend_id, v.backend_id, addr, port)
         })
         .map(|(k, _)| k)
         .collect();
@@ -150,7 +203,7 @@ pub fn sweep_once(dir: &Path, gone: &[GoneBackend]) -> Result<(usize, usize), St
     let stale_aff: Vec<Affinity4Key> = aff
         .iter()
         .filter_map(Result::ok)
-        .filter(|(_, v)| is_gone(v.backend_id, v.backend_addr, v.backend_port))
+        .filter(|(k, v)| gone.covers(k.frontend_id, v.backend_id, v.backend_addr, v.backend_port))
         .map(|(k, _)| k)
         .collect();
     for k in &stale_aff {

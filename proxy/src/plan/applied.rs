@@ -201,6 +201,8 @@ impl AppliedState {
                 }
                 self.frontend_ids.insert(*frontend, *id);
             }
+            // No map entry: the datapath ends the pair's flows.
+            MapOp::ReleaseFlows { .. } => {}
             MapOp::DeleteRevNat { id } => {
                 if let Some(old) = self.rev_nat.remove(id) {
                     if self.frontend_ids.get(&old) == Some(id) {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::model::{Action, Algorithm, BackendAddr, DesiredFrontend, FrontendKey, Scope};
+use crate::model::{Action, Algorithm, BackendAddr, DesiredFrontend, FrontendKey, Protocol, Scope};
 use crate::translate::{DesiredState, Touched};
 use applied::{slot_number, sorted_members};
 
@@ -96,6 +96,15 @@ pub enum MapOp {
     },
     DeleteBackend {
         id: BackendId,
+    },
+    /// The flows of a UDP frontend to a backend that left it (and stays in
+    /// the maps for other frontends) must end now: a datagram flow never
+    /// pauses, so it would otherwise keep its old backend. No map entry;
+    /// a datapath drops its conntrack state and sockets of the pair. (A
+    /// deleted backend's flows end with [`MapOp::DeleteBackend`].)
+    ReleaseFlows {
+        frontend: FrontendId,
+        backend: BackendId,
     },
 }
 
@@ -288,6 +297,8 @@ struct Deletes {
     ranges: Vec<MapOp>,
     rev_nat: Vec<MapOp>,
     backends: Vec<MapOp>,
+    /// Last: the flows of pairs no new flow can pick any more.
+    releases: Vec<MapOp>,
 }
 
 impl Deletes {
@@ -298,6 +309,7 @@ impl Deletes {
         ops.extend(self.ranges);
         ops.extend(self.rev_nat);
         ops.extend(self.backends);
+        ops.extend(self.releases);
         ops
     }
 }
@@ -379,6 +391,23 @@ impl Planner<'_> {
             if ids[i] != *old_bid {
                 self.candidates.insert(*old_bid);
             }
+        }
+        if f.key.protocol == Protocol::Udp {
+            let stays: FastSet<BackendId> = ids
+                .iter()
+                .copied()
+                .chain(
+                    f.draining
+                        .iter()
+                        .filter_map(|b| self.applied.backend_ids.get(&b.addr).copied()),
+                )
+                .collect();
+            let left: Vec<BackendId> = old_slots
+                .iter()
+                .copied()
+                .filter(|b| !stays.contains(b))
+                .collect();
+            self.release(id, &left);
         }
         self.maglev(f, id, &ids);
         self.source_ranges(id, &f.policy.source_ranges);
@@ -463,8 +492,33 @@ impl Planner<'_> {
         }
     }
 
+    /// Releases the flows of UDP frontend `id` to those of `left` (backends
+    /// that left it) that stay in the maps for another frontend.
+    fn release(&mut self, id: FrontendId, left: &[BackendId]) {
+        let mut seen = FastSet::default();
+        for bid in left {
+            let stays = self
+                .applied
+                .backends
+                .get(bid)
+                .is_some_and(|e| self.desired.uses_backend(&e.addr));
+            if *bid != BackendId(0) && stays && seen.insert(*bid) {
+                self.deletes.releases.push(MapOp::ReleaseFlows {
+                    frontend: id,
+                    backend: *bid,
+                });
+            }
+        }
+    }
+
     fn remove_frontend(&mut self, key: &FrontendKey) {
         let id = self.applied.frontend_ids.get(key).copied();
+        if let (Some(id), Some(old)) = (id, self.applied.frontends.get(key)) {
+            if key.protocol == Protocol::Udp {
+                let left = old.slots.clone();
+                self.release(id, &left);
+            }
+        }
         if let Some(old) = self.applied.frontends.get(key) {
             if old.entry.is_some() {
                 self.deletes
