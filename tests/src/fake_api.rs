@@ -111,6 +111,22 @@ struct State {
     rbac: Option<Vec<Rule>>,
     /// Requests the role refused: "verb group/resource".
     denied: Vec<String>,
+    /// The fault injected into every request (see [`FakeApi::set_fault`]).
+    fault: Fault,
+}
+
+/// A fault of the API server, for the agents' fault tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Fault {
+    #[default]
+    None,
+    /// Every connection is closed at once, before a request is read (as
+    /// an API server that went away): the client sees a transport error.
+    Unreachable,
+    /// Every request gets this status (e.g. 500) with a Status body.
+    Status(u16),
+    /// Every request is answered this long after it arrived.
+    Slow(Duration),
 }
 
 /// One PolicyRule of a ClusterRole.
@@ -297,6 +313,10 @@ impl FakeApi {
             while !st.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
+                        if lock(&sh).fault == Fault::Unreachable {
+                            drop(conn);
+                            continue;
+                        }
                         let (sh, st) = (sh.clone(), st.clone());
                         std::thread::spawn(move || {
                             let _ = serve(conn, &sh, &st);
@@ -373,6 +393,16 @@ impl FakeApi {
     }
 
     /// Ends every open watch (clients reconnect).
+    /// Injects `fault` into every request from now on (and ends the open
+    /// watches, so clients meet it at once); [`Fault::None`] heals.
+    pub fn set_fault(&self, fault: Fault) {
+        let mut st = lock(&self.shared);
+        st.fault = fault;
+        st.cut += 1;
+        drop(st);
+        self.shared.changed.notify_all();
+    }
+
     pub fn cut_watches(&self) {
         lock(&self.shared).cut += 1;
         self.shared.changed.notify_all();
@@ -553,7 +583,27 @@ fn serve(conn: TcpStream, shared: &Shared, stop: &AtomicBool) -> std::io::Result
         }
         let mut body = vec![0u8; content_length.min(1 << 20)];
         std::io::Read::read_exact(&mut reader, &mut body)?;
-        lock(shared).log.push(format!("{method} {target}"));
+        let fault = {
+            let mut st = lock(shared);
+            st.log.push(format!("{method} {target}"));
+            st.fault
+        };
+        match fault {
+            Fault::None => {}
+            Fault::Unreachable => return Ok(()),
+            Fault::Slow(d) => std::thread::sleep(d),
+            Fault::Status(code) => {
+                respond(
+                    &mut out,
+                    code,
+                    &status_body(code, "InternalError", "injected fault"),
+                )?;
+                if close {
+                    return Ok(());
+                }
+                continue;
+            }
+        }
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         if let Some(refused) = refused(shared, &method, path, query) {
             respond(&mut out, 403, &status_body(403, "Forbidden", &refused))?;

@@ -7,7 +7,9 @@
 //! address to that node and connects through it to a backend. When that
 //! agent is killed (SIGKILL: no lease release), the other node takes the
 //! lease over, sends gratuitous ARP, and the client's next connection goes
-//! through it — within 5 s.
+//! through it — within 5 s. And the API server going away for a minute,
+//! answering 500s, or answering slowly leaves the address and the
+//! dataplane serving, and the agents converge once it is back.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
@@ -16,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_tests::bpf::{PinDir, TestCgroup};
-use ferry_tests::fake_api::{FakeApi, Kind};
+use ferry_tests::fake_api::{FakeApi, Fault, Kind};
 use ferry_tests::netns::VethLink;
 use ferry_tests::userspace::{EchoBackend, LineClient};
 use ferry_tests::{ferry_binary, require_privileged, KillOnDrop, Netns};
@@ -129,123 +131,174 @@ fn l2_holder(api: &FakeApi) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-#[test]
-fn client_reaches_the_announcing_node_and_fails_over() {
-    let bin = ferry_binary();
-    if !require_privileged(
-        "client_reaches_the_announcing_node_and_fails_over",
-        bin.as_ref().map(|_| ()).map_err(Clone::clone),
-    ) {
-        return;
+/// Two nodes with agents, a client, the fake API server on the bridge and
+/// a LoadBalancer Service whose address is allocated and announced.
+struct Lan {
+    cli: Netns,
+    _nodes: Vec<Node>,
+    api: FakeApi,
+    agents: Vec<Option<KillOnDrop>>,
+    dir: std::path::PathBuf,
+    _backends: Vec<EchoBackend>,
+    /// The MACs of the nodes' LAN interfaces.
+    macs: Vec<String>,
+}
+
+impl Lan {
+    /// Everything up and the address reachable; None without root.
+    fn start(tag: &str) -> Option<Lan> {
+        let bin = ferry_binary();
+        if !require_privileged(tag, bin.as_ref().map(|_| ()).map_err(Clone::clone)) {
+            return None;
+        }
+        let bin = bin.unwrap();
+        let (cli, nodes) = topology(tag);
+        let backends: Vec<EchoBackend> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let addr = format!("198.18.4{}.2:9100", i + 1);
+                n.pod.run(move || EchoBackend::start(&addr)).unwrap()
+            })
+            .collect();
+        // The API server, reachable from both nodes over the bridge.
+        let listener = cli
+            .run(|| Ok(TcpListener::bind("198.18.40.100:0")?))
+            .unwrap();
+        let api = FakeApi::start_on(listener).unwrap();
+        api.enforce_cluster_role(&ferry_tests::deploy::cluster_role().unwrap());
+        api.apply(
+            json!({"kind": "FerryLoadBalancerIPPool", "metadata": {"name": "lan"},
+                         "spec": {"blocks": [{"cidr": format!("{LB_IP}/32")}]}}),
+        );
+        api.apply(
+            json!({"kind": "Service", "metadata": {"name": "web", "namespace": "t"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "198.19.0.40",
+                     "ports": [{"port": 80, "targetPort": 9100, "nodePort": 30040}]}}),
+        );
+        api.apply(slice(&["198.18.41.2", "198.18.42.2"]));
+        let dir = std::env::temp_dir().join(format!("ferry-test-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).unwrap();
+        let agents = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let log = std::fs::File::create(dir.join(format!("agent-{}.log", i + 1))).unwrap();
+                // Only the network namespace is entered: bpffs and cgroup2
+                // stay the host's.
+                Some(KillOnDrop(
+                    Command::new("nsenter")
+                        .arg(format!("--net=/var/run/netns/{}", n.ns.name()))
+                        .arg(&bin)
+                        .arg("run")
+                        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                        .arg(format!("--bpffs-path={}", n.pins.path().display()))
+                        .arg(format!("--cgroup-path={}", n.cg.path().display()))
+                        .args(["--dataplane", "ebpf", "--interfaces", &n.lan_if])
+                        .args(["--hostname-override", &format!("node-{}", i + 1)])
+                        .args(["--min-sync-period", "50ms"])
+                        // Fast failover is what is measured here (the
+                        // default lease outlasts an agent's rolling restart).
+                        .args(["--l2-lease-duration", "3s"])
+                        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+                        .stdout(Stdio::null())
+                        .stderr(log)
+                        .spawn()
+                        .unwrap(),
+                ))
+            })
+            .collect();
+        let macs = nodes.iter().map(|n| mac(&n.ns, &n.lan_if)).collect();
+        let lan = Lan {
+            cli,
+            _nodes: nodes,
+            api,
+            agents,
+            dir,
+            _backends: backends,
+            macs,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while l2_holder(&lan.api).is_none() || ask(&lan.cli).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "never reachable; agents:\n{}",
+                lan.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Some(lan)
     }
-    let bin = bin.unwrap();
-    let (cli, nodes) = topology("l2");
-    let _backends: Vec<EchoBackend> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let addr = format!("198.18.4{}.2:9100", i + 1);
-            n.pod.run(move || EchoBackend::start(&addr)).unwrap()
-        })
-        .collect();
 
-    // The API server, reachable from both nodes over the bridge.
-    let listener = cli
-        .run(|| Ok(TcpListener::bind("198.18.40.100:0")?))
-        .unwrap();
-    let api = FakeApi::start_on(listener).unwrap();
-    api.enforce_cluster_role(&ferry_tests::deploy::cluster_role().unwrap());
-    api.apply(
-        json!({"kind": "FerryLoadBalancerIPPool", "metadata": {"name": "lan"},
-                     "spec": {"blocks": [{"cidr": format!("{LB_IP}/32")}]}}),
-    );
-    api.apply(
-        json!({"kind": "Service", "metadata": {"name": "web", "namespace": "t"},
-        "spec": {"type": "LoadBalancer", "clusterIP": "198.19.0.40",
-                 "ports": [{"port": 80, "targetPort": 9100, "nodePort": 30040}]}}),
-    );
-    api.apply(json!({"kind": "EndpointSlice",
-        "metadata": {"name": "web-1", "namespace": "t", "labels": {"kubernetes.io/service-name": "web"}},
-        "addressType": "IPv4", "ports": [{"port": 9100}],
-        "endpoints": [{"addresses": ["198.18.41.2"], "nodeName": "node-1"},
-                      {"addresses": ["198.18.42.2"], "nodeName": "node-2"}]}));
-    let dir = std::env::temp_dir().join(format!("ferry-test-l2-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-
-    let mut agents: Vec<Option<KillOnDrop>> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let log = std::fs::File::create(dir.join(format!("agent-{}.log", i + 1))).unwrap();
-            // Only the network namespace is entered: bpffs and cgroup2 stay
-            // the host's.
-            Some(KillOnDrop(
-                Command::new("nsenter")
-                    .arg(format!("--net=/var/run/netns/{}", n.ns.name()))
-                    .arg(&bin)
-                    .arg("run")
-                    .arg(format!("--kubeconfig={}", kubeconfig.display()))
-                    .arg(format!("--bpffs-path={}", n.pins.path().display()))
-                    .arg(format!("--cgroup-path={}", n.cg.path().display()))
-                    .args(["--dataplane", "ebpf", "--interfaces", &n.lan_if])
-                    .args(["--hostname-override", &format!("node-{}", i + 1)])
-                    .args(["--min-sync-period", "50ms"])
-                    // Fast failover is what is measured here (the default
-                    // lease outlasts an agent's rolling restart).
-                    .args(["--l2-lease-duration", "3s"])
-                    .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .unwrap(),
-            ))
-        })
-        .collect();
-    let logs = || {
+    fn logs(&self) -> String {
         (1..=2)
             .map(|i| {
-                std::fs::read_to_string(dir.join(format!("agent-{i}.log"))).unwrap_or_default()
+                std::fs::read_to_string(self.dir.join(format!("agent-{i}.log"))).unwrap_or_default()
             })
             .collect::<Vec<_>>()
             .join("\n----\n")
-    };
+    }
 
-    // Allocated, announced, resolved and reachable.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (first, answer) = loop {
-        if let (Some(h), Ok(a)) = (l2_holder(&api), ask(&cli)) {
-            break (h, a);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never reachable; agents:\n{}",
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    /// The index of the node holding the L2 lease.
+    fn holder(&self) -> usize {
+        usize::from(l2_holder(&self.api).as_deref() == Some("node-2"))
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        self.agents.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The Service's EndpointSlice with these endpoints (node-1's pod network
+/// is 198.18.41.0/24, node-2's 198.18.42.0/24).
+fn slice(ips: &[&str]) -> serde_json::Value {
+    let eps: Vec<serde_json::Value> = ips
+        .iter()
+        .map(|ip| {
+            let node = if ip.starts_with("198.18.41.") {
+                "node-1"
+            } else {
+                "node-2"
+            };
+            json!({"addresses": [ip], "nodeName": node})
+        })
+        .collect();
+    json!({"kind": "EndpointSlice",
+        "metadata": {"name": "web-1", "namespace": "t", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4", "ports": [{"port": 9100}], "endpoints": eps})
+}
+
+#[test]
+fn client_reaches_the_announcing_node_and_fails_over() {
+    let Some(mut lan) = Lan::start("l2") else {
+        return;
     };
+    let (cli, api) = (&lan.cli, &lan.api);
+    let first = l2_holder(api).unwrap();
     let svc = api.get(Kind::Service, "t", "web").unwrap();
     assert_eq!(svc["status"]["loadBalancer"]["ingress"][0]["ip"], LB_IP);
-    assert!(answer.ends_with(":9100"), "{answer}");
-    let index = |holder: &str| usize::from(holder == "node-2");
-    let (a, b) = (index(&first), 1 - index(&first));
-    let macs: Vec<String> = nodes.iter().map(|n| mac(&n.ns, &n.lan_if)).collect();
+    let (a, b) = (lan.holder(), 1 - lan.holder());
     assert_eq!(
-        resolved(&cli).as_deref(),
-        Some(macs[a].as_str()),
+        resolved(cli).as_deref(),
+        Some(lan.macs[a].as_str()),
         "{first} holds the lease"
     );
     // Both backends answer through the announcing node (one of them over
     // the other node, SNATed).
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..40 {
-        seen.insert(ask(&cli).unwrap());
+        seen.insert(ask(cli).unwrap());
         if seen.len() == 2 {
             break;
         }
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|a| a.ends_with(":9100")), "{seen:?}");
     assert_eq!(
         api.denied(),
         Vec::<String>::new(),
@@ -253,15 +306,15 @@ fn client_reaches_the_announcing_node_and_fails_over() {
     );
 
     // The announcing agent dies.
-    agents[a].take().unwrap().0.kill().unwrap();
+    lan.agents[a].take().unwrap().0.kill().unwrap();
     let killed = Instant::now();
     let deadline = killed + Duration::from_secs(10);
-    while resolved(&cli).as_deref() != Some(macs[b].as_str()) {
+    while resolved(&lan.cli).as_deref() != Some(lan.macs[b].as_str()) {
         assert!(
             Instant::now() < deadline,
             "the address never moved to node-{}; agents:\n{}",
             b + 1,
-            logs()
+            lan.logs()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -273,11 +326,78 @@ fn client_reaches_the_announcing_node_and_fails_over() {
     );
     assert!(took <= Duration::from_secs(5), "failover took {took:?}");
     assert_eq!(
-        l2_holder(&api).as_deref(),
+        l2_holder(&lan.api).as_deref(),
         Some(format!("node-{}", b + 1).as_str())
     );
-    let answer = ask(&cli).unwrap();
+    let answer = ask(&lan.cli).unwrap();
     assert!(answer.ends_with(":9100"), "{answer}");
-    drop(agents);
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One fault of the API server, with a change of the Service's endpoints
+/// made meanwhile: new connections through the LoadBalancer address keep
+/// working (the client forgets its ARP entry every 2 s, so the announcing
+/// node must keep answering ARP), the address stays on its node, and after
+/// the fault the agents converge. Returns (failed connections, the time
+/// from the end of the fault to the change being served).
+fn ride_out(lan: &Lan, fault: Fault, seconds: u64, endpoints: &[&str]) -> (usize, Duration) {
+    let holder = lan.holder();
+    lan.api.set_fault(fault);
+    lan.api.apply(slice(endpoints));
+    let (start, mut failed, mut flushed) = (Instant::now(), 0, Instant::now());
+    while start.elapsed() < Duration::from_secs(seconds) {
+        if flushed.elapsed() > Duration::from_secs(2) {
+            let _ = lan.cli.ip(&["neigh", "flush", "dev", "br0"]);
+            flushed = Instant::now();
+        }
+        if let Err(e) = ask(&lan.cli) {
+            failed += 1;
+            eprintln!("{fault:?}: at {:?}: {e:#}", start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    lan.api.set_fault(Fault::None);
+    let healed = Instant::now();
+    // Converged: twenty answers in a row from the endpoints now wanted.
+    let mut in_a_row = 0;
+    while in_a_row < 20 {
+        assert!(
+            healed.elapsed() < Duration::from_secs(30),
+            "{fault:?}: never converged:\n{}",
+            lan.logs()
+        );
+        match ask(&lan.cli) {
+            Ok(a) if endpoints.iter().any(|e| a.starts_with(&format!("{e}:"))) => in_a_row += 1,
+            _ => in_a_row = 0,
+        }
+    }
+    let converged = healed.elapsed();
+    assert_eq!(
+        lan.holder(),
+        holder,
+        "{fault:?}: the address moved:\n{}",
+        lan.logs()
+    );
+    (failed, converged)
+}
+
+#[test]
+fn api_server_faults_leave_the_dataplane_and_the_address_alone() {
+    let Some(lan) = Lan::start("l2f") else {
+        return;
+    };
+    for (fault, seconds, endpoints) in [
+        (Fault::Unreachable, 60, &["198.18.41.2"][..]),
+        (Fault::Status(500), 15, &["198.18.42.2"][..]),
+        (
+            Fault::Slow(Duration::from_secs(3)),
+            15,
+            &["198.18.41.2", "198.18.42.2"][..],
+        ),
+    ] {
+        let (failed, converged) = ride_out(&lan, fault, seconds, endpoints);
+        eprintln!(
+            "API server {fault:?} for {seconds} s: {failed} connections failed meanwhile; the change made meanwhile served {converged:?} after it ended"
+        );
+        assert_eq!(failed, 0, "{fault:?}:\n{}", lan.logs());
+    }
 }

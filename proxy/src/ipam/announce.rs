@@ -169,9 +169,11 @@ pub async fn run(
         .buffer_unordered(CONCURRENCY)
         .collect::<()>()
         .await;
+        // Through an API outage the holder keeps answering ARP: nobody can
+        // take the lease meanwhile, and an unanswered address is an outage.
         let now: BTreeSet<Ipv4Addr> = locks
             .iter()
-            .filter(|(_, h)| h.lock.held())
+            .filter(|(_, h)| h.lock.held_or_unreachable())
             .filter_map(|(s, _)| want.get(s))
             .flat_map(|a| a.ips.iter().copied())
             .collect();

@@ -3,7 +3,10 @@
 //! it saw the same record unchanged for a whole lease duration (measured
 //! on its own monotonic clock, so clock skew between nodes does not
 //! matter); every write carries the resourceVersion it read, so two
-//! contenders cannot both win.
+//! contenders cannot both win. While the API server does not answer, a
+//! contender's observation starts over (it takes nothing over the moment
+//! the server is back, before the holder could renew), and the holder may
+//! go on acting as such ([`LeaseLock::held_or_unreachable`]).
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +25,9 @@ pub struct LeaseLock {
     observed: Option<(String, String, Instant)>,
     /// When this identity last wrote the lease successfully.
     renewed: Option<Instant>,
+    /// Whether this identity held the lease when the API server last
+    /// answered.
+    mine_at_last_answer: bool,
 }
 
 fn now() -> MicroTime {
@@ -41,6 +47,7 @@ impl LeaseLock {
             duration,
             observed: None,
             renewed: None,
+            mine_at_last_answer: false,
         }
     }
 
@@ -57,6 +64,30 @@ impl LeaseLock {
             .is_some_and(|t| t.elapsed() + margin < self.duration)
     }
 
+    /// Held, or held when the API server last answered and not answering
+    /// since: nobody can take the lease over while the server is away, so
+    /// the holder (an L2 announcer) keeps acting instead of leaving its
+    /// address unanswered for the length of an API outage.
+    pub fn held_or_unreachable(&self) -> bool {
+        self.held() || self.mine_at_last_answer
+    }
+
+    /// One attempt to take or renew the lease: Ok(true) when this identity
+    /// holds it afterwards. An error (the API server did not answer, or
+    /// refused) restarts the observation of the others' record.
+    pub async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
+        match self.attempt().await {
+            Ok(held) => {
+                self.mine_at_last_answer = held;
+                Ok(held)
+            }
+            Err(e) => {
+                self.observed = None;
+                Err(e)
+            }
+        }
+    }
+
     fn spec(&self, transitions: i32, acquired: Option<MicroTime>) -> LeaseSpec {
         LeaseSpec {
             holder_identity: Some(self.identity.clone()),
@@ -68,9 +99,7 @@ impl LeaseLock {
         }
     }
 
-    /// One attempt to take or renew the lease: Ok(true) when this identity
-    /// holds it afterwards.
-    pub async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
+    async fn attempt(&mut self) -> Result<bool, kube::Error> {
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -136,6 +165,7 @@ impl LeaseLock {
 
     /// Gives the lease up (if held) so another contender takes it at once.
     pub async fn release(&mut self) -> Result<(), kube::Error> {
+        self.mine_at_last_answer = false;
         if self.renewed.take().is_none() {
             return Ok(());
         }
