@@ -4,6 +4,8 @@
 pub mod bpf;
 pub mod deploy;
 pub mod fake_api;
+pub mod fuzz;
+pub mod fuzz_packets;
 pub mod icmp;
 pub mod netns;
 pub mod objects;

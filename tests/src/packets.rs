@@ -257,7 +257,7 @@ const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 /// BPF_PROG_TEST_RUN on `prog_fd` in the calling thread's namespace.
 fn test_run(prog_fd: RawFd, frame: &[u8], repeat: u32) -> Result<RunResult> {
-    let mut out = vec![0u8; 512];
+    let mut out = vec![0u8; frame.len().max(448) + 64];
     let mut attr = TestRunAttr {
         prog_fd: prog_fd as u32,
         data_size_in: frame.len() as u32,

@@ -8,6 +8,7 @@ mod demo;
 mod deploy;
 mod deps;
 mod ebpf;
+mod fuzz;
 mod host;
 mod kind;
 mod test;
@@ -35,6 +36,10 @@ commands:
                   [--congestion-control reno|bbr|...]
                Ferry vs direct, iptables, nftables, IPVS, HAProxy in
                namespaces (wrk, iperf3); bench-results/dataplane-*.{csv,md,svg}
+  fuzz [--seconds N] [--target NAME]...
+               the cargo-fuzz targets (parsers, file source, config, pool;
+               the TC program's packets, root), N seconds each (default
+               60); a crash fails (docs/reliability.md)
   deploy-check render deploy/ with kustomize and validate it (--strict,
                Kubernetes 1.33)
   kind up|load|deploy|e2e|down|all [--conformance]
@@ -63,6 +68,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(&workspace_root(), &args[1..]),
         Some("demo") => demo::run(&workspace_root(), &args[1..]),
         Some("deploy-check") => deploy::check(&workspace_root()),
+        Some("fuzz") => fuzz::run(&workspace_root(), &args[1..]),
         Some("kind") => kind::run(&workspace_root(), &args[1..]),
         Some("cluster") => cluster::run(&workspace_root(), &args[1..]),
         Some("conformance") => {

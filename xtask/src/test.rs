@@ -68,6 +68,9 @@ pub fn run(root: &Path) -> Result<()> {
         // The dataplane harness in its short mode (a second per metric and
         // row), so every row keeps working.
         crate::dataplane::run(root, &["--quick".into()])?;
+        // Every fuzz target a short while (crashes fail the run; longer
+        // runs: docs/reliability.md).
+        crate::fuzz::run(root, &["--seconds".into(), "15".into()])?;
         // A real Kubernetes cluster in namespaces, Ferry installed from
         // deploy/ as its only service proxy, the story and the upstream
         // conformance subset (docs/cluster.md, docs/CONFORMANCE.md).
