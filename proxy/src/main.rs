@@ -373,6 +373,7 @@ fn main() -> ExitCode {
                     PlanConfig {
                         max_backends: caps.backends,
                         max_frontends: caps.frontends,
+                        max_service_entries: caps.services,
                         ..PlanConfig::default()
                     }
                 },

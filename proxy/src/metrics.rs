@@ -76,6 +76,10 @@ pub fn single(
 pub struct Gauges {
     pub frontends: u64,
     pub backends: u64,
+    /// Services with more backends than a frontend holds, and the backends
+    /// they leave out.
+    pub capped_services: u64,
+    pub left_out_backends: u64,
     pub invalid_services: u64,
     pub invalid_slices: u64,
     pub services: u64,
@@ -100,6 +104,8 @@ struct Own {
     objects: GaugeByLabel,
     frontends: Gauge,
     backends: Gauge,
+    capped_services: Gauge,
+    left_out_backends: Gauge,
 }
 
 impl Own {
@@ -117,6 +123,8 @@ impl Own {
             objects: Family::default(),
             frontends: Gauge::default(),
             backends: Gauge::default(),
+            capped_services: Gauge::default(),
+            left_out_backends: Gauge::default(),
         };
         // Every label value from the start, so a rate never misses its 0.
         for result in ["ok", "error"] {
@@ -191,6 +199,16 @@ impl Own {
             "ferry_backends",
             "Backends in the maps",
             self.backends.clone(),
+        );
+        r.register(
+            "ferry_capped_services",
+            "Services with more backends than a frontend holds (served by a subset)",
+            self.capped_services.clone(),
+        );
+        r.register(
+            "ferry_left_out_backends",
+            "Backends of capped Services that are not served",
+            self.left_out_backends.clone(),
         );
     }
 }
@@ -331,6 +349,8 @@ impl Metrics {
         set(&own.objects, "EndpointSlice", g.slices);
         own.frontends.set(g.frontends as i64);
         own.backends.set(g.backends as i64);
+        own.capped_services.set(g.capped_services as i64);
+        own.left_out_backends.set(g.left_out_backends as i64);
     }
 
     pub fn set_node_deleting(&self, deleting: bool) {

@@ -404,6 +404,9 @@ pub struct ServiceDesired {
     /// healthCheckNodePort and the local endpoint count it reports
     /// (externalTrafficPolicy Local only).
     pub health_check: Option<HealthCheck>,
+    /// Backends left out of its frontends beyond the capacity per frontend
+    /// (the most of any one frontend; 0: none).
+    pub left_out: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -73,6 +73,17 @@ fn load(dir: &Path, file: &str, scenario: &Scenario, out: &mut String) -> Core {
     for (name, why) in core.ignored() {
         writeln!(out, "ignored: Service {name}: {why}").unwrap();
     }
+    let mut capped: Vec<_> = core
+        .desired()
+        .services()
+        .iter()
+        .filter(|(_, s)| s.left_out > 0)
+        .map(|(n, s)| format!("capped: Service {n}: {} backends left out", s.left_out))
+        .collect();
+    capped.sort();
+    for line in capped {
+        writeln!(out, "{line}").unwrap();
+    }
     core
 }
 

@@ -159,6 +159,7 @@ fn cfg() -> PlanConfig {
         maglev_size: 31,
         max_backends: 256,
         max_frontends: 256,
+        max_service_entries: 1 << 20,
     }
 }
 
@@ -217,6 +218,13 @@ fn check_invariants(core: &Core, applied: &AppliedState) -> Result<(), TestCaseE
     // Every desired frontend is there with its backends; nothing else is.
     let desired = core.desired().frontends();
     prop_assert_eq!(desired.len(), applied.frontends().len());
+    // The services-map entry count kept as ops apply is the real one.
+    let counted: usize = applied
+        .frontends()
+        .values()
+        .map(|f| usize::from(f.entry.is_some()) + f.slots.iter().filter(|b| b.0 != 0).count())
+        .sum();
+    prop_assert_eq!(applied.service_entries(), counted);
     for (key, d) in desired {
         let f = applied
             .frontends()
@@ -422,6 +430,7 @@ fn a_full_backends_map_refuses_fast() {
         maglev_size: 31,
         max_backends: 5_000,
         max_frontends: 65_536,
+        max_service_entries: 1 << 20,
     };
     let mut core = Core::new("ferry", node(), TranslateConfig::default());
     for i in 0..2_000u32 {

@@ -94,6 +94,7 @@ pub fn file_source(data: &[u8]) {
         maglev_size: 31,
         max_backends: 64,
         max_frontends: 32,
+        max_service_entries: 256,
     };
     let mut maps = FakeMaps::default();
     let mut applied = AppliedState::default();

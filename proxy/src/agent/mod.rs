@@ -6,7 +6,7 @@
 
 pub mod runner;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use crate::core::Core;
 use crate::datapath::{apply_ops, DatapathError, LbMaps};
 use crate::health_check::{HealthCheckServers, Report};
 use crate::metrics::{Gauges, Metrics, SyncRecord};
-use crate::model::NodeInfo;
+use crate::model::{NodeInfo, ServiceName};
 use crate::objects::Object;
 use crate::parse::parse_node;
 use crate::parse::{object_name, InvalidObject};
@@ -89,6 +89,9 @@ pub struct Agent {
     staged: Staged,
     /// The first full sync after start is in the dataplane (/readyz).
     ready: bool,
+    /// Services served by a subset of their backends, with how many are
+    /// left out (as last logged).
+    capped: BTreeMap<ServiceName, usize>,
     /// Where the LoadBalancer addresses this node may announce go (L2).
     announce: Option<tokio::sync::watch::Sender<crate::ipam::announce::Announcements>>,
 }
@@ -137,6 +140,7 @@ impl Agent {
             reported: BTreeSet::new(),
             announce: None,
             ready: false,
+            capped: BTreeMap::new(),
             staged: Staged::default(),
             cfg,
         })
@@ -298,6 +302,7 @@ impl Agent {
         }
         // An object fixed and broken again is reported again.
         self.reported = now_invalid;
+        self.report_capped();
         // Until one has succeeded, every sync is full: the first one the
         // runner asked for may have come before the sources had listed.
         let full = kind == SyncKind::Full || t.full || !self.ready;
@@ -379,6 +384,31 @@ impl Agent {
         }
     }
 
+    /// Logs each Service that has more backends than a frontend holds, once
+    /// per change of how many it leaves out.
+    fn report_capped(&mut self) {
+        let max = self.cfg.translate.max_backends_per_service;
+        let now: BTreeMap<ServiceName, usize> = self
+            .core
+            .desired()
+            .services()
+            .iter()
+            .filter(|(_, s)| s.left_out > 0)
+            .map(|(n, s)| (n.clone(), s.left_out))
+            .collect();
+        for (name, left_out) in &now {
+            if self.capped.get(name) != Some(left_out) {
+                tracing::warn!(
+                    service = %name,
+                    left_out,
+                    capacity = max,
+                    "more backends than a frontend holds: served by {max} of them, the same on every node"
+                );
+            }
+        }
+        self.capped = now;
+    }
+
     fn update_health_checks(&mut self) {
         let (healthy, _) = self
             .metrics
@@ -414,9 +444,19 @@ impl Agent {
                 invalid_slices += 1;
             }
         }
+        let capped = self
+            .core
+            .desired()
+            .services()
+            .values()
+            .filter(|s| s.left_out > 0);
+        let (capped_services, left_out_backends) =
+            capped.fold((0, 0), |(n, out), s| (n + 1, out + s.left_out as u64));
         Gauges {
             frontends: self.applied.frontends().len() as u64,
             backends: self.applied.backends().len() as u64,
+            capped_services,
+            left_out_backends,
             invalid_services,
             invalid_slices,
             services: services as u64,

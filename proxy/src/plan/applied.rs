@@ -37,6 +37,8 @@ pub struct AppliedState {
     /// whether a table still matches its frontend's backends.
     pub(super) maglev_members: FastMap<FrontendId, Vec<BackendId>>,
     pub(super) source_ranges: FastMap<FrontendId, BTreeSet<IpNet>>,
+    /// Entries of the services map: master entries and set slots.
+    pub(super) service_entries: usize,
 }
 
 impl AppliedState {
@@ -48,6 +50,11 @@ impl AppliedState {
             s.apply(&op);
         }
         s
+    }
+
+    /// Entries of the services map: master entries and set slots.
+    pub fn service_entries(&self) -> usize {
+        self.service_entries
     }
 
     pub fn frontends(&self) -> &FastMap<FrontendKey, AppliedFrontend> {
@@ -170,12 +177,18 @@ impl AppliedState {
                 if f.slots.len() <= idx {
                     f.slots.resize(idx + 1, BackendId(0));
                 }
+                if f.slots[idx] == BackendId(0) && *backend != BackendId(0) {
+                    self.service_entries += 1;
+                }
                 f.slots[idx] = *backend;
             }
             MapOp::DeleteSlot { frontend, slot } => {
                 if let Some(f) = self.frontends.get_mut(frontend) {
                     let idx = usize::from(*slot).saturating_sub(1);
                     if idx < f.slots.len() {
+                        if f.slots[idx] != BackendId(0) {
+                            self.service_entries -= 1;
+                        }
                         f.slots[idx] = BackendId(0);
                         while f.slots.last() == Some(&BackendId(0)) {
                             f.slots.pop();
@@ -185,11 +198,16 @@ impl AppliedState {
                 self.drop_if_empty(frontend);
             }
             MapOp::UpsertFrontend { frontend, entry } => {
-                self.frontends.entry(*frontend).or_default().entry = Some(*entry);
+                let f = self.frontends.entry(*frontend).or_default();
+                if f.entry.replace(*entry).is_none() {
+                    self.service_entries += 1;
+                }
             }
             MapOp::DeleteFrontend { frontend } => {
                 if let Some(f) = self.frontends.get_mut(frontend) {
-                    f.entry = None;
+                    if f.entry.take().is_some() {
+                        self.service_entries -= 1;
+                    }
                 }
                 self.drop_if_empty(frontend);
             }

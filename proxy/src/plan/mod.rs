@@ -117,6 +117,8 @@ pub struct PlanConfig {
     pub max_backends: u32,
     /// Capacity of the frontends (reverse-NAT) map.
     pub max_frontends: u32,
+    /// Capacity of the services map (master entries and backend slots).
+    pub max_service_entries: u32,
 }
 
 impl Default for PlanConfig {
@@ -125,6 +127,7 @@ impl Default for PlanConfig {
             maglev_size: maglev::DEFAULT_TABLE_SIZE,
             max_backends: 262_144,
             max_frontends: 65_536,
+            max_service_entries: 262_144,
         }
     }
 }
@@ -218,6 +221,7 @@ pub fn plan_sync(
         deletes: Deletes::default(),
         errors: Vec::new(),
         candidates: BTreeSet::new(),
+        entries_delta: 0,
     };
     if matches!(scope, PlanScope::Full) && applied.frontends.is_empty() {
         p.reserve_for_empty_maps(desired);
@@ -333,13 +337,19 @@ struct Planner<'a> {
     errors: Vec<PlanError>,
     /// Backends whose last user may be gone.
     candidates: BTreeSet<BackendId>,
+    /// Services-map entries this plan adds (negative: frees).
+    entries_delta: isize,
 }
 
 impl Planner<'_> {
     fn frontend(&mut self, f: &DesiredFrontend) {
         // Resolve every ID first; emit nothing unless the whole frontend
         // fits, so a full map never leaves half a frontend behind.
+        if !self.reserve_entries(f) {
+            return;
+        }
         let Some((id, ids)) = self.reserve_ids(f) else {
+            self.entries_delta -= self.entries_change(f);
             return;
         };
         self.rev_nat_of_new(&f.key);
@@ -492,6 +502,38 @@ impl Planner<'_> {
         }
     }
 
+    /// How many services-map entries `f` adds over what it has (its master
+    /// entry and a slot per backend).
+    fn entries_change(&self, f: &DesiredFrontend) -> isize {
+        (1 + f.backends.len()) as isize - self.entries_of(&f.key) as isize
+    }
+
+    /// The services-map entries the frontend `key` has now.
+    fn entries_of(&self, key: &FrontendKey) -> usize {
+        self.applied.frontends.get(key).map_or(0, |o| {
+            usize::from(o.entry.is_some()) + o.slots.iter().filter(|b| b.0 != 0).count()
+        })
+    }
+
+    /// Whether the services map has room for `f` (taken if so); a plan
+    /// error otherwise.
+    fn reserve_entries(&mut self, f: &DesiredFrontend) -> bool {
+        let change = self.entries_change(f);
+        let after = self.applied.service_entries as isize + self.entries_delta + change;
+        if change > 0 && after > self.cfg.max_service_entries as isize {
+            self.errors.push(PlanError {
+                frontend: f.key,
+                reason: format!(
+                    "the services map is full ({} entries)",
+                    self.cfg.max_service_entries
+                ),
+            });
+            return false;
+        }
+        self.entries_delta += change;
+        true
+    }
+
     /// Releases the flows of UDP frontend `id` to those of `left` (backends
     /// that left it) that stay in the maps for another frontend.
     fn release(&mut self, id: FrontendId, left: &[BackendId]) {
@@ -512,6 +554,7 @@ impl Planner<'_> {
     }
 
     fn remove_frontend(&mut self, key: &FrontendKey) {
+        self.entries_delta -= self.entries_of(key) as isize;
         let id = self.applied.frontend_ids.get(key).copied();
         if let (Some(id), Some(old)) = (id, self.applied.frontends.get(key)) {
             if key.protocol == Protocol::Udp {

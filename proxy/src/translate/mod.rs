@@ -24,7 +24,9 @@ use crate::track::EndpointSliceCache;
 /// Limits translate enforces.
 #[derive(Debug, Clone)]
 pub struct TranslateConfig {
-    /// Most backends one frontend may have (the backend-slot capacity).
+    /// Most backends one frontend may have (the backend-slot capacity): a
+    /// Service with more is served by a subset of this many, the same on
+    /// every node ([`capped`]).
     pub max_backends_per_service: usize,
 }
 
@@ -67,19 +69,10 @@ pub fn translate_service(
                     svc.internal_policy
                 };
                 let (backends, action) = sets.select(policy);
-                if backends.len() > cfg.max_backends_per_service {
-                    return Err(InvalidObject {
-                        kind: "Service",
-                        object: svc.name.clone(),
-                        field: format!("endpoints of port {:?}", &*port.name),
-                        reason: format!(
-                            "{} backends exceed the capacity of {} per frontend",
-                            backends.len(),
-                            cfg.max_backends_per_service
-                        ),
-                    });
-                }
                 let draining = sets.draining(&backends);
+                let total = backends.len();
+                let backends = capped(&svc.name, backends, cfg.max_backends_per_service);
+                out.left_out = out.left_out.max(total - backends.len());
                 out.frontends.push(DesiredFrontend {
                     key,
                     service: svc.name.clone(),
@@ -115,6 +108,32 @@ pub fn translate_service(
         });
     }
     Ok(out)
+}
+
+/// `backends`, or when there are more than `max` the `max` of them whose
+/// hash with the Service's name is lowest: a subset every node picks alike
+/// (its connections land on the same pods wherever they enter), different
+/// for each Service (so Services on the same pods do not all pick the same
+/// few), and one that changes little when an endpoint comes or goes.
+fn capped(svc: &ServiceName, backends: Arc<[BackendInfo]>, max: usize) -> Arc<[BackendInfo]> {
+    if backends.len() <= max {
+        return backends;
+    }
+    let seed = fnv1a(0xcbf2_9ce4_8422_2325, svc.to_string().as_bytes());
+    let rank = |b: &BackendInfo| fnv1a(seed, b.addr.to_string().as_bytes());
+    let mut ranked: Vec<(u64, BackendInfo)> = backends.iter().map(|b| (rank(b), *b)).collect();
+    ranked.select_nth_unstable_by_key(max - 1, |r| r.0);
+    ranked.truncate(max);
+    // In address order, as every set is.
+    ranked.sort_unstable_by_key(|r| r.1.addr);
+    ranked.into_iter().map(|r| r.1).collect()
+}
+
+/// FNV-1a, 64 bits: a stable hash (the same on every node and version).
+fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(seed, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The categorized endpoints of one port and family, shared (Arc) by every
@@ -292,6 +311,8 @@ impl BackendUse {
 pub struct ServiceEntry {
     pub frontends: Vec<FrontendKey>,
     pub health_check: Option<HealthCheck>,
+    /// Backends beyond the capacity per frontend, not served.
+    pub left_out: usize,
 }
 
 impl DesiredState {
@@ -347,6 +368,7 @@ impl DesiredState {
         let mut entry = ServiceEntry {
             frontends: Vec::with_capacity(desired.frontends.len()),
             health_check: desired.health_check,
+            left_out: desired.left_out,
         };
         for f in desired.frontends {
             if f.policy.scope == Scope::NodePort {
@@ -469,4 +491,64 @@ pub fn translate_all<'a>(
         }
     }
     (state, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn backends(n: u32) -> Vec<BackendInfo> {
+        (0..n)
+            .map(|i| BackendInfo {
+                addr: L4Addr {
+                    ip: IpAddr::V4(Ipv4Addr::from_bits(0xc612_0000 + i)),
+                    port: 8080,
+                    protocol: Protocol::Tcp,
+                },
+                local: false,
+                terminating: false,
+            })
+            .collect()
+    }
+
+    /// 100,000 endpoints: a Service is served by the capacity's worth, the
+    /// same subset whatever the order they came in, different for another
+    /// Service, and one endpoint leaving changes it by one at most.
+    #[test]
+    fn a_service_with_100000_endpoints_is_served_by_a_stable_subset() {
+        let all = backends(100_000);
+        let web = ServiceName::new("t", "web");
+        let pick = |v: &[BackendInfo], svc: &ServiceName| -> Vec<L4Addr> {
+            capped(svc, v.to_vec().into(), 4096)
+                .iter()
+                .map(|b| b.addr)
+                .collect()
+        };
+        let a = pick(&all, &web);
+        assert_eq!(a.len(), 4096);
+        assert!(a.windows(2).all(|w| w[0] < w[1]), "address order");
+        let mut reversed = all.clone();
+        reversed.reverse();
+        assert_eq!(pick(&reversed, &web), a, "independent of the order");
+        let other = pick(&all, &ServiceName::new("t", "api"));
+        let shared = other.iter().filter(|x| a.binary_search(x).is_ok()).count();
+        assert!(shared < 400, "{shared} of 4096 shared with another Service");
+        // An endpoint of the subset leaves: one other takes its place.
+        let gone = a[100];
+        let fewer: Vec<BackendInfo> = all.iter().copied().filter(|b| b.addr != gone).collect();
+        let b = pick(&fewer, &web);
+        assert_eq!(b.len(), 4096);
+        assert_eq!(b.iter().filter(|x| a.binary_search(x).is_err()).count(), 1);
+        // An endpoint outside it leaves: nothing changes.
+        let outside = all
+            .iter()
+            .find(|x| a.binary_search(&x.addr).is_err())
+            .unwrap()
+            .addr;
+        let fewer: Vec<BackendInfo> = all.iter().copied().filter(|b| b.addr != outside).collect();
+        assert_eq!(pick(&fewer, &web), a);
+        // Within the capacity: all of them, untouched.
+        assert_eq!(pick(&all[..10], &web).len(), 10);
+    }
 }
