@@ -602,3 +602,68 @@ fn invalid_objects_are_skipped_alone_and_a_garbled_file_keeps_the_last_good_stat
     }
     assert!(agent.ready(), "{}", agent.log());
 }
+
+/// RLIMIT_NOFILE reached: a connection that finds no descriptor is reset
+/// at once (the client fails fast instead of hanging in the accept queue),
+/// logged and counted; the open connections keep working, and once they
+/// close new ones are served again.
+#[test]
+fn out_of_descriptors_resets_new_connections_fast_and_recovers() {
+    let backend = EchoBackend::start("127.37.1.1:0").unwrap();
+    let port = backend.addr.port();
+    let eps = [("127.37.1.1", true, true, false)];
+    let yaml = service_yaml("fd", "127.37.0.1", 29500, port, "TCP", &eps, "", "");
+    let agent = UserspaceAgent::start_limited("fds", &yaml, 28259, true, &[], Some(64)).unwrap();
+    agent
+        .wait_for("the frontend", |rows| served(rows, "127.37.0.1:29500/TCP"))
+        .unwrap();
+    let (mut open, mut refused) = (Vec::new(), Vec::new());
+    for _ in 0..60 {
+        let started = Instant::now();
+        let mut c = match LineClient::connect("127.37.0.1:29500") {
+            Ok(c) => c,
+            Err(e) => {
+                refused.push((started.elapsed(), format!("{e:#}")));
+                continue;
+            }
+        };
+        match c.ask("hi") {
+            Ok(_) => open.push(c),
+            Err(e) => refused.push((started.elapsed(), format!("{e:#}"))),
+        }
+    }
+    assert!(
+        !open.is_empty() && !refused.is_empty(),
+        "{} open, {refused:?}",
+        open.len()
+    );
+    let slowest = refused.iter().map(|r| r.0).max().unwrap();
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a refusal took {slowest:?}: {refused:?}"
+    );
+    // The connections that got descriptors still work.
+    for c in &mut open {
+        assert_eq!(c.ask("again").unwrap(), backend.addr.to_string());
+    }
+    let counted = agent
+        .metric("ferry_userspace_refused_total{reason=\"descriptors\"}")
+        .unwrap_or(0.0);
+    let log = agent.log();
+    assert!(log.contains("out of descriptors"), "{log}");
+    eprintln!(
+        "RLIMIT_NOFILE 64: {} connections open, {} reset (slowest {slowest:?}, {counted} counted as descriptors)",
+        open.len(),
+        refused.len()
+    );
+    drop(open);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ask_once("127.37.0.1:29500").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "never served again: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

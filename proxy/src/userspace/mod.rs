@@ -93,6 +93,8 @@ pub enum Refused {
     SourceRange,
     NoBackend,
     Limit,
+    /// RLIMIT_NOFILE reached: no descriptor for the connection.
+    Descriptors,
 }
 
 impl From<Refusal> for Refused {
@@ -105,17 +107,18 @@ impl From<Refusal> for Refused {
     }
 }
 
-const REFUSED: [(&str, Refused); 4] = [
+const REFUSED: [(&str, Refused); 5] = [
     ("no_endpoints", Refused::NoEndpoints),
     ("source_range", Refused::SourceRange),
     ("no_backend", Refused::NoBackend),
     ("limit", Refused::Limit),
+    ("descriptors", Refused::Descriptors),
 ];
 
 #[derive(Debug, Default)]
 pub struct Stats {
     pub accepted: AtomicU64,
-    refused: [AtomicU64; 4],
+    refused: [AtomicU64; 5],
     pub connect_failures: AtomicU64,
     pub idle_timeouts: AtomicU64,
     pub bytes: AtomicU64,
@@ -142,6 +145,11 @@ pub struct Shared {
     pub stats: Stats,
     /// Open connections + sessions.
     active: AtomicU64,
+    /// A descriptor held back for RLIMIT_NOFILE: closed to accept (and
+    /// reset) a connection that found no descriptor, then taken again.
+    pub reserve: Mutex<Option<std::fs::File>>,
+    /// When running out of descriptors was last logged (ms since epoch).
+    pub nofile_logged_ms: AtomicU64,
 }
 
 impl Shared {
@@ -365,6 +373,8 @@ impl UserspaceDataplane {
                 cfg,
                 stats: Stats::default(),
                 active: AtomicU64::new(0),
+                reserve: Mutex::new(std::fs::File::open("/dev/null").ok()),
+                nofile_logged_ms: AtomicU64::new(0),
             }),
             runtime,
             shards,

@@ -41,6 +41,36 @@ fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// Out of descriptors (RLIMIT_NOFILE): the reserved one is closed to
+/// accept the waiting connection and reset it at once, so the client fails
+/// fast instead of hanging in the queue; logged at most every 10 s and
+/// counted (`ferry_userspace_refused_total{reason="descriptors"}`).
+/// Returns whether a connection was taken off the queue.
+fn refuse_without_descriptors(listener: &TcpListener, key: L4Addr, shared: &Shared) -> bool {
+    shared.stats.refused(Refused::Descriptors);
+    let now = shared.now_ms();
+    let last = shared
+        .nofile_logged_ms
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if last == 0 || now.saturating_sub(last) >= 10_000 {
+        shared
+            .nofile_logged_ms
+            .store(now.max(1), std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            frontend = %key,
+            "out of descriptors (RLIMIT_NOFILE): new connections are reset until open ones close"
+        );
+    }
+    let mut reserve = shared.reserve.lock().unwrap_or_else(|p| p.into_inner());
+    if reserve.take().is_none() {
+        *reserve = std::fs::File::open("/dev/null").ok();
+        return false;
+    }
+    let taken = accept_nonblocking(listener).map(|(stream, _)| reset(&stream));
+    *reserve = std::fs::File::open("/dev/null").ok();
+    taken.is_ok()
+}
+
 /// accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC (one system call).
 fn accept_nonblocking(l: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
     // SAFETY: accept4 writes at most `len` bytes into the zeroed storage
@@ -113,8 +143,17 @@ pub async fn accept_loop(listener: AsyncFd<TcpListener>, key: L4Addr, shared: Ar
                     guard.clear_ready();
                     break;
                 }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    if refuse_without_descriptors(listener.get_ref(), key, &shared) {
+                        continue;
+                    }
+                    // No reserve to give up (another thread holds it):
+                    // wait for descriptors instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    break;
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
+                    // Anything else: back off instead of spinning.
                     tracing::warn!(frontend = %key, error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     break;
