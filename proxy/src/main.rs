@@ -674,12 +674,12 @@ fn run(
     if let Some(s) = status {
         agent.metrics().set_dataplane(s);
     } else if ebpf.is_some() {
-        agent
-            .metrics()
-            .set_dataplane(Arc::new(ferry_proxy::ebpf::status::EbpfStatus::new(
-                dataplane.bpffs.clone(),
-                MapCapacities::default(),
-            )));
+        let status = Arc::new(ferry_proxy::ebpf::status::EbpfStatus::new(
+            dataplane.bpffs.clone(),
+            MapCapacities::default(),
+        ));
+        status.clone().watch(Duration::from_secs(60));
+        agent.metrics().set_dataplane(status);
     }
     let stop_source = Arc::new(AtomicBool::new(false));
     let http = match ferry_proxy::http::HttpServer::start("ferry-http") {

@@ -170,9 +170,17 @@ impl TcTopology {
     /// Loads the programs with maps pinned at `pins` and attaches TC to the
     /// client and backend links of the node.
     pub fn attach(&self, pins: &std::path::Path) -> Result<aya::Ebpf> {
+        self.attach_with(pins, ferry_proxy::datapath::MapCapacities::default())
+    }
+
+    /// [`TcTopology::attach`] with maps of these capacities.
+    pub fn attach_with(
+        &self,
+        pins: &std::path::Path,
+        caps: ferry_proxy::datapath::MapCapacities,
+    ) -> Result<aya::Ebpf> {
         let pins = pins.to_path_buf();
         self.node.run(move || {
-            let caps = ferry_proxy::datapath::MapCapacities::default();
             let mut ebpf = ferry_proxy::ebpf::open(&pins, &caps)?;
             let links = ["tce0".to_string(), "tcb0".to_string()];
             let done = ferry_proxy::ebpf::tc::attach_tc(&mut ebpf, &pins, &links)?;

@@ -29,7 +29,7 @@ pub struct EbpfStatus {
 }
 
 /// (map, entries, capacity) per counted map.
-type Census = Vec<(&'static str, u64, u32)>;
+pub type Census = Vec<(&'static str, u64, u32)>;
 
 /// How long a census of the map entries is reused.
 const CENSUS_TTL: Duration = Duration::from_secs(30);
@@ -50,7 +50,7 @@ impl EbpfStatus {
 
     /// (map, entries, capacity) of the services, backends, conntrack and
     /// affinity maps.
-    fn census(&self) -> Census {
+    pub fn census(&self) -> Census {
         let mut cached = self.census.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((at, c)) = cached.as_ref() {
             if at.elapsed() < CENSUS_TTL {
@@ -83,9 +83,50 @@ impl EbpfStatus {
         .into_iter()
         .filter_map(|(name, n, cap)| Some((name, n?, cap)))
         .collect();
+        for w in fill_warnings(&c) {
+            tracing::warn!("{w}");
+        }
         *cached = Some((Instant::now(), c.clone()));
         c
     }
+
+    /// Takes a census every `every` on a thread of its own, so a map
+    /// filling up is logged even when nobody scrapes /metrics.
+    pub fn watch(self: std::sync::Arc<Self>, every: Duration) {
+        let spawned = std::thread::Builder::new()
+            .name("ferry-census".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                self.census();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot watch the maps' fill");
+        }
+    }
+}
+
+/// What a map filling up means, one line each: a hash map at 90 % of its
+/// capacity, an LRU map (conntrack, affinity) at half of it, since the
+/// kernel evicts LRU entries in batches from per-CPU lists and a saturated
+/// LRU map holds well below its capacity (58 % in tests/tests/exhaustion_maps.rs).
+pub fn fill_warnings(census: &[(&'static str, u64, u32)]) -> Vec<String> {
+    let threshold = |map: &str| match map {
+        CT4_MAP | AFFINITY4_MAP => 5,
+        _ => 9,
+    };
+    census
+        .iter()
+        .filter(|(map, n, cap)| *cap > 0 && *n * 10 >= u64::from(*cap) * threshold(map))
+        .map(|(map, n, cap)| {
+            let what = match *map {
+                CT4_MAP => "new flows evict the least recently used ones (a TCP flow evicted mid-way is reset when SNATed; a UDP flow picks a backend again)",
+                AFFINITY4_MAP => "new clients evict the oldest affinities (those clients may change backend)",
+                _ => "frontends that do not fit are left out whole (ferry_plan_errors_total)",
+            };
+            let pct = n * 100 / u64::from(*cap);
+            format!("the map {map} is {pct}% full ({n} of {cap} entries): when full, {what}")
+        })
+        .collect()
 }
 
 impl DataplaneStatus for EbpfStatus {
@@ -147,5 +188,32 @@ impl DataplaneStatus for EbpfStatus {
                 .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
             Err(e) => serde_json::json!({ "error": e }).to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_at_nine_tenths_or_more_are_named_with_what_full_means() {
+        let w = fill_warnings(&[
+            (CT4_MAP, 480, 512),
+            (AFFINITY4_MAP, 200, 512),
+            (SERVICES4_MAP, 460, 512),
+            (BACKENDS4_MAP, 512, 512),
+        ]);
+        assert_eq!(
+            w.len(),
+            2,
+            "{w:?}: the affinity map under half, services under 90 %"
+        );
+        assert!(
+            w[0].starts_with("the map ferry_ct4 is 93% full (480 of 512 entries)"),
+            "{w:?}"
+        );
+        assert!(w[0].contains("least recently used"));
+        assert!(w[1].contains("ferry_be4 is 100% full") && w[1].contains("left out whole"));
+        assert!(fill_warnings(&[(CT4_MAP, 0, 0)]).is_empty());
     }
 }
