@@ -568,6 +568,18 @@ struct DataplaneChoice {
 
 type EbpfSetup = (Box<dyn LbMaps + Send>, aya::Ebpf);
 
+/// An error and its sources, one line ("a: b: c").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
 /// Loads and attaches the eBPF programs and opens the pinned maps.
 fn setup_ebpf(dataplane: &DataplaneChoice) -> Result<EbpfSetup, String> {
     let bpffs = dataplane.bpffs.as_path();
@@ -577,13 +589,18 @@ fn setup_ebpf(dataplane: &DataplaneChoice) -> Result<EbpfSetup, String> {
         .ok_or("no cgroup2 filesystem is mounted")?;
     let caps = MapCapacities::default();
     let mut ebpf = ferry_proxy::ebpf::open(bpffs, &caps)
-        .map_err(|e| format!("cannot load the eBPF programs: {e}"))?;
+        .map_err(|e| format!("cannot load the eBPF programs: {}", chain(&e)))?;
     match ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, bpffs, cgroup) {
         Ok(new) if new.is_empty() => {
             tracing::info!(cgroup = %cgroup.display(), "socket-level programs already attached (restart)")
         }
         Ok(new) => tracing::info!(cgroup = %cgroup.display(), programs = ?new, "attached"),
-        Err(e) => return Err(format!("cannot attach the socket-level programs: {e}")),
+        Err(e) => {
+            return Err(format!(
+                "cannot attach the socket-level programs: {}",
+                chain(&e)
+            ))
+        }
     }
     let interfaces = dataplane
         .interfaces
@@ -595,7 +612,7 @@ fn setup_ebpf(dataplane: &DataplaneChoice) -> Result<EbpfSetup, String> {
                 tracing::info!(interface = %a.interface, direction = a.direction, replaced = a.replaced, "TC program attached");
             }
         }
-        Err(e) => return Err(format!("cannot attach the TC programs: {e}")),
+        Err(e) => return Err(format!("cannot attach the TC programs: {}", chain(&e))),
     }
     let maps =
         BpfMaps::open(bpffs, caps).map_err(|e| format!("cannot open the pinned maps: {e}"))?;
@@ -760,13 +777,25 @@ fn run(
         }
         None => None,
     };
+    // The loaded programs go to the keeper, which puts back what is
+    // removed under the agent (pins, links, TC on new interfaces).
+    let keeper = ebpf.take().map(|handle| {
+        ferry_proxy::ebpf::keeper::Keeper {
+            ebpf: handle,
+            dir: dataplane.bpffs.clone(),
+            cgroup: dataplane.cgroup.clone().unwrap_or_default(),
+            interfaces: dataplane.interfaces.clone(),
+        }
+        .spawn(Duration::from_secs(2), stop_source.clone())
+    });
     agent.run(&rx, &STOP);
     stop_source.store(true, Ordering::Relaxed);
     let _ = source_thread.join();
     if let Some(t) = ipam_thread {
         let _ = t.join();
     }
-    if ebpf.is_some() {
+    if let Some(k) = keeper {
+        let _ = k.join();
         tracing::info!("stopped; the dataplane stays programmed (ferry cleanup removes it)");
     } else {
         tracing::info!("stopped; the userspace dataplane closed its listeners");
@@ -774,6 +803,5 @@ fn run(
     drop(serving);
     drop(http);
     drop(agent);
-    drop(ebpf);
     ExitCode::SUCCESS
 }

@@ -2,6 +2,7 @@
 //! Errors name the program or map and the cause.
 
 pub mod counters;
+pub mod keeper;
 pub mod lb;
 pub mod status;
 pub mod tc;
@@ -93,7 +94,8 @@ pub fn program_names(ebpf: &Ebpf) -> Vec<String> {
     names
 }
 
-/// Loads one program into the kernel (running the verifier on it).
+/// Loads one program into the kernel (running the verifier on it); one
+/// already loaded is left as it is.
 pub fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<(), EbpfError> {
     let program = ebpf
         .program_mut(name)
@@ -111,10 +113,14 @@ pub fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<(), EbpfError> {
             })
         }
     };
-    result.map_err(|source| EbpfError::Program {
-        name: name.into(),
-        source: Box::new(source),
-    })
+    match result {
+        // Loaded before (a program attached again): that one serves.
+        Ok(()) | Err(ProgramError::AlreadyLoaded) => Ok(()),
+        Err(source) => Err(EbpfError::Program {
+            name: name.into(),
+            source: Box::new(source),
+        }),
+    }
 }
 
 /// Loads every program of the embedded object; the kernel's verifier must

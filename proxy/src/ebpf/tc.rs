@@ -57,6 +57,15 @@ pub fn attach_tc(
             .try_into()
             .map_err(prog_err)?;
         for interface in interfaces {
+            let exists = crate::netif::Rtnl::open()
+                .and_then(|mut r| r.link_index(interface))
+                .is_ok_and(|i| i.is_some());
+            if !exists {
+                // The keeper attaches it once it appears.
+                tracing::warn!(interface = %interface, direction,
+                    "no such interface now: its TC program is attached once it appears");
+                continue;
+            }
             let pin = tc_link_pin(dir, interface, direction);
             let link_err = |cause: String| EbpfError::Link {
                 path: pin.display().to_string(),
@@ -66,7 +75,17 @@ pub fn attach_tc(
                 Ok(old) => {
                     let link = SchedClassifierLink::try_from(FdLink::from(old))
                         .map_err(|e| link_err(e.to_string()))?;
-                    (prog.attach_to_link(link).map_err(prog_err)?, true)
+                    match prog.attach_to_link(link) {
+                        Ok(id) => (id, true),
+                        // A link whose device went away (severed): a new
+                        // one replaces its pin.
+                        Err(e) => {
+                            tracing::warn!(interface = %interface, direction, error = %e,
+                                "the pinned TC link is dead: attaching a new one");
+                            std::fs::remove_file(&pin).map_err(|e| link_err(e.to_string()))?;
+                            (prog.attach(interface, attach).map_err(prog_err)?, false)
+                        }
+                    }
                 }
                 Err(LinkError::SyscallError(e))
                     if e.io_error.kind() == std::io::ErrorKind::NotFound =>
