@@ -1,6 +1,7 @@
 //! Test support: the privileged-test gate and network namespaces that
 //! clean themselves up. Test traffic never leaves namespaces made here.
 
+pub mod agent;
 pub mod bpf;
 pub mod deploy;
 pub mod fake_api;

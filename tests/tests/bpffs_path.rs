@@ -44,15 +44,15 @@ impl Drop for Mount {
 }
 
 fn run(bin: &Path, yaml: &Path, pins: &Path, cgroup: &Path) -> Command {
-    let mut cmd = Command::new(bin);
-    cmd.arg("run")
-        .arg(format!("--source=file:{}", yaml.display()))
-        .arg(format!("--bpffs-path={}", pins.display()))
-        .arg(format!("--cgroup-path={}", cgroup.display()))
-        .args(["--dataplane", "ebpf", "--interfaces", "none"])
-        .args(["--hostname-override", "node-a", "--min-sync-period", "50ms"])
-        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""]);
-    cmd
+    ferry_tests::agent::EbpfAgent {
+        netns: None,
+        source: format!("--source=file:{}", yaml.display()),
+        pins,
+        cgroup,
+        interfaces: "none",
+        hostname: "node-a",
+    }
+    .command(bin)
 }
 
 #[test]

@@ -13,6 +13,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ferry_tests::agent::EbpfAgent;
 use ferry_tests::bpf::{PinDir, TestCgroup};
 use ferry_tests::netns::{TcTopology, VethLink};
 use ferry_tests::userspace::EchoBackend;
@@ -42,20 +43,19 @@ fn agent(t: &TcTopology, bin: &Path, dir: &Path, pins: &Path, cg: &Path) -> Kill
         .open(dir.join("agent.log"))
         .unwrap();
     KillOnDrop(
-        std::process::Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", t.node.name()))
-            .arg(bin)
-            .arg("run")
-            .arg(format!("--source=file:{}", dir.join("svc.yaml").display()))
-            .arg(format!("--bpffs-path={}", pins.display()))
-            .arg(format!("--cgroup-path={}", cg.display()))
-            .args(["--dataplane", "ebpf", "--interfaces", "tce0,tcb0"])
-            .args(["--hostname-override", "node-a", "--min-sync-period", "50ms"])
-            .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+        EbpfAgent {
+            netns: Some(t.node.name()),
+            source: format!("--source=file:{}", dir.join("svc.yaml").display()),
+            pins,
+            cgroup: cg,
+            interfaces: "tce0,tcb0",
+            hostname: "node-a",
+        }
+        .command(bin)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap(),
     )
 }
 

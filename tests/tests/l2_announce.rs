@@ -14,7 +14,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use ferry_tests::bpf::{PinDir, TestCgroup};
@@ -186,27 +186,23 @@ impl Lan {
             .enumerate()
             .map(|(i, n)| {
                 let log = std::fs::File::create(dir.join(format!("agent-{}.log", i + 1))).unwrap();
-                // Only the network namespace is entered: bpffs and cgroup2
-                // stay the host's.
                 Some(KillOnDrop(
-                    Command::new("nsenter")
-                        .arg(format!("--net=/var/run/netns/{}", n.ns.name()))
-                        .arg(&bin)
-                        .arg("run")
-                        .arg(format!("--kubeconfig={}", kubeconfig.display()))
-                        .arg(format!("--bpffs-path={}", n.pins.path().display()))
-                        .arg(format!("--cgroup-path={}", n.cg.path().display()))
-                        .args(["--dataplane", "ebpf", "--interfaces", &n.lan_if])
-                        .args(["--hostname-override", &format!("node-{}", i + 1)])
-                        .args(["--min-sync-period", "50ms"])
-                        // Fast failover is what is measured here (the
-                        // default lease outlasts an agent's rolling restart).
-                        .args(["--l2-lease-duration", "3s"])
-                        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-                        .stdout(Stdio::null())
-                        .stderr(log)
-                        .spawn()
-                        .unwrap(),
+                    ferry_tests::agent::EbpfAgent {
+                        netns: Some(n.ns.name()),
+                        source: format!("--kubeconfig={}", kubeconfig.display()),
+                        pins: n.pins.path(),
+                        cgroup: n.cg.path(),
+                        interfaces: &n.lan_if,
+                        hostname: &format!("node-{}", i + 1),
+                    }
+                    .command(&bin)
+                    // Fast failover is what is measured here (the
+                    // default lease outlasts an agent's rolling restart).
+                    .args(["--l2-lease-duration", "3s"])
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap(),
                 ))
             })
             .collect();

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use ferry_proxy::datapath::{BpfMaps, LbMaps, MapCapacities};
 use ferry_proxy::plan::AppliedState;
+use ferry_tests::agent::EbpfAgent;
 use ferry_tests::bpf::{PinDir, TestCgroup};
 use ferry_tests::{ferry_binary, require_privileged, KillOnDrop};
 
@@ -36,18 +37,19 @@ fn yaml() -> String {
 fn start(bin: &Path, dir: &Path, pins: &Path, cg: &Path, log: &str) -> KillOnDrop {
     let log = std::fs::File::create(dir.join(log)).unwrap();
     KillOnDrop(
-        std::process::Command::new(bin)
-            .arg("run")
-            .arg(format!("--source=file:{}", dir.join("svc.yaml").display()))
-            .arg(format!("--bpffs-path={}", pins.display()))
-            .arg(format!("--cgroup-path={}", cg.display()))
-            .args(["--dataplane", "ebpf", "--interfaces", "none"])
-            .args(["--hostname-override", "node-a", "--min-sync-period", "50ms"])
-            .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+        EbpfAgent {
+            netns: None,
+            source: format!("--source=file:{}", dir.join("svc.yaml").display()),
+            pins,
+            cgroup: cg,
+            interfaces: "none",
+            hostname: "node-a",
+        }
+        .command(bin)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap(),
     )
 }
 

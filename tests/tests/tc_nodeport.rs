@@ -448,23 +448,20 @@ endpoints:
             .append(true)
             .open(&log)
             .unwrap();
-        // Only the network namespace is entered: bpffs and cgroup2 stay
-        // the host's (`ip netns exec` would remount /sys).
         ferry_tests::KillOnDrop(
-            std::process::Command::new("nsenter")
-                .arg(format!("--net=/var/run/netns/{}", t.node.name()))
-                .arg(&bin)
-                .arg("run")
-                .arg(format!("--source=file:{}", dir.display()))
-                .arg(format!("--bpffs-path={}", pins.path().display()))
-                .arg(format!("--cgroup-path={}", cg.path().display()))
-                .args(["--dataplane", "ebpf", "--interfaces", "tce0,tcb0"])
-                .args(["--hostname-override", "node-a", "--min-sync-period", "50ms"])
-                .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-                .stdout(std::process::Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
+            ferry_tests::agent::EbpfAgent {
+                netns: Some(t.node.name()),
+                source: format!("--source=file:{}", dir.display()),
+                pins: pins.path(),
+                cgroup: cg.path(),
+                interfaces: "tce0,tcb0",
+                hostname: "node-a",
+            }
+            .command(&bin)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
         )
     };
     let connect = || {
