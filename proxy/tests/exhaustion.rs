@@ -78,27 +78,42 @@ fn a_service_with_100000_endpoints_is_capped_and_the_others_are_served() {
     assert_eq!(applied.backends().len(), 4096 + 3);
 }
 
-#[test]
-fn full_maps_leave_out_whole_frontends_and_program_the_rest() {
+/// Ten Services of ten endpoints each, at 198.19.`net`.0-9.
+fn ten_services(net: u8) -> Core {
     let mut core = core();
     for i in 0..10u32 {
         let name = format!("s{i}");
-        core.upsert_service(&service(&name, &format!("198.19.1.{i}")));
+        core.upsert_service(&service(&name, &format!("198.19.{net}.{i}")));
         core.upsert_slice(&slice(&name, 0, i * 10, 10));
     }
     core.translate_changes();
+    core
+}
+
+/// A full sync of `core` into maps in memory, applied without a failure.
+fn full_sync(
+    core: &Core,
+    cfg: &PlanConfig,
+) -> (FakeMaps, AppliedState, Allocators, ferry_proxy::plan::Plan) {
+    let (mut maps, mut applied) = (FakeMaps::default(), AppliedState::default());
+    let mut alloc = Allocators::new(cfg);
+    let plan = plan_sync(&applied, core.desired(), PlanScope::Full, &mut alloc, cfg);
+    assert!(apply_ops(&mut maps, &mut applied, &plan.ops)
+        .failed
+        .is_none());
+    (maps, applied, alloc, plan)
+}
+
+#[test]
+fn full_maps_leave_out_whole_frontends_and_program_the_rest() {
+    let core = ten_services(1);
     // Room for 4 frontends, and for 55 backends (5 Services and a half).
     let cfg = PlanConfig {
         max_frontends: 4,
         max_backends: 55,
         ..PlanConfig::default()
     };
-    let (mut maps, mut applied) = (FakeMaps::default(), AppliedState::default());
-    let mut alloc = Allocators::new(&cfg);
-    let plan = plan_sync(&applied, core.desired(), PlanScope::Full, &mut alloc, &cfg);
-    assert!(apply_ops(&mut maps, &mut applied, &plan.ops)
-        .failed
-        .is_none());
+    let (_, applied, _, plan) = full_sync(&core, &cfg);
     assert_eq!(applied.frontends().len(), 4);
     assert!(
         applied.frontends().values().all(|f| f.slots.len() == 10),
@@ -110,24 +125,13 @@ fn full_maps_leave_out_whole_frontends_and_program_the_rest() {
 
 #[test]
 fn a_full_services_map_leaves_out_whole_frontends_and_updates_still_apply() {
-    let mut core = core();
-    for i in 0..10u32 {
-        let name = format!("s{i}");
-        core.upsert_service(&service(&name, &format!("198.19.2.{i}")));
-        core.upsert_slice(&slice(&name, 0, i * 10, 10));
-    }
-    core.translate_changes();
+    let mut core = ten_services(2);
     // Room for 5 frontends of 1 master entry and 10 slots, and a half.
     let cfg = PlanConfig {
         max_service_entries: 60,
         ..PlanConfig::default()
     };
-    let (mut maps, mut applied) = (FakeMaps::default(), AppliedState::default());
-    let mut alloc = Allocators::new(&cfg);
-    let plan = plan_sync(&applied, core.desired(), PlanScope::Full, &mut alloc, &cfg);
-    assert!(apply_ops(&mut maps, &mut applied, &plan.ops)
-        .failed
-        .is_none());
+    let (mut maps, mut applied, mut alloc, plan) = full_sync(&core, &cfg);
     assert_eq!(applied.frontends().len(), 5);
     assert_eq!(applied.service_entries(), 55);
     assert_eq!(plan.errors.len(), 5, "{:?}", plan.errors);
