@@ -61,7 +61,11 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(out.parent().context("object path has a parent")?)?;
     let bytes = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
     let programs = check_object(&bytes).with_context(|| format!("checking {}", built.display()))?;
-    std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    // Written only when it changed: its mtime is what makes cargo build
+    // ferry-proxy (which embeds it) again.
+    if std::fs::read(&out).ok().as_deref() != Some(&bytes[..]) {
+        std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    }
     eprintln!(
         "xtask: eBPF object {} ({} bytes), programs: {}",
         out.display(),
