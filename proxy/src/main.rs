@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_proxy::agent::{Agent, AgentConfig};
-use ferry_proxy::cli;
 use ferry_proxy::datapath::{BpfMaps, LbMaps, MapCapacities};
 use ferry_proxy::http::Endpoints;
 use ferry_proxy::plan::{AppliedState, PlanConfig};
 use ferry_proxy::translate::TranslateConfig;
+use ferry_proxy::{cli, rows, units};
 
 /// mimalloc: the pipeline allocates many small objects; glibc malloc was a
 /// quarter of a full sync's instructions (see docs/BENCHMARKS.md).
@@ -278,7 +278,7 @@ fn main() -> ExitCode {
                 ),
             ] {
                 if let Some(v) = value {
-                    match cli::parse_duration(&v) {
+                    match units::parse_duration(&v) {
                         Ok(d) if !d.is_zero() => *slot = d,
                         Ok(_) => return usage_error(flag, "must be more than 0"),
                         Err(e) => return usage_error(flag, e),
@@ -286,28 +286,28 @@ fn main() -> ExitCode {
                 }
             }
             let interfaces = match interfaces.or(file.interfaces) {
-                Some(list) => match cli::parse_interfaces(&list) {
+                Some(list) => match units::parse_interfaces(&list) {
                     Ok(l) => Some(l),
                     Err(e) => return usage_error("--interfaces", e),
                 },
                 None => None,
             };
             let lb_ipam = match lb_ipam {
-                Some(v) => match cli::parse_bool(&v) {
+                Some(v) => match units::parse_bool(&v) {
                     Ok(b) => b,
                     Err(e) => return usage_error("--lb-ipam", e),
                 },
                 None => file.lb_ipam.unwrap_or(true),
             };
             let l2_interfaces = match l2_interfaces.or(file.l2_interfaces) {
-                Some(list) => match cli::parse_interfaces(&list) {
+                Some(list) => match units::parse_interfaces(&list) {
                     Ok(l) => Some(l),
                     Err(e) => return usage_error("--l2-interfaces", e),
                 },
                 None => None,
             };
             let l2_lease_duration = match l2_lease_duration.or(file.l2_lease_duration) {
-                Some(d) => match cli::parse_duration(&d) {
+                Some(d) => match units::parse_duration(&d) {
                     Ok(d) if !d.is_zero() => d,
                     Ok(_) => return usage_error("--l2-lease-duration", "must be positive"),
                     Err(e) => return usage_error("--l2-lease-duration", e),
@@ -318,13 +318,13 @@ fn main() -> ExitCode {
                 .or(file.lease_namespace)
                 .or_else(|| std::env::var("POD_NAMESPACE").ok())
                 .unwrap_or_else(|| "kube-system".into());
-            let cidrs = match cli::parse_cidrs(&nodeport_addresses) {
+            let cidrs = match units::parse_cidrs(&nodeport_addresses) {
                 Ok(c) => c,
                 Err(e) => return usage_error("--nodeport-addresses", e),
             };
             let (min, max) = match (
-                cli::parse_duration(&min_sync_period),
-                cli::parse_duration(&sync_period),
+                units::parse_duration(&min_sync_period),
+                units::parse_duration(&sync_period),
             ) {
                 (Ok(a), Ok(b)) => (a, b),
                 (Err(e), _) => return usage_error("--min-sync-period", e),
@@ -415,7 +415,7 @@ fn main() -> ExitCode {
                         Ok(body) => {
                             match output {
                                 Output::Json => println!("{body}"),
-                                Output::Table => match cli::format_userspace_table(&body) {
+                                Output::Table => match rows::format_userspace_table(&body) {
                                     Ok(t) => print!("{t}"),
                                     Err(e) => {
                                         eprintln!("ferry services: {e}");
@@ -443,9 +443,9 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let rows = cli::service_rows(&applied);
+            let rows = rows::service_rows(&applied);
             match output {
-                Output::Table => print!("{}", cli::format_table(&rows)),
+                Output::Table => print!("{}", rows::format_table(&rows)),
                 Output::Json => match serde_json::to_string_pretty(&rows) {
                     Ok(s) => println!("{s}"),
                     Err(e) => {

@@ -128,13 +128,13 @@ pub fn config(data: &[u8]) {
         &s.l2_lease_duration,
     ];
     for v in strings.into_iter().flatten() {
-        let _ = ferry_proxy::cli::parse_duration(v);
+        let _ = ferry_proxy::units::parse_duration(v);
     }
     if let Some(v) = &s.nodeport_addresses {
-        let _ = ferry_proxy::cli::parse_cidrs(v);
+        let _ = ferry_proxy::units::parse_cidrs(v);
     }
     for v in [&s.interfaces, &s.l2_interfaces].into_iter().flatten() {
-        let _ = ferry_proxy::cli::parse_interfaces(v);
+        let _ = ferry_proxy::units::parse_interfaces(v);
     }
 }
 

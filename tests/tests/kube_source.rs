@@ -37,7 +37,7 @@ fn agent() -> Agent {
 
 /// What the agent's maps say about a ClusterIP: its backends, sorted.
 fn backends(agent: &Agent, frontend: &str) -> Option<Vec<String>> {
-    let rows = ferry_proxy::cli::service_rows(agent.applied());
+    let rows = ferry_proxy::rows::service_rows(agent.applied());
     rows.into_iter().find(|r| r.frontend == frontend).map(|r| {
         let mut b: Vec<String> = r.backends.into_iter().map(|b| b.address).collect();
         b.sort();

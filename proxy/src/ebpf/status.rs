@@ -182,7 +182,7 @@ impl DataplaneStatus for EbpfStatus {
         let rows = BpfMaps::open(&self.dir, MapCapacities::default())
             .map_err(|e| e.to_string())
             .and_then(|m| m.dump().map_err(|e| e.to_string()))
-            .map(|ops| crate::cli::service_rows(&AppliedState::restore(ops)));
+            .map(|ops| crate::rows::service_rows(&AppliedState::restore(ops)));
         match rows {
             Ok(rows) => serde_json::to_string_pretty(&rows)
                 .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),

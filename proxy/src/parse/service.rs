@@ -52,7 +52,7 @@ fn parse_probe(
     let duration_ms = |a: &str, default: u32| -> Result<u32, InvalidObject> {
         match annotations.get(a) {
             None => Ok(default),
-            Some(v) => match crate::cli::parse_duration(v) {
+            Some(v) => match crate::units::parse_duration(v) {
                 Ok(d) if (10..=3_600_000).contains(&d.as_millis()) => Ok(d.as_millis() as u32),
                 Ok(_) => Err(cx.err(field(a), format!("{v:?} is not between 10ms and 1h"))),
                 Err(e) => Err(cx.err(field(a), e)),
