@@ -43,16 +43,6 @@ const BACKENDS: [&str; 3] = ["198.18.1.11", "198.18.1.12", "198.18.1.13"];
 const NODE_ADDRESS: &str = "198.18.0.1";
 const NODE_PORT_HTTP: u16 = 30080;
 const NODE_PORT_IPERF: u16 = 30201;
-/// Debian packages the harness runs.
-pub const TOOLS: &[(&str, &str)] = &[
-    ("wrk", "wrk"),
-    ("iperf3", "iperf3"),
-    ("nginx", "nginx-light"),
-    ("haproxy", "haproxy"),
-    ("nft", "nftables"),
-    ("iptables-legacy-restore", "iptables"),
-    ("bpftool", "bpftool"),
-];
 
 /// The rows, in table order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

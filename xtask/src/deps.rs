@@ -49,10 +49,22 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The programs `cargo xtask bench dataplane` runs, and their Debian
+/// packages.
+pub const BENCH_TOOLS: &[(&str, &str)] = &[
+    ("wrk", "wrk"),
+    ("iperf3", "iperf3"),
+    ("nginx", "nginx-light"),
+    ("haproxy", "haproxy"),
+    ("nft", "nftables"),
+    ("iptables-legacy-restore", "iptables"),
+    ("bpftool", "bpftool"),
+];
+
 /// Installs the programs `cargo xtask bench dataplane` drives (wrk, iperf3,
 /// nginx, haproxy, nft, iptables), when missing and root on Debian.
 pub fn ensure_bench_tools() -> Result<()> {
-    let missing: Vec<&str> = crate::dataplane::TOOLS
+    let missing: Vec<&str> = BENCH_TOOLS
         .iter()
         .filter(|(bin, _)| {
             find_on_path(bin).is_none() && !Path::new("/usr/sbin").join(bin).is_file()
