@@ -147,10 +147,6 @@ impl Core {
         self.slices.replace_all(items);
     }
 
-    pub fn has_changes(&self) -> bool {
-        self.node_changed || self.services.has_changes() || self.slices.has_changes()
-    }
-
     pub fn desired(&self) -> &DesiredState {
         &self.desired
     }

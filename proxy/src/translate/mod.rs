@@ -470,29 +470,6 @@ impl Touched {
     }
 }
 
-/// Translates every Service, oldest first (so the older one keeps a
-/// clashing address), into a fresh desired state. Invalid Services are
-/// reported and left out; the others are unaffected.
-pub fn translate_all<'a>(
-    services: impl IntoIterator<Item = &'a ServiceInfo>,
-    cache: &EndpointSliceCache,
-    node: &NodeInfo,
-    cfg: &TranslateConfig,
-) -> (DesiredState, Vec<InvalidObject>) {
-    let mut ordered: Vec<&ServiceInfo> = services.into_iter().collect();
-    ordered.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
-    let mut state = DesiredState::default();
-    let mut errors = Vec::new();
-    for svc in ordered {
-        let result = translate_service(svc, cache, node, cfg)
-            .and_then(|d| state.set(&svc.name, Some(d), None));
-        if let Err(e) = result {
-            errors.push(e);
-        }
-    }
-    (state, errors)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
