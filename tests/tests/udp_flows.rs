@@ -136,6 +136,20 @@ fn apply(
     Instant::now()
 }
 
+/// UDP servers on the two backends, 198.18.21.2 and .3, port 5353, in
+/// `srv`.
+fn udp_backends(srv: &Netns) -> Servers {
+    let udp = srv
+        .run(|| {
+            Ok(vec![
+                UdpSocket::bind("198.18.21.2:5353")?,
+                UdpSocket::bind("198.18.21.3:5353")?,
+            ])
+        })
+        .unwrap();
+    Servers::start(vec![], udp)
+}
+
 #[test]
 fn udp_flows_leave_the_old_backend_through_tc_conntrack() {
     if !require_privileged(
@@ -145,16 +159,7 @@ fn udp_flows_leave_the_old_backend_through_tc_conntrack() {
         return;
     }
     let t = TcTopology::new("uf").unwrap();
-    let udp = t
-        .srv
-        .run(|| {
-            Ok(vec![
-                UdpSocket::bind("198.18.21.2:5353")?,
-                UdpSocket::bind("198.18.21.3:5353")?,
-            ])
-        })
-        .unwrap();
-    let _servers = Servers::start(vec![], udp);
+    let _servers = udp_backends(&t.srv);
     let pins = PinDir::new("uf").unwrap();
     let _ebpf = t.attach(pins.path()).unwrap();
     let mut agent = ferry_tests::objects::bpf_agent(pins.path());
@@ -232,15 +237,7 @@ fn udp_flows_leave_the_old_backend_through_socket_balancing() {
     }
     // Backends 198.18.21.2 and .3, as in the TC topology.
     let (srv, cli) = client_and_backends("us", 21).unwrap();
-    let udp = srv
-        .run(|| {
-            Ok(vec![
-                UdpSocket::bind("198.18.21.2:5353")?,
-                UdpSocket::bind("198.18.21.3:5353")?,
-            ])
-        })
-        .unwrap();
-    let _servers = Servers::start(vec![], udp);
+    let _servers = udp_backends(&srv);
     let pins = PinDir::new("us").unwrap();
     let cg = TestCgroup::new("us").unwrap();
     let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &Default::default()).unwrap();
