@@ -3,7 +3,8 @@
 //! (a separate process, eBPF maps pinned in a scratch bpffs directory)
 //! lists and programs them. Measured: time from start to every frontend in
 //! the maps, the latency from an EndpointSlice change at the API server to
-//! the change being in the maps, and the agent's resident memory.
+//! the change being in the maps, the agent's resident memory, and a
+//! restart: the agent killed, a new one reconciling from the pinned maps.
 //! usage: control_plane_e2e FERRY_BINARY [SERVICES] [CHANGES]  (root)
 
 use std::io::{Read, Write};
@@ -130,34 +131,37 @@ fn main() {
     // own connections are never translated by the benchmark.
     let cgroup = cgroup2_root().join(format!("ferry-cp-bench-{}", std::process::id()));
     std::fs::create_dir_all(&cgroup).expect("scratch cgroup");
+    let spawn = |log: &str| {
+        Command::new(ferry)
+            .arg("run")
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg(format!("--bpffs-path={pins}"))
+            .arg(format!("--cgroup-path={}", cgroup.display()))
+            .arg(format!("--metrics-bind-address={metrics_addr}"))
+            .args([
+                "--healthz-bind-address",
+                "",
+                "--dataplane",
+                "ebpf",
+                "--interfaces",
+                "none",
+                "--hostname-override",
+                "node-0",
+            ])
+            .args(["--min-sync-period", "0s"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(log)).expect("log file"))
+            .spawn()
+            .expect("starting ferry")
+    };
     let start = Instant::now();
-    let child = Command::new(ferry)
-        .arg("run")
-        .arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .arg(format!("--bpffs-path={pins}"))
-        .arg(format!("--cgroup-path={}", cgroup.display()))
-        .arg(format!("--metrics-bind-address={metrics_addr}"))
-        .args([
-            "--healthz-bind-address",
-            "",
-            "--dataplane",
-            "ebpf",
-            "--interfaces",
-            "none",
-            "--hostname-override",
-            "node-0",
-        ])
-        .args(["--min-sync-period", "0s"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("agent.log")).expect("log file"))
-        .spawn()
-        .expect("starting ferry");
+    let child = spawn("agent.log");
     let agent_pid = child.id();
     let mut guard = AgentGuard {
         child: Some(child),
         ferry: ferry.clone(),
         pins: pins.clone(),
-        cgroup,
+        cgroup: cgroup.clone(),
         dir: dir.clone(),
     };
     let deadline = start
@@ -221,6 +225,32 @@ fn main() {
     let rss = rss_mib(agent_pid);
     let peak = status_mib(agent_pid, "VmHWM:");
     let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+    // A restart: the agent killed (as a crash), a new one on the same pins
+    // reads the maps back and reconciles; measured until its first full
+    // sync is in the maps (its log says so).
+    drop(guard.child.take().map(|mut c| {
+        let _ = c.kill();
+        c.wait()
+    }));
+    let restarted = Instant::now();
+    guard.child = Some(spawn("restart.log"));
+    let restart_log = || std::fs::read_to_string(dir.join("restart.log")).unwrap_or_default();
+    let reconciled = loop {
+        if restart_log().contains("ready: the first full sync") {
+            break restarted.elapsed();
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(120),
+            "not reconciled 120 s after a restart:\n{}",
+            restart_log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let restore_ms = restart_log()
+        .lines()
+        .find(|l| l.contains("restored the applied state"))
+        .and_then(|l| l.split("took_ms=").nth(1))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
     drop(guard.child.take().map(|mut c| {
         let _ = c.kill();
         c.wait()
@@ -244,4 +274,12 @@ fn main() {
     );
     println!("| agent resident memory 1 s after programming / after the changes | {rss_after_start:.0} MiB / {rss:.0} MiB |");
     println!("| agent peak resident memory (VmHWM, during the first list) | {peak:.0} MiB |");
+    println!(
+        "| restart (SIGKILL) to reconciled: first full sync of the new agent in the maps | {:.2} s |",
+        reconciled.as_secs_f64()
+    );
+    println!(
+        "| of which reading the maps back (dump and restore) | {} |",
+        restore_ms.map_or("?".to_string(), |ms| format!("{ms} ms"))
+    );
 }

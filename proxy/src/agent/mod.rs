@@ -108,8 +108,10 @@ impl Agent {
     /// An agent on `maps`, with the applied state read back from them (a
     /// restart keeps every entry and ID).
     pub fn new(cfg: AgentConfig, maps: Box<dyn LbMaps + Send>) -> Result<Agent, DatapathError> {
+        let started = std::time::Instant::now();
         let applied = AppliedState::restore(maps.dump()?);
         let alloc = Allocators::restore(&cfg.plan, &applied);
+        let took_ms = started.elapsed().as_millis();
         let local_node = NodeInfo {
             name: cfg.node_name.clone(),
             zone: None,
@@ -120,6 +122,7 @@ impl Agent {
             backends = applied.backends().len(),
             node = %cfg.node_name,
             nodeport_addresses = ?local_node.nodeport_addresses,
+            took_ms,
             "restored the applied state from the maps"
         );
         Ok(Agent {
