@@ -624,14 +624,16 @@ impl LbMaps for BpfMaps {
                 });
             }
         }
-        // The reverse-NAT entries get their protocol from the master entry.
+        // The reverse-NAT entries get their protocol from the master entry
+        // (found by key: a scan per entry was quadratic in frontends).
+        let protocols: std::collections::HashMap<(FrontendId, IpAddr, u16), Protocol> = masters
+            .iter()
+            .map(|(k, e)| ((e.id, k.ip, k.port), k.protocol))
+            .collect();
         for op in &mut ops {
             if let MapOp::UpsertRevNat { id, frontend } = op {
-                if let Some((key, _)) = masters
-                    .iter()
-                    .find(|(k, e)| e.id == *id && k.ip == frontend.ip && k.port == frontend.port)
-                {
-                    frontend.protocol = key.protocol;
+                if let Some(p) = protocols.get(&(*id, frontend.ip, frontend.port)) {
+                    frontend.protocol = *p;
                 }
             }
         }
