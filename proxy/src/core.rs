@@ -3,6 +3,8 @@
 //! keys a plan must look at. Invalid objects are kept aside with their
 //! errors and never disturb other Services.
 
+#![forbid(unsafe_code)] // pure: values in, values out (ARCHITECTURE.md)
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 

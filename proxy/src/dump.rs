@@ -1,6 +1,8 @@
 //! A stable text dump of the maps (sorted, one entry per line): the golden
 //! tests' output and what `ferry services` prints underneath.
 
+#![forbid(unsafe_code)] // pure: values in, values out (ARCHITECTURE.md)
+
 use std::collections::BTreeMap;
 use std::fmt::Write;
 

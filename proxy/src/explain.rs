@@ -1,6 +1,8 @@
 //! `ferry explain`: which backend a flow would reach, and why, from the
 //! maps' contents (pure: takes the applied state read back from the maps).
 
+#![forbid(unsafe_code)] // pure: values in, values out (ARCHITECTURE.md)
+
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 

@@ -2,6 +2,8 @@
 //! understands them after parsing, and the desired frontends and backend
 //! sets that translate produces. Plain data, no I/O.
 
+#![forbid(unsafe_code)] // pure: values in, values out (ARCHITECTURE.md)
+
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -2,6 +2,8 @@
 //! tests' input) into Kubernetes objects. A document that does not parse is
 //! reported with its position and skipped; the others are kept.
 
+#![forbid(unsafe_code)] // pure: values in, values out (ARCHITECTURE.md)
+
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;

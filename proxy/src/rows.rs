@@ -2,6 +2,8 @@
 //! the applied state (the pinned maps read back) or from a userspace
 //! agent's `/services`, and their table.
 
+#![forbid(unsafe_code)] // pure: values in, values out (ARCHITECTURE.md)
+
 use std::collections::BTreeMap;
 
 use crate::plan::AppliedState;

@@ -3,6 +3,8 @@
 //! move between slices or appear in two at once); and gates pruning until
 //! every source has listed.
 
+#![forbid(unsafe_code)] // pure: values in, values out (ARCHITECTURE.md)
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::Hash;
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! Values of flags, config keys and annotations: durations, CIDR lists,
 //! interface lists, booleans. Pure: strings in, values or a message out.
 
+#![forbid(unsafe_code)] // pure: values in, values out (ARCHITECTURE.md)
+
 use std::time::Duration;
 
 use ipnet::IpNet;

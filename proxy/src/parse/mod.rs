@@ -2,6 +2,8 @@
 //! uses. A bad object yields an [`InvalidObject`] naming its kind,
 //! namespace/name, the field and the cause; it never panics.
 
+#![forbid(unsafe_code)] // pure: values in, values out (ARCHITECTURE.md)
+
 mod node;
 mod service;
 mod slice;

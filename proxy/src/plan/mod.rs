@@ -4,6 +4,8 @@
 //! count, removed frontends master-first, unreferenced backends last), so a
 //! reader never sees a frontend naming a backend that is not there.
 
+#![forbid(unsafe_code)] // pure: values in, values out (ARCHITECTURE.md)
+
 mod applied;
 pub mod ids;
 pub mod maglev;

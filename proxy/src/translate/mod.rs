@@ -3,6 +3,8 @@
 //! the desired state of all Services, where frontend and NodePort clashes
 //! between Services are settled (the first Service to claim keeps it).
 
+#![forbid(unsafe_code)] // pure: values in, values out (ARCHITECTURE.md)
+
 mod endpoints;
 
 pub use endpoints::{categorize_endpoints, Categorized, PortPolicy};
