@@ -182,9 +182,9 @@ fn services_entry(op: &MapOp) -> Option<(Service4Key, Service4Value)> {
 
 fn open_map(dir: &Path, name: &str) -> Result<Map, DatapathError> {
     let path: PathBuf = dir.join(name);
-    let open_err = |e: MapError| DatapathError::Open {
+    let open_err = |source: MapError| DatapathError::Open {
         path: path.display().to_string(),
-        cause: e.to_string(),
+        source,
     };
     let data = MapData::from_pin(&path).map_err(open_err)?;
     Map::from_map_data(data).map_err(open_err)
@@ -197,9 +197,9 @@ pub(crate) fn typed<T: TryFrom<Map, Error = MapError>>(
     name: &'static str,
 ) -> Result<T, DatapathError> {
     let map = open_map(dir, name)?;
-    T::try_from(map).map_err(|e| DatapathError::Open {
+    T::try_from(map).map_err(|source| DatapathError::Open {
         path: dir.join(name).display().to_string(),
-        cause: e.to_string(),
+        source,
     })
 }
 
@@ -271,11 +271,7 @@ fn map_err(
         MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc_e2big()) => {
             DatapathError::MapFull { map, capacity }
         }
-        _ => DatapathError::Map {
-            map,
-            op,
-            cause: e.to_string(),
-        },
+        _ => DatapathError::Map { map, op, source: e },
     }
 }
 

@@ -21,14 +21,19 @@ use crate::plan::{AppliedState, MapOp};
 pub enum DatapathError {
     #[error("map {map} is full ({capacity} entries)")]
     MapFull { map: &'static str, capacity: u32 },
-    #[error("map {map}: {op}: {cause}")]
+    #[error("map {map}: {op}: {source}")]
     Map {
         map: &'static str,
         op: &'static str,
-        cause: String,
+        #[source]
+        source: aya::maps::MapError,
     },
-    #[error("opening pinned map {path}: {cause}")]
-    Open { path: String, cause: String },
+    #[error("opening pinned map {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("{0}")]
     Unsupported(String),
     #[error("injected fault on {0}")]

@@ -29,32 +29,38 @@ pub const SOURCES: [&str; 3] = ["services", "endpointslices", "node"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
-    #[error("reading kubeconfig {path}: {cause}")]
-    Kubeconfig { path: String, cause: String },
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
     #[error("Kubernetes client configuration: {0}")]
-    Config(String),
+    Config(#[source] kube::config::KubeconfigError),
+    #[error("Kubernetes client configuration: {0}")]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
     #[error("starting the tokio runtime: {0}")]
-    Runtime(String),
+    Runtime(#[source] std::io::Error),
 }
 
 pub(crate) async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceError> {
     let config = match kubeconfig {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(&path).map_err(|e| {
+            let kc = kube::config::Kubeconfig::read_from(&path).map_err(|source| {
                 KubeSourceError::Kubeconfig {
                     path: path.display().to_string(),
-                    cause: e.to_string(),
+                    source,
                 }
             })?;
             Config::from_custom_kubeconfig(kc, &Default::default())
                 .await
-                .map_err(|e| KubeSourceError::Config(e.to_string()))?
+                .map_err(KubeSourceError::Config)?
         }
-        None => Config::infer()
-            .await
-            .map_err(|e| KubeSourceError::Config(e.to_string()))?,
+        None => Config::infer().await.map_err(KubeSourceError::Infer)?,
     };
-    Client::try_from(config).map_err(|e| KubeSourceError::Config(e.to_string()))
+    Client::try_from(config).map_err(KubeSourceError::Client)
 }
 
 /// Forwards one watcher's events; a (re)list as a [`Listing`].
@@ -141,7 +147,7 @@ pub fn spawn(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| KubeSourceError::Runtime(e.to_string()))?;
+        .map_err(KubeSourceError::Runtime)?;
     Ok(std::thread::spawn(move || {
         rt.block_on(async move {
             let client = match client(kubeconfig).await {
