@@ -1,8 +1,13 @@
-//! Helpers of the `ferry` command line: the config file and the defaults
-//! that depend on the machine (values are parsed in [`crate::units`], the
-//! `ferry services` rows are in [`crate::rows`]).
+//! The `ferry` command line's library side: the `ferry run` flags
+//! ([`flags`]), the config file, the defaults that depend on the machine,
+//! and the pure resolver from flags and file to the agent's settings
+//! ([`resolve`]). Values are parsed in [`crate::units`]; the `ferry
+//! services` rows are in [`crate::rows`].
 
 use std::path::PathBuf;
+
+pub mod flags;
+pub mod resolve;
 
 /// `ferry run --config FILE`: the run flags as YAML (camelCase keys). An
 /// unknown key is an error naming it.
