@@ -8,12 +8,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{FastSet, NodeInfo, ObjectName, ServiceName};
 use crate::parse::{
-    object_name, parse_service, parse_slice, InvalidObject, ParsedService, ParsedSlice,
+    object_name, parse_node, parse_service, parse_slice, InvalidObject, ParsedService, ParsedSlice,
 };
 use crate::track::{ChangeTracker, EndpointSliceCache};
 use crate::translate::{translate_service, DesiredState, Touched, TranslateConfig};
@@ -53,6 +54,9 @@ pub struct Translated {
 pub struct Core {
     proxy_name: String,
     node: NodeInfo,
+    /// This node as the local interfaces show it: in force while no source
+    /// delivers a Node object of its name.
+    local_node: NodeInfo,
     cfg: TranslateConfig,
     services: ChangeTracker<ServiceName, Arc<ServiceOutcome>>,
     slices: ChangeTracker<ObjectName, Arc<SliceOutcome>>,
@@ -70,6 +74,7 @@ impl Core {
     pub fn new(proxy_name: &str, node: NodeInfo, cfg: TranslateConfig) -> Core {
         Core {
             proxy_name: proxy_name.into(),
+            local_node: node.clone(),
             node,
             cfg,
             services: ChangeTracker::default(),
@@ -84,6 +89,23 @@ impl Core {
 
     pub fn node(&self) -> &NodeInfo {
         &self.node
+    }
+
+    /// This node from the Node objects a source delivered: ours by name
+    /// (NodePorts on its addresses within `nodeport_cidrs`; empty: all),
+    /// else the node as the local interfaces show it. Returns whether ours
+    /// is being deleted.
+    pub fn set_node_from(&mut self, nodes: &[Node], nodeport_cidrs: &[IpNet]) -> bool {
+        let name = self.local_node.name.as_str();
+        let ours = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(name));
+        let deleting = ours.is_some_and(|n| n.metadata.deletion_timestamp.is_some());
+        let node = ours
+            .map(|n| parse_node(n, nodeport_cidrs))
+            .unwrap_or_else(|| self.local_node.clone());
+        self.set_node(node);
+        deleting
     }
 
     pub fn set_node(&mut self, node: NodeInfo) {
@@ -274,5 +296,38 @@ impl Core {
         if let Err(e) = result {
             self.invalid.insert(("Service", name.clone()), e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(yaml: &str) -> Node {
+        yaml_serde::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn this_node_by_name_else_the_local_one() {
+        let local = NodeInfo {
+            name: "node-a".into(),
+            zone: None,
+            nodeport_addresses: vec!["198.18.0.1".parse().unwrap()],
+        };
+        let mut core = Core::new("", local.clone(), TranslateConfig::default());
+        let other = node("metadata: {name: node-b}\nstatus: {addresses: [{type: InternalIP, address: 198.18.0.2}]}");
+        assert!(!core.set_node_from(std::slice::from_ref(&other), &[]));
+        assert_eq!(core.node(), &local, "another node's object changes nothing");
+        let ours = node(
+            "metadata: {name: node-a, deletionTimestamp: '2026-12-06T00:00:00Z'}\n\
+             status: {addresses: [{type: InternalIP, address: 198.18.0.9}]}",
+        );
+        assert!(core.set_node_from(&[other, ours], &[]), "being deleted");
+        assert_eq!(
+            core.node().nodeport_addresses,
+            vec!["198.18.0.9".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert!(!core.set_node_from(&[], &[]));
+        assert_eq!(core.node(), &local, "no Node object: the local view again");
     }
 }

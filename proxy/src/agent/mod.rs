@@ -21,7 +21,6 @@ use crate::health_check::{HealthCheckServers, Report};
 use crate::metrics::{Gauges, Metrics, SyncRecord};
 use crate::model::{NodeInfo, ServiceName};
 use crate::objects::Object;
-use crate::parse::parse_node;
 use crate::parse::{object_name, InvalidObject};
 use crate::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
 use crate::source::{ListKind, Listing, SourceEvent};
@@ -76,9 +75,6 @@ pub struct Agent {
     maps: Box<dyn LbMaps + Send>,
     runner: Runner,
     synced: SyncedGate,
-    /// This node as seen on the local interfaces (used when no source
-    /// delivers a Node object of our name).
-    local_node: NodeInfo,
     metrics: Arc<Metrics>,
     health_checks: HealthCheckServers,
     /// Where invalid objects are reported (as Events, in a cluster), and
@@ -136,7 +132,6 @@ impl Agent {
             applied,
             alloc,
             maps,
-            local_node,
             metrics: Arc::new(Metrics::default()),
             health_checks: HealthCheckServers::default(),
             invalid_sink: None,
@@ -271,18 +266,10 @@ impl Agent {
         None
     }
 
-    /// This node from the Node objects a source delivered (ours by name),
-    /// else from the local interfaces.
+    /// This node from the Node objects a source delivered (Core keeps it).
     fn set_node_from(&mut self, nodes: &[k8s_openapi::api::core::v1::Node]) {
-        let ours = nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(self.cfg.node_name.as_str()));
-        self.metrics
-            .set_node_deleting(ours.is_some_and(|n| n.metadata.deletion_timestamp.is_some()));
-        let node = ours
-            .map(|n| parse_node(n, &self.cfg.nodeport_cidrs))
-            .unwrap_or_else(|| self.local_node.clone());
-        self.core.set_node(node);
+        let deleting = self.core.set_node_from(nodes, &self.cfg.nodeport_cidrs);
+        self.metrics.set_node_deleting(deleting);
     }
 
     /// Runs a sync now. Before every source synced nothing is done.
