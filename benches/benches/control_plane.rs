@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use ferry_benches::{bench_node, cluster, loaded_core, plan_config, plan_from_empty, slice, Shape};
-use ferry_proxy::core::Core;
+use ferry_proxy::pipeline::Core;
 use ferry_proxy::plan::{maglev, plan_sync, Allocators, AppliedState, PlanScope};
 use ferry_proxy::translate::TranslateConfig;
 

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use ferry_benches::{bench_node, cluster, plan_config, plan_from_empty, Shape};
-use ferry_proxy::core::Core;
+use ferry_proxy::pipeline::Core;
 use ferry_proxy::translate::TranslateConfig;
 
 #[global_allocator]

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use ferry_proxy::core::Core;
 use ferry_proxy::model::NodeInfo;
+use ferry_proxy::pipeline::Core;
 use ferry_proxy::plan::{plan_sync, Allocators, AppliedState, Plan, PlanConfig, PlanScope};
 use ferry_proxy::translate::TranslateConfig;
 

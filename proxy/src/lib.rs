@@ -3,7 +3,6 @@
 
 pub mod agent;
 pub mod cli;
-pub mod core;
 pub mod datapath;
 pub mod dump;
 pub mod ebpf;
@@ -18,6 +17,7 @@ pub mod netif;
 pub mod netlink;
 pub mod objects;
 pub mod parse;
+pub mod pipeline;
 pub mod plan;
 pub mod rows;
 pub mod source;

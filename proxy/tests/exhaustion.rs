@@ -6,9 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-use ferry_proxy::core::Core;
 use ferry_proxy::datapath::{apply_ops, FakeMaps};
 use ferry_proxy::model::NodeInfo;
+use ferry_proxy::pipeline::Core;
 use ferry_proxy::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
 use ferry_proxy::translate::TranslateConfig;
 use k8s_openapi::api::core::v1::Service;

@@ -12,11 +12,11 @@ mod common;
 use std::fmt::Write;
 use std::path::Path;
 
-use ferry_proxy::core::Core;
 use ferry_proxy::dump::{dump, format_op};
 use ferry_proxy::model::NodeInfo;
 use ferry_proxy::objects::{parse_documents, Object};
 use ferry_proxy::parse::parse_node;
+use ferry_proxy::pipeline::Core;
 use ferry_proxy::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
 use ferry_proxy::translate::TranslateConfig;
 use serde::Deserialize;

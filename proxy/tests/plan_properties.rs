@@ -11,8 +11,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use ferry_proxy::core::Core;
 use ferry_proxy::model::{NodeInfo, ObjectName};
+use ferry_proxy::pipeline::Core;
 use ferry_proxy::plan::{plan_sync, Allocators, AppliedState, MapOp, PlanConfig, PlanScope};
 use ferry_proxy::translate::TranslateConfig;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};

@@ -5,10 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // an oracle panics
 
-use ferry_proxy::core::Core;
 use ferry_proxy::datapath::{apply_ops, FakeMaps, LbMaps};
 use ferry_proxy::model::NodeInfo;
 use ferry_proxy::objects::{parse_documents, Object};
+use ferry_proxy::pipeline::Core;
 use ferry_proxy::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
 use ferry_proxy::translate::TranslateConfig;
 use k8s_openapi::api::core::v1::{Node, Service};

@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use crate::core::Core;
 use crate::datapath::{apply_ops, DatapathError, LbMaps};
 use crate::health_check::{HealthCheckServers, Report};
 use crate::metrics::{Gauges, Metrics, SyncRecord};
 use crate::model::{NodeInfo, ServiceName};
 use crate::objects::Object;
 use crate::parse::{object_name, InvalidObject};
+use crate::pipeline::Core;
 use crate::plan::{plan_sync, Allocators, AppliedState, PlanConfig, PlanScope};
 use crate::source::{ListKind, Listing, SourceEvent};
 use crate::track::SyncedGate;
@@ -62,8 +62,8 @@ pub struct SyncReport {
 /// The parsed objects of lists still arriving (see [`Listing`]).
 #[derive(Debug, Default)]
 struct Staged {
-    services: Option<Vec<crate::core::ParsedServiceEntry>>,
-    slices: Option<Vec<crate::core::ParsedSliceEntry>>,
+    services: Option<Vec<crate::pipeline::ParsedServiceEntry>>,
+    slices: Option<Vec<crate::pipeline::ParsedSliceEntry>>,
     nodes: Option<Vec<k8s_openapi::api::core::v1::Node>>,
 }
 
@@ -123,7 +123,7 @@ impl Agent {
         );
         Ok(Agent {
             core: Core::new(
-                crate::core::DEFAULT_PROXY_NAME,
+                crate::pipeline::DEFAULT_PROXY_NAME,
                 local_node.clone(),
                 cfg.translate.clone(),
             ),
@@ -255,7 +255,7 @@ impl Agent {
                 self.staged.services.get_or_insert_default().push(entry);
             }
             Object::EndpointSlice(s) if self.staged.slices.is_some() => {
-                let entry = crate::core::Core::parse_slice_entry(&s);
+                let entry = crate::pipeline::Core::parse_slice_entry(&s);
                 self.staged.slices.get_or_insert_default().push(entry);
             }
             Object::Node(n) if self.staged.nodes.is_some() => {

@@ -209,8 +209,8 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::Core;
     use crate::model::NodeInfo;
+    use crate::pipeline::Core;
     use k8s_openapi::api::core::v1::Service;
     use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -243,7 +243,7 @@ endpoints:
         ))
         .expect("an EndpointSlice");
         let mut core = Core::new(
-            crate::core::DEFAULT_PROXY_NAME,
+            crate::pipeline::DEFAULT_PROXY_NAME,
             NodeInfo {
                 name: node.into(),
                 ..Default::default()
