@@ -69,6 +69,17 @@ pub fn agent_config(sources: Vec<&'static str>) -> ferry_proxy::agent::AgentConf
     }
 }
 
+/// The `ferry` binary for a privileged test that runs it; None (the test
+/// is skipped) when not root or not built, which with
+/// FERRY_REQUIRE_PRIVILEGED=1 panics instead.
+pub fn privileged_ferry(test: &str) -> Option<std::path::PathBuf> {
+    let bin = ferry_binary();
+    if !privileged::require_privileged(test, bin.as_ref().map(|_| ()).map_err(Clone::clone)) {
+        return None;
+    }
+    bin.ok()
+}
+
 /// A child process killed (SIGKILL) and reaped when dropped, so a failing
 /// test never leaves an agent running.
 #[derive(Debug)]

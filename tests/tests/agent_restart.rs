@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use ferry_tests::bpf::{PinDir, TestCgroup};
 use ferry_tests::netns::client_and_backends;
-use ferry_tests::{ferry_binary, require_privileged};
 
 fn yaml(endpoints: &[&str]) -> String {
     let eps: Vec<String> = endpoints
@@ -185,14 +184,11 @@ fn echo_server(l: TcpListener, stop: Arc<AtomicBool>) -> std::thread::JoinHandle
 
 #[test]
 fn established_stream_survives_sigkill_and_restart() {
-    let bin = ferry_binary();
-    if !require_privileged(
-        "established_stream_survives_sigkill_and_restart",
-        bin.as_ref().map(|_| ()).map_err(Clone::clone),
-    ) {
+    let Some(bin) =
+        ferry_tests::privileged_ferry("established_stream_survives_sigkill_and_restart")
+    else {
         return;
-    }
-    let bin = bin.unwrap();
+    };
     let (srv, cli) = client_and_backends("ar", 2).unwrap();
     let listeners = srv
         .run(|| {

@@ -17,7 +17,7 @@ use ferry_tests::agent::EbpfAgent;
 use ferry_tests::bpf::{PinDir, TestCgroup};
 use ferry_tests::netns::{TcTopology, VethLink};
 use ferry_tests::userspace::EchoBackend;
-use ferry_tests::{ferry_binary, require_privileged, KillOnDrop};
+use ferry_tests::KillOnDrop;
 
 const YAML: &str = "apiVersion: v1
 kind: Service
@@ -89,14 +89,11 @@ fn until_served(t: &TcTopology, what: &str, log: &dyn Fn() -> String) -> Duratio
 
 #[test]
 fn pins_removed_and_links_recreated_under_the_agent_are_repaired() {
-    let bin = ferry_binary();
-    if !require_privileged(
+    let Some(bin) = ferry_tests::privileged_ferry(
         "pins_removed_and_links_recreated_under_the_agent_are_repaired",
-        bin.as_ref().map(|_| ()).map_err(Clone::clone),
-    ) {
+    ) else {
         return;
-    }
-    let bin = bin.unwrap();
+    };
     let t = TcTopology::new("rp").unwrap();
     let _backend = t
         .srv

@@ -15,7 +15,7 @@ use ferry_tests::bpf::{PinDir, TestCgroup};
 use ferry_tests::fake_api::FakeApi;
 use ferry_tests::netns::client_and_backends;
 use ferry_tests::servers::Servers;
-use ferry_tests::{ferry_binary, require_privileged, Netns};
+use ferry_tests::Netns;
 use serde_json::json;
 
 fn slice(ip: &str) -> serde_json::Value {
@@ -51,14 +51,11 @@ fn until_reply_from(cg: &TestCgroup, ns: &Netns, to: &str, want: &str) {
 
 #[test]
 fn service_update_via_api_reaches_a_real_connection() {
-    let bin = ferry_binary();
-    if !require_privileged(
-        "service_update_via_api_reaches_a_real_connection",
-        bin.as_ref().map(|_| ()).map_err(Clone::clone),
-    ) {
+    let Some(bin) =
+        ferry_tests::privileged_ferry("service_update_via_api_reaches_a_real_connection")
+    else {
         return;
-    }
-    let bin = bin.unwrap();
+    };
     let (srv, cli) = client_and_backends("ke", 3).unwrap();
     let listeners = srv
         .run(|| {

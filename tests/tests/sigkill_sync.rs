@@ -17,7 +17,7 @@ use ferry_proxy::datapath::{BpfMaps, LbMaps, MapCapacities};
 use ferry_proxy::plan::AppliedState;
 use ferry_tests::agent::EbpfAgent;
 use ferry_tests::bpf::{PinDir, TestCgroup};
-use ferry_tests::{ferry_binary, require_privileged, KillOnDrop};
+use ferry_tests::{require_privileged, KillOnDrop};
 
 const SERVICES: u32 = 2_000;
 
@@ -99,14 +99,11 @@ fn ready(dir: &Path, log: &str) {
 
 #[test]
 fn sigkill_during_a_full_sync_converges_to_the_fault_free_maps() {
-    let bin = ferry_binary();
-    if !require_privileged(
+    let Some(bin) = ferry_tests::privileged_ferry(
         "sigkill_during_a_full_sync_converges_to_the_fault_free_maps",
-        bin.as_ref().map(|_| ()).map_err(Clone::clone),
-    ) {
+    ) else {
         return;
-    }
-    let bin = bin.unwrap();
+    };
     let dir = std::env::temp_dir().join(format!("ferry-test-kill-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("svc.yaml"), yaml()).unwrap();
