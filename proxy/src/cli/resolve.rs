@@ -115,8 +115,13 @@ pub fn resolve(
     let min = duration(
         "--min-sync-period",
         flags.min_sync_period.or(file.min_sync_period),
+        "1s",
     )?;
-    let max = duration("--sync-period", flags.sync_period.or(file.sync_period))?;
+    let max = duration(
+        "--sync-period",
+        flags.sync_period.or(file.sync_period),
+        "30s",
+    )?;
     let listen = listen(
         flags.healthz_bind_address.or(file.healthz_bind_address),
         flags.metrics_bind_address.or(file.metrics_bind_address),
@@ -251,12 +256,11 @@ fn interfaces(
         .transpose()
 }
 
-fn duration(setting: &'static str, value: Option<String>) -> Result<Duration, UsageError> {
-    let default = if setting == "--sync-period" {
-        "30s"
-    } else {
-        "1s"
-    };
+fn duration(
+    setting: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<Duration, UsageError> {
     units::parse_duration(value.as_deref().unwrap_or(default)).map_err(|e| usage(setting, e))
 }
 
