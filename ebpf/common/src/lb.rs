@@ -303,9 +303,12 @@ pub enum LbCounter {
     TcSnatExhausted = 13,
     /// TC: a slot or backend was missing mid-update: dropped.
     TcLookupMiss = 14,
+    /// TC: a client port already in a live flow to the same backend (from
+    /// another frontend) was remapped to keep the reply tuples apart.
+    TcPortRemapped = 15,
 }
 
-pub const LB_COUNTERS: u32 = 15;
+pub const LB_COUNTERS: u32 = 16;
 
 impl LbCounter {
     pub const ALL: [LbCounter; LB_COUNTERS as usize] = [
@@ -324,6 +327,7 @@ impl LbCounter {
         LbCounter::TcRedirected,
         LbCounter::TcSnatExhausted,
         LbCounter::TcLookupMiss,
+        LbCounter::TcPortRemapped,
     ];
 
     /// Lower-case name, a bounded metric label.
@@ -344,6 +348,7 @@ impl LbCounter {
             LbCounter::TcRedirected => "tc_redirected",
             LbCounter::TcSnatExhausted => "tc_snat_exhausted",
             LbCounter::TcLookupMiss => "tc_lookup_miss",
+            LbCounter::TcPortRemapped => "tc_port_remapped",
         }
     }
 }

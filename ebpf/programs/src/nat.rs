@@ -307,8 +307,20 @@ fn new_flow(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
                 return Ok(TC_ACT_SHOT);
             }
         }
-    } else {
+    } else if claim_reply(f, &reply_key(f, &picked, f.src, f.sport), now()) {
         (Be32(0), Be16(0))
+    } else {
+        // A live flow from this client port to another frontend holds the
+        // same backend tuple: the client's port is remapped (its address
+        // kept), as the kernel's NAT does on a tuple clash.
+        count(LbCounter::TcPortRemapped);
+        match snat_port(f, &picked, f.src) {
+            Some(port) => (f.src, port),
+            None => {
+                count(LbCounter::TcSnatExhausted);
+                return Ok(TC_ACT_SHOT);
+            }
+        }
     };
     track(f, &svc, &picked, nat_addr, nat_port)?;
     let v = Ct4Value {
@@ -338,14 +350,10 @@ fn track(
 ) -> Result<(), i64> {
     let snat = nat_addr.0 != 0;
     let t = now();
-    let reply_key = Ct4Key {
-        src: picked.backend.addr,
-        dst: if snat { nat_addr } else { f.src },
-        sport: picked.backend.port,
-        dport: if snat { nat_port } else { f.sport },
-        proto: f.proto,
-        dir: CT_REPLY,
-        pad: 0,
+    let reply_key = if snat {
+        reply_key(f, picked, nat_addr, nat_port)
+    } else {
+        reply_key(f, picked, f.src, f.sport)
     };
     let reply = Ct4Value {
         last_ns: t,
@@ -373,21 +381,15 @@ fn track(
     CT4.insert(f.key(CT_FORWARD), fwd, 0).map_err(i64::from)
 }
 
-/// A source port in the SNAT range whose reply tuple no live flow holds.
-/// Ports are handed out in turn (a cursor per CPU), trying up to 16: a port
-/// is free when unused, used by this very flow, or held by a flow that
-/// closed (or went idle) long enough ago.
+/// A source port in the SNAT range whose reply tuple this flow may claim
+/// ([`claim_reply`]). Ports are handed out in turn (a cursor per CPU),
+/// trying up to 16.
 #[inline(always)]
 fn snat_port(f: &Flow, picked: &Picked, addr: Be32) -> Option<Be16> {
     let cursor = SNAT_CURSOR.get_ptr_mut(0)?;
     // SAFETY: plain helper call.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let t = now();
-    let idle_limit = if f.proto == IPPROTO_TCP {
-        SNAT_REUSE_TCP_NS
-    } else {
-        SNAT_REUSE_UDP_NS
-    };
     for _ in 0..16u32 {
         // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
         let n = unsafe {
@@ -397,44 +399,71 @@ fn snat_port(f: &Flow, picked: &Picked, addr: Be32) -> Option<Be16> {
         };
         let idx = n.wrapping_add(cpu.wrapping_mul(SNAT_CPU_STRIDE)) % u32::from(SNAT_PORT_COUNT);
         let port = Be16::from_host(SNAT_PORT_MIN + idx as u16);
-        let key = Ct4Key {
-            src: picked.backend.addr,
-            dst: addr,
-            sport: picked.backend.port,
-            dport: port,
-            proto: f.proto,
-            dir: CT_REPLY,
-            pad: 0,
-        };
-        let Some(v) = CT4.get_ptr(key) else {
-            return Some(port);
-        };
-        // SAFETY: a pointer from a successful lookup.
-        let v = unsafe { *v };
-        let idle = t.saturating_sub(v.last_ns);
-        let same_flow = v.nat_addr == f.src && v.nat_port == f.sport;
-        let closed = v.flags & CT_FLAG_CLOSING != 0 && idle > SNAT_REUSE_CLOSED_NS;
-        if same_flow {
-            return Some(port);
-        }
-        if closed || idle > idle_limit {
-            // The port's last flow ended: its forward entry must go too, or
-            // that client reusing its own port would follow it onto the
-            // port this new flow now holds.
-            let old = Ct4Key {
-                src: v.nat_addr,
-                dst: v.addr,
-                sport: v.nat_port,
-                dport: v.port,
-                proto: f.proto,
-                dir: CT_FORWARD,
-                pad: 0,
-            };
-            let _ = CT4.remove(old);
+        if claim_reply(f, &reply_key(f, picked, addr, port), t) {
             return Some(port);
         }
     }
     None
+}
+
+/// The reply tuple of `f` sent to `picked` from `addr`:`port`.
+#[inline(always)]
+fn reply_key(f: &Flow, picked: &Picked, addr: Be32, port: Be16) -> Ct4Key {
+    Ct4Key {
+        src: picked.backend.addr,
+        dst: addr,
+        sport: picked.backend.port,
+        dport: port,
+        proto: f.proto,
+        dir: CT_REPLY,
+        pad: 0,
+    }
+}
+
+/// Whether new flow `f` may hold reply tuple `key`: nobody holds it, `f`
+/// itself does (same client and frontend), or its flow ended (closed a
+/// second ago, or idle past the protocol's limit). A tuple is never taken
+/// from a live flow: one client port to two frontends that pick the same
+/// backend would otherwise send one flow's replies from the other's
+/// frontend. Taking it from an ended flow removes that flow's forward
+/// entry too, so its client reopening the tuple starts a new flow instead
+/// of following the old entry onto replies that now go elsewhere.
+#[inline(always)]
+fn claim_reply(f: &Flow, key: &Ct4Key, t: u64) -> bool {
+    let Some(v) = CT4.get_ptr(*key) else {
+        return true;
+    };
+    // SAFETY: a pointer from a successful lookup.
+    let v = unsafe { *v };
+    let (client, client_port) = if v.nat_addr.0 != 0 {
+        (v.nat_addr, v.nat_port)
+    } else {
+        (key.dst, key.dport)
+    };
+    if client == f.src && client_port == f.sport && v.addr == f.dst && v.port == f.dport {
+        return true;
+    }
+    let idle = t.saturating_sub(v.last_ns);
+    let limit = if f.proto == IPPROTO_TCP {
+        SNAT_REUSE_TCP_NS
+    } else {
+        SNAT_REUSE_UDP_NS
+    };
+    let closed = v.flags & CT_FLAG_CLOSING != 0 && idle > SNAT_REUSE_CLOSED_NS;
+    if !closed && idle <= limit {
+        return false;
+    }
+    let old = Ct4Key {
+        src: client,
+        dst: v.addr,
+        sport: client_port,
+        dport: v.port,
+        proto: f.proto,
+        dir: CT_FORWARD,
+        pad: 0,
+    };
+    let _ = CT4.remove(&old);
+    true
 }
 
 /// Forward direction: destination to the backend, source to the SNAT

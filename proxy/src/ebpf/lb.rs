@@ -144,7 +144,8 @@ pub fn read_lb_counters(dir: &Path) -> Result<Vec<(&'static str, u64)>, EbpfErro
     let array: aya::maps::PerCpuArray<_, u64> =
         aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_err)?;
     let mut out = Vec::with_capacity(LbCounter::ALL.len());
-    for c in LbCounter::ALL {
+    // A map pinned by an older release has fewer counters: those it has.
+    for c in LbCounter::ALL.into_iter().take(array.len() as usize) {
         let per_cpu = array.get(&(c as u32), 0).map_err(map_err)?;
         out.push((c.name(), per_cpu.iter().sum()));
     }
