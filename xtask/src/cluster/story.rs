@@ -49,6 +49,10 @@ pub fn run(root: &Path, layout: &Layout) -> Result<Report> {
     );
     let tally = traffic.snapshot();
     println!("{}", table(&tally));
+    if tally.failures() > 0 {
+        // What each node's programs did, to tell a drop from a wrong reply.
+        println!("{}", datapath_events());
+    }
     let report = judge(&tally, started, result)?;
     println!(
         "== story passed: {} requests, 0 failed; pod deleted -> replacement serving in {:.1} s; \
@@ -84,6 +88,28 @@ fn deploy(root: &Path, layout: &Layout) -> Result<String> {
     let lb = wait_lb_address(layout)?;
     println!("== LoadBalancer address {lb} (from the FerryLoadBalancerIPPool, announced by L2)");
     Ok(lb)
+}
+
+/// Every node's `ferry_datapath_events_total` counters (since its Ferry
+/// started), one line per node.
+fn datapath_events() -> String {
+    let mut out = String::from("== datapath events per node");
+    for spec in &NODES {
+        let text = super::node::in_netns(
+            spec.ns,
+            "curl -s --max-time 3 http://127.0.0.1:10249/metrics",
+        )
+        .unwrap_or_default();
+        let events: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("ferry_datapath_events_total{event=\""))
+            .filter_map(|l| l.split_once("\"} "))
+            .filter(|(_, n)| *n != "0")
+            .map(|(event, n)| format!("{event}={n}"))
+            .collect();
+        out.push_str(&format!("\n  {}: {}", spec.ns, events.join(" ")));
+    }
+    out
 }
 
 /// The story's verdict: any failed request fails it, with the first
