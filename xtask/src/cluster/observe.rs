@@ -233,3 +233,37 @@ pub fn wait_lb_address(layout: &Layout) -> Result<String> {
         })
     })
 }
+
+/// Waits until the client pod resolves the echo Service's name to its
+/// current ClusterIP a dozen times in a row (both CoreDNS replicas, which
+/// cache answers 30 s: a story run again on the same cluster would
+/// otherwise be sent to the last run's address for a while).
+pub fn wait_dns_current(layout: &Layout) -> Result<String> {
+    let ip = crate::host::sh(layout.kubectl_ns(NS).args([
+        "get",
+        "service",
+        "echo",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]))?;
+    let ip = ip.trim().to_string();
+    let script = format!(
+        "n=0; for i in $(seq 12); do getent hosts echo.{NS}.svc.cluster.local | grep -q '^{ip} ' && n=$((n+1)); done; echo $n"
+    );
+    poll(
+        "the echo Service's name resolving to its ClusterIP",
+        Duration::from_secs(90),
+        STEP,
+        || {
+            let out = crate::host::sh(
+                layout
+                    .kubectl_ns(NS)
+                    .args(["exec", "client", "-c", "client", "--", "sh", "-c", &script]),
+            )?;
+            Ok(match out.trim() {
+                "12" => Ok(ip.clone()),
+                n => Err(format!("{n} of 12 lookups answered {ip}")),
+            })
+        },
+    )
+}

@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::observe::{
-    check_no_new_answers, pod_ips, pods, prober_log, scale, wait_lb_address, wait_new_pods,
-    wait_pods_gone_from_endpoints, wait_serving, wait_unprogrammed, NS,
+    check_no_new_answers, pod_ips, pods, prober_log, scale, wait_dns_current, wait_lb_address,
+    wait_new_pods, wait_pods_gone_from_endpoints, wait_serving, wait_unprogrammed, NS,
 };
 use super::traffic::{table, KeepAlive, Tally, Traffic};
 use super::{control, latency, Layout, CLIENT_NS, NODES};
@@ -87,6 +87,8 @@ fn deploy(root: &Path, layout: &Layout) -> Result<String> {
     crate::host::sh(layout.kubectl_ns(NS).args(ready))?;
     let lb = wait_lb_address(layout)?;
     println!("== LoadBalancer address {lb} (from the FerryLoadBalancerIPPool, announced by L2)");
+    let ip = wait_dns_current(layout)?;
+    println!("== echo.{NS} resolves to the Service's ClusterIP {ip}");
     Ok(lb)
 }
 
