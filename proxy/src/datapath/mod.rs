@@ -6,6 +6,7 @@
 
 mod batch;
 mod bpf;
+mod encode;
 mod fake;
 pub mod sockets;
 pub mod sweep;
