@@ -4,8 +4,10 @@
 #![no_std]
 #![no_main]
 
+mod ct;
 mod maps;
 mod nat;
+mod packet;
 mod pick;
 mod sock;
 mod tc;
