@@ -356,19 +356,32 @@ impl LbCounter {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY (all): repr(C) plain integers, no implicit padding (checked by
-    // the size tests), every bit pattern valid.
+    // Every layout here is repr(C) plain integers without implicit padding
+    // (layouts_have_no_implicit_padding checks the sizes), so every bit
+    // pattern is a valid value.
+    // SAFETY: repr(C) integers, no padding, any bit pattern valid.
     unsafe impl aya::Pod for Service4Key {}
+    // SAFETY: repr(C) integers, no padding, any bit pattern valid.
     unsafe impl aya::Pod for Service4Value {}
+    // SAFETY: repr(C) integers, no padding, any bit pattern valid.
     unsafe impl aya::Pod for Backend4 {}
+    // SAFETY: repr(C) integers, no padding, any bit pattern valid.
     unsafe impl aya::Pod for RevNat4 {}
+    // SAFETY: repr(C) integers, no padding, any bit pattern valid.
     unsafe impl aya::Pod for MaglevTable {}
+    // SAFETY: repr(C) integers, no padding, any bit pattern valid.
     unsafe impl aya::Pod for Affinity4Key {}
+    // SAFETY: repr(C) integers, no padding, any bit pattern valid.
     unsafe impl aya::Pod for AffinityValue {}
+    // SAFETY: repr(C) integers, no padding, any bit pattern valid.
     unsafe impl aya::Pod for SourceRange4 {}
+    // SAFETY: repr(C) integers, no padding, any bit pattern valid.
     unsafe impl aya::Pod for SockRevNat4Key {}
+    // SAFETY: repr(C) integers, no padding, any bit pattern valid.
     unsafe impl aya::Pod for SockRevNat4Value {}
+    // SAFETY: repr(C) integers, no padding, any bit pattern valid.
     unsafe impl aya::Pod for Ct4Key {}
+    // SAFETY: repr(C) integers, no padding, any bit pattern valid.
     unsafe impl aya::Pod for Ct4Value {}
 }
 
