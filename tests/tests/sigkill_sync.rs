@@ -222,6 +222,7 @@ fn full_sync(maps: Box<dyn LbMaps + Send>) -> Result<(), String> {
     agent
         .sync(ferry_proxy::agent::runner::SyncKind::Full)
         .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 #[test]

@@ -59,6 +59,19 @@ pub struct SyncReport {
     pub took: Duration,
 }
 
+/// A sync whose map writes stopped at one operation (the rest of the plan
+/// is retried by the next, full, sync).
+#[derive(Debug, thiserror::Error)]
+#[error("{source} (at {op}, after {done} of {total} ops)")]
+pub struct SyncError {
+    /// The operation that failed, as `ferry explain` prints it.
+    pub op: String,
+    pub done: usize,
+    pub total: usize,
+    #[source]
+    pub source: Box<DatapathError>,
+}
+
 /// The parsed objects of lists still arriving (see [`Listing`]).
 #[derive(Debug, Default)]
 struct Staged {
@@ -273,7 +286,7 @@ impl Agent {
     }
 
     /// Runs a sync now. Before every source synced nothing is done.
-    pub fn sync(&mut self, kind: SyncKind) -> Result<SyncReport, String> {
+    pub fn sync(&mut self, kind: SyncKind) -> Result<SyncReport, SyncError> {
         if !self.synced.all_synced() {
             return Ok(SyncReport::default());
         }
@@ -364,13 +377,12 @@ impl Agent {
         }
         match done.failed {
             None => Ok(report),
-            Some((op, e)) => Err(format!(
-                "{} (after {} of {} ops)",
-                e,
-                done.done,
-                plan.ops.len()
-            ))
-            .inspect_err(|_| tracing::debug!(op = %crate::dump::format_op(&op), "failed op")),
+            Some((op, source)) => Err(SyncError {
+                op: crate::dump::format_op(&op),
+                done: done.done,
+                total: plan.ops.len(),
+                source: Box::new(source),
+            }),
         }
     }
 
