@@ -292,19 +292,7 @@ impl Agent {
         }
         let start = Instant::now();
         let t = self.core.translate_changes();
-        let mut now_invalid = BTreeSet::new();
-        for e in self.core.invalid() {
-            let key = e.to_string();
-            if !self.reported.contains(&key) {
-                tracing::warn!(error = %e, "invalid object skipped");
-                if let Some(sink) = self.invalid_sink.as_mut() {
-                    sink(e);
-                }
-            }
-            now_invalid.insert(key);
-        }
-        // An object fixed and broken again is reported again.
-        self.reported = now_invalid;
+        self.report_invalid();
         self.report_capped();
         // Until one has succeeded, every sync is full: the first one the
         // runner asked for may have come before the sources had listed.
@@ -326,16 +314,7 @@ impl Agent {
         }
         let done = apply_ops(self.maps.as_mut(), &mut self.applied, &plan.ops);
         self.maps.synced(self.core.desired());
-        if let Some(tx) = &self.announce {
-            let now = crate::ipam::announce::announceable(self.core.desired());
-            tx.send_if_modified(|current| {
-                let changed = *current != now;
-                if changed {
-                    *current = now;
-                }
-                changed
-            });
-        }
+        self.announce();
         let report = SyncReport {
             full,
             services: t.services,
@@ -345,32 +324,8 @@ impl Agent {
             plan_errors: plan.errors.len(),
             took: start.elapsed(),
         };
-        self.metrics.record_sync(
-            SyncRecord {
-                ok: done.failed.is_none(),
-                took: report.took,
-                ops_ok: report.ops as u64,
-                ops_failed: u64::from(done.failed.is_some()),
-                plan_errors: report.plan_errors as u64,
-                service_changes: report.service_changes as u64,
-                endpoint_changes: report.endpoint_changes as u64,
-            },
-            SystemTime::now(),
-        );
-        if done.failed.is_none() {
-            let now = SystemTime::now();
-            for t in &t.trigger_times_ms {
-                self.metrics.programmed(*t, now);
-            }
-        }
-        if full && done.failed.is_none() && !self.ready {
-            self.ready = true;
-            self.metrics.set_ready();
-            tracing::info!(
-                frontends = self.applied.frontends().len(),
-                "ready: the first full sync is in the dataplane"
-            );
-        }
+        let ok = done.failed.is_none();
+        self.record(&report, ok, &t.trigger_times_ms);
         self.metrics.set_gauges(self.gauges());
         if self.cfg.health_check_servers {
             self.update_health_checks();
@@ -383,6 +338,69 @@ impl Agent {
                 total: plan.ops.len(),
                 source: Box::new(source),
             }),
+        }
+    }
+
+    /// Warns about (and hands to the Event sink) each invalid object once;
+    /// one fixed and broken again is reported again.
+    fn report_invalid(&mut self) {
+        let mut now_invalid = BTreeSet::new();
+        for e in self.core.invalid() {
+            let key = e.to_string();
+            if !self.reported.contains(&key) {
+                tracing::warn!(error = %e, "invalid object skipped");
+                if let Some(sink) = self.invalid_sink.as_mut() {
+                    sink(e);
+                }
+            }
+            now_invalid.insert(key);
+        }
+        self.reported = now_invalid;
+    }
+
+    /// Tells the L2 announcer which addresses this node may announce now.
+    fn announce(&self) {
+        if let Some(tx) = &self.announce {
+            let now = crate::ipam::announce::announceable(self.core.desired());
+            tx.send_if_modified(|current| {
+                let changed = *current != now;
+                if changed {
+                    *current = now;
+                }
+                changed
+            });
+        }
+    }
+
+    /// The sync's metrics; the programming latency of the changes it
+    /// carried once they are in; readiness after the first full success.
+    fn record(&mut self, report: &SyncReport, ok: bool, trigger_times_ms: &[i64]) {
+        self.metrics.record_sync(
+            SyncRecord {
+                ok,
+                took: report.took,
+                ops_ok: report.ops as u64,
+                ops_failed: u64::from(!ok),
+                plan_errors: report.plan_errors as u64,
+                service_changes: report.service_changes as u64,
+                endpoint_changes: report.endpoint_changes as u64,
+            },
+            SystemTime::now(),
+        );
+        if !ok {
+            return;
+        }
+        let now = SystemTime::now();
+        for t in trigger_times_ms {
+            self.metrics.programmed(*t, now);
+        }
+        if report.full && !self.ready {
+            self.ready = true;
+            self.metrics.set_ready();
+            tracing::info!(
+                frontends = self.applied.frontends().len(),
+                "ready: the first full sync is in the dataplane"
+            );
         }
     }
 
