@@ -91,6 +91,61 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     if !deps::is_root() {
         bail!("the dataplane benchmark needs root (network namespaces, eBPF, iptables)");
     }
+    let Args {
+        settings,
+        rows,
+        scales_wanted,
+        repeats_given,
+    } = parse_args(args)?;
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    deps::ensure()?;
+    deps::ensure_bench_tools()?;
+    let ferry = crate::ebpf::build_release_ferry(root)?;
+    let tag = format!("ferry-bdp-{}", std::process::id());
+    let started = Instant::now();
+    let mut t = Topo::build(&tag, ferry, settings.congestion.clone())?;
+    let quick = settings.quick;
+    let mut report = Report {
+        settings,
+        samples: BTreeMap::new(),
+        unavailable: BTreeMap::new(),
+        programming: BTreeMap::new(),
+        changes: BTreeMap::new(),
+        memory: BTreeMap::new(),
+        loads: Vec::new(),
+        took: Duration::ZERO,
+    };
+    // At 1 Service every row is up at once and runs interleave; with
+    // 10,000 extra Services one row at a time (they would slow each
+    // other's first packets).
+    all_together(&mut report, &mut t, &rows, started)?;
+    if !(quick || scales_wanted == Some(1)) {
+        // One row at a time: fewer repeats keep the run under 15 minutes.
+        let repeats = if repeats_given {
+            report.settings.repeats
+        } else {
+            report.settings.repeats.min(3)
+        };
+        one_at_a_time(&mut report, &mut t, &rows, repeats, started)?;
+    }
+    drop(t);
+    report.took = started.elapsed();
+    report.write(&root.join("bench-results"))?;
+    Ok(())
+}
+
+/// The benchmark's command line.
+struct Args {
+    settings: Settings,
+    /// The rows to run, baselines included.
+    rows: Vec<Row>,
+    /// --max-services 1: skip the 10,000-Service scale.
+    scales_wanted: Option<u64>,
+    repeats_given: bool,
+}
+
+fn parse_args(args: &[String]) -> Result<Args> {
     let quick = args.iter().any(|a| a == "--quick");
     // --rows a,b: only these (the baselines always run).
     let only: Option<Vec<String>> = args
@@ -142,161 +197,159 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             ),
         },
     };
-    // --max-services 1: skip the 10,000-Service scale.
     let scales_wanted = flag("--max-services")?;
     let repeats_given = args.iter().any(|a| a == "--repeats");
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
-    deps::ensure()?;
-    deps::ensure_bench_tools()?;
-    let ferry = crate::ebpf::build_release_ferry(root)?;
-    let tag = format!("ferry-bdp-{}", std::process::id());
-    let started = Instant::now();
-    let mut t = Topo::build(&tag, ferry, s.congestion.clone())?;
-    let mut samples: Samples = BTreeMap::new();
-    let mut loads: Vec<f64> = Vec::new();
-    let mut unavailable: BTreeMap<Row, String> = BTreeMap::new();
-    let mut programming: BTreeMap<(usize, Row), Duration> = BTreeMap::new();
-    let mut memory: BTreeMap<Row, f64> = BTreeMap::new();
-    let mut changes: BTreeMap<Row, Duration> = BTreeMap::new();
-    let scales: Vec<usize> = if quick || scales_wanted == Some(1) {
-        vec![0]
-    } else {
-        vec![0, EXTRA_SERVICES]
-    };
+    Ok(Args {
+        settings: s,
+        rows,
+        scales_wanted,
+        repeats_given,
+    })
+}
 
-    for &extra in &scales {
-        // At 1 Service every row is up at once and runs interleave; with
-        // 10,000 extra Services one row at a time (they would slow each
-        // other's first packets).
-        let together = extra == 0;
-        let mut ready: Vec<Row> = Vec::new();
-        if together {
-            for &row in &rows {
-                match setup(&mut t, row, extra) {
-                    Ok(p) => {
-                        if let Some(p) = p {
-                            programming.insert((extra, row), p);
-                        }
-                        ready.push(row);
-                    }
-                    Err(why) => {
-                        eprintln!("  {}: not measured: {why}", row.name());
-                        unavailable.entry(row).or_insert(why);
-                    }
+/// At 1 Service: every row set up at once, idle memory measured, then
+/// `repeats` rounds over the rows in one fixed order.
+fn all_together(report: &mut Report, t: &mut Topo, rows: &[Row], started: Instant) -> Result<()> {
+    let extra = 0;
+    let s = &report.settings;
+    let (samples, loads, unavailable, programming, memory) = (
+        &mut report.samples,
+        &mut report.loads,
+        &mut report.unavailable,
+        &mut report.programming,
+        &mut report.memory,
+    );
+    let mut ready: Vec<Row> = Vec::new();
+    for &row in rows {
+        match setup(t, row, extra) {
+            Ok(p) => {
+                if let Some(p) = p {
+                    programming.insert((extra, row), p);
                 }
+                ready.push(row);
             }
-            // Memory per idle connection first, while the proxies are fresh:
-            // after the load runs their allocators hold freed memory that
-            // idle connections would reuse without growing the RSS (a
-            // second batch of 2,000 grows neither process by 0.2 KiB per
-            // connection; Ferry measured 1.2 KiB after ten repeats).
-            let userspace_proc = format!("ferry-{}", Row::FerryUserspace as u8);
-            for (row, name) in [
-                (Row::FerryUserspace, userspace_proc.as_str()),
-                (Row::Haproxy, "haproxy"),
-            ] {
-                if ready.contains(&row) {
-                    match idle_memory(&t, name, &row.http_target()) {
-                        Ok(kib) => {
-                            memory.insert(row, kib);
-                        }
-                        Err(e) => eprintln!("  {}: idle memory not measured: {e:#}", row.name()),
-                    }
-                }
-            }
-            // The socket-LB row runs next to its baseline, so the two see
-            // the same machine state.
-            ready.sort_by_key(|r| match r {
-                Row::FerryEbpfClusterIp => (Row::DirectFromNode, 1),
-                r => (*r, 0),
-            });
-            // One fixed order: a run inherits its predecessor's state (some
-            // 27,000 TIME_WAIT sockets on b1 after a new-connection run), so
-            // every row keeps the same predecessor in every repeat. (Running
-            // every other repeat in reverse measured "direct" twice in a row
-            // at each turn, against its own TIME_WAIT sockets, and its
-            // new-connection rate fell to 2,500-6,000 req/s.)
-            for rep in 0..s.repeats {
-                for &row in &ready {
-                    check_interrupted()?;
-                    eprintln!(
-                        "[{:>4.0}s] 1 Service, run {}/{}: {}",
-                        started.elapsed().as_secs_f64(),
-                        rep + 1,
-                        s.repeats,
-                        row.name()
-                    );
-                    loads.push(loadavg());
-                    for (m, v) in measure(&t, row, &s)? {
-                        samples.entry((extra, row, m)).or_default().push(v);
-                    }
-                }
-            }
-            for &row in &ready {
-                teardown(&mut t, row);
-            }
-        } else {
-            for &row in &rows {
-                check_interrupted()?;
-                if unavailable.contains_key(&row) {
-                    continue;
-                }
-                eprintln!(
-                    "[{:>4.0}s] programming {extra} extra Services: {}",
-                    started.elapsed().as_secs_f64(),
-                    row.name()
-                );
-                match setup(&mut t, row, extra) {
-                    Ok(p) => {
-                        if let Some(p) = p {
-                            programming.insert((extra, row), p);
-                        }
-                    }
-                    Err(why) => {
-                        eprintln!("  {}: not measured at {extra}: {why}", row.name());
-                        continue;
-                    }
-                }
-                if let Some(d) = time_one_change(&t, row)? {
-                    changes.insert(row, d);
-                }
-                // One row at a time: fewer repeats keep the run under 15 minutes.
-                let repeats_at_scale = if repeats_given {
-                    s.repeats
-                } else {
-                    s.repeats.min(3)
-                };
-                for rep in 0..repeats_at_scale {
-                    check_interrupted()?;
-                    eprintln!(
-                        "[{:>4.0}s] {extra} extra Services, run {}/{}: {}",
-                        started.elapsed().as_secs_f64(),
-                        rep + 1,
-                        repeats_at_scale,
-                        row.name()
-                    );
-                    loads.push(loadavg());
-                    for (m, v) in measure(&t, row, &s)? {
-                        samples.entry((extra, row, m)).or_default().push(v);
-                    }
-                }
-                teardown(&mut t, row);
+            Err(why) => {
+                eprintln!("  {}: not measured: {why}", row.name());
+                unavailable.entry(row).or_insert(why);
             }
         }
     }
-    drop(t);
-    let report = Report {
-        settings: s,
-        samples,
-        unavailable,
-        programming,
-        changes,
-        memory,
-        loads,
-        took: started.elapsed(),
-    };
-    report.write(&root.join("bench-results"))?;
+    idle_memories(t, &ready, memory);
+    // The socket-LB row runs next to its baseline, so the two see
+    // the same machine state.
+    ready.sort_by_key(|r| match r {
+        Row::FerryEbpfClusterIp => (Row::DirectFromNode, 1),
+        r => (*r, 0),
+    });
+    // One fixed order: a run inherits its predecessor's state (some
+    // 27,000 TIME_WAIT sockets on b1 after a new-connection run), so
+    // every row keeps the same predecessor in every repeat. (Running
+    // every other repeat in reverse measured "direct" twice in a row
+    // at each turn, against its own TIME_WAIT sockets, and its
+    // new-connection rate fell to 2,500-6,000 req/s.)
+    for rep in 0..s.repeats {
+        for &row in &ready {
+            check_interrupted()?;
+            eprintln!(
+                "[{:>4.0}s] 1 Service, run {}/{}: {}",
+                started.elapsed().as_secs_f64(),
+                rep + 1,
+                s.repeats,
+                row.name()
+            );
+            loads.push(loadavg());
+            for (m, v) in measure(t, row, s)? {
+                samples.entry((extra, row, m)).or_default().push(v);
+            }
+        }
+    }
+    for &row in &ready {
+        teardown(t, row);
+    }
+    Ok(())
+}
+
+/// Memory per idle connection of the proxies that hold connections open.
+fn idle_memories(t: &Topo, ready: &[Row], memory: &mut BTreeMap<Row, f64>) {
+    // Memory per idle connection first, while the proxies are fresh:
+    // after the load runs their allocators hold freed memory that
+    // idle connections would reuse without growing the RSS (a
+    // second batch of 2,000 grows neither process by 0.2 KiB per
+    // connection; Ferry measured 1.2 KiB after ten repeats).
+    let userspace_proc = format!("ferry-{}", Row::FerryUserspace as u8);
+    for (row, name) in [
+        (Row::FerryUserspace, userspace_proc.as_str()),
+        (Row::Haproxy, "haproxy"),
+    ] {
+        if ready.contains(&row) {
+            match idle_memory(t, name, &row.http_target()) {
+                Ok(kib) => {
+                    memory.insert(row, kib);
+                }
+                Err(e) => eprintln!("  {}: idle memory not measured: {e:#}", row.name()),
+            }
+        }
+    }
+}
+
+/// With 10,000 extra Services: each row set up alone (its programming
+/// time and one change timed), measured `repeats` times, removed.
+fn one_at_a_time(
+    report: &mut Report,
+    t: &mut Topo,
+    rows: &[Row],
+    repeats: usize,
+    started: Instant,
+) -> Result<()> {
+    let extra = EXTRA_SERVICES;
+    let s = &report.settings;
+    let (samples, loads, unavailable, programming, changes) = (
+        &mut report.samples,
+        &mut report.loads,
+        &report.unavailable,
+        &mut report.programming,
+        &mut report.changes,
+    );
+    for &row in rows {
+        check_interrupted()?;
+        if unavailable.contains_key(&row) {
+            continue;
+        }
+        eprintln!(
+            "[{:>4.0}s] programming {extra} extra Services: {}",
+            started.elapsed().as_secs_f64(),
+            row.name()
+        );
+        match setup(t, row, extra) {
+            Ok(p) => {
+                if let Some(p) = p {
+                    programming.insert((extra, row), p);
+                }
+            }
+            Err(why) => {
+                eprintln!("  {}: not measured at {extra}: {why}", row.name());
+                continue;
+            }
+        }
+        if let Some(d) = time_one_change(t, row)? {
+            changes.insert(row, d);
+        }
+        for rep in 0..repeats {
+            check_interrupted()?;
+            eprintln!(
+                "[{:>4.0}s] {extra} extra Services, run {}/{}: {}",
+                started.elapsed().as_secs_f64(),
+                rep + 1,
+                repeats,
+                row.name()
+            );
+            loads.push(loadavg());
+            for (m, v) in measure(t, row, s)? {
+                samples.entry((extra, row, m)).or_default().push(v);
+            }
+        }
+        teardown(t, row);
+    }
     Ok(())
 }
 
