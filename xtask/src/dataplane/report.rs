@@ -59,7 +59,21 @@ impl Report {
     pub(super) fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
         let mode = if self.settings.quick { "quick" } else { "full" };
-        // CSV: one line per (scale, row, metric).
+        std::fs::write(dir.join(format!("dataplane-{mode}.csv")), self.csv())?;
+        let mut md = String::new();
+        self.md_header(&mut md);
+        self.md_scales(&mut md);
+        self.md_paired(&mut md);
+        self.md_notes(&mut md);
+        std::fs::write(dir.join(format!("dataplane-{mode}.md")), &md)?;
+        std::fs::write(dir.join(format!("dataplane-{mode}.svg")), self.svg())?;
+        println!("{md}");
+        println!("wrote {}/dataplane-{mode}.{{csv,md,svg}}", dir.display());
+        Ok(())
+    }
+
+    /// One line per (scale, row, metric).
+    fn csv(&self) -> String {
         let mut csv =
             String::from("services,row,metric,median,min,max,runs,ratio_to_baseline,baseline\n");
         for ((extra, row, m), v) in &self.samples {
@@ -79,9 +93,11 @@ impl Report {
                 row.baseline().name()
             );
         }
-        std::fs::write(dir.join(format!("dataplane-{mode}.csv")), &csv)?;
+        csv
+    }
 
-        let mut md = String::new();
+    /// The settings line above the tables.
+    fn md_header(&self, md: &mut String) {
         let (lmin, lmax) = min_max(&self.loads);
         let _ = writeln!(
             md,
@@ -98,6 +114,10 @@ impl Report {
                 .unwrap_or_else(|| format!("{} (the host's)", congestion_control())),
             self.took.as_secs_f64()
         );
+    }
+
+    /// One table per scale: every row's medians, ratios in brackets.
+    fn md_scales(&self, md: &mut String) {
         let scales: Vec<usize> = {
             let mut v: Vec<usize> = self.samples.keys().map(|k| k.0).collect();
             v.dedup();
@@ -139,6 +159,10 @@ impl Report {
             }
             let _ = writeln!(md);
         }
+    }
+
+    /// Per-repeat ratios at 1 Service, where a row has them.
+    fn md_paired(&self, md: &mut String) {
         let paired_metrics = [
             Metric::RpsKeepAlive,
             Metric::RpsNewConnection,
@@ -172,6 +196,11 @@ impl Report {
             }
             let _ = writeln!(md);
         }
+    }
+
+    /// The connect4 cost, rows not measured, programming and change times,
+    /// memory per idle connection.
+    fn md_notes(&self, md: &mut String) {
         let prog: Vec<(usize, &Vec<f64>)> = self
             .samples
             .iter()
@@ -221,11 +250,6 @@ impl Report {
                 let _ = writeln!(md, "| {} | {kib:.2} |", row.name());
             }
         }
-        std::fs::write(dir.join(format!("dataplane-{mode}.md")), &md)?;
-        std::fs::write(dir.join(format!("dataplane-{mode}.svg")), self.svg())?;
-        println!("{md}");
-        println!("wrote {}/dataplane-{mode}.{{csv,md,svg}}", dir.display());
-        Ok(())
     }
 
     /// Bars per row: ratio to the baseline for the two request rates and
