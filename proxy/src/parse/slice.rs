@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
 use super::{has_label, object_name, port_number, InvalidObject};
 use crate::model::{EndpointInfo, EndpointState, Protocol, SliceInfo, SlicePort};
@@ -55,6 +55,34 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<ParsedSlice, InvalidObject> 
                 "missing: the slice belongs to no Service".into(),
             )
         })?;
+    let ports = parse_ports(slice, &err)?;
+    let mut endpoints = Vec::with_capacity(slice.endpoints.len());
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        if let Some(e) = parse_endpoint(i, ep, want_v4, &slice.address_type, &err)? {
+            endpoints.push(e);
+        }
+    }
+    Ok(ParsedSlice::Serve(Arc::new(SliceInfo {
+        service: crate::model::ObjectName::new(&name.namespace, service),
+        name,
+        ports,
+        endpoints,
+        // A malformed timestamp only loses the latency sample.
+        trigger_time_ms: slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            .map(|t| t.as_millisecond()),
+    })))
+}
+
+/// The slice's ports (a port without a number, "all ports", is skipped).
+fn parse_ports(
+    slice: &EndpointSlice,
+    err: &impl Fn(String, String) -> InvalidObject,
+) -> Result<Vec<SlicePort>, InvalidObject> {
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         // A port without a number means "all ports": nothing a proxy can use.
@@ -88,61 +116,55 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<ParsedSlice, InvalidObject> 
             port,
         });
     }
-    let mut endpoints = Vec::with_capacity(slice.endpoints.len());
-    for (i, ep) in slice.endpoints.iter().enumerate() {
-        // Like kube-proxy, only the first address of an endpoint is used.
-        let Some(addr) = ep.addresses.first() else {
-            continue;
-        };
-        let ip: IpAddr = addr.parse().map_err(|_| {
-            err(
-                format!("endpoints[{i}].addresses[0]"),
-                format!("invalid IP address {addr:?}"),
-            )
-        })?;
-        if ip.is_ipv4() != want_v4 {
-            return Err(err(
-                format!("endpoints[{i}].addresses[0]"),
-                format!("{ip} does not match addressType {}", slice.address_type),
-            ));
-        }
-        let cond = ep.conditions.clone().unwrap_or_default();
-        // Per the API: an unknown ready condition means ready, serving
-        // defaults to ready, terminating to false.
-        let ready = cond.ready.unwrap_or(true);
-        let state = EndpointState {
-            ready,
-            serving: cond.serving.unwrap_or(ready),
-            terminating: cond.terminating.unwrap_or(false),
-        };
-        let hints = ep.hints.as_ref();
-        endpoints.push(EndpointInfo {
-            ip,
-            state,
-            node: ep.node_name.as_deref().map(Arc::from),
-            zone: ep.zone.as_deref().map(Arc::from),
-            zone_hints: hints
-                .and_then(|h| h.for_zones.as_ref())
-                .map(|z| z.iter().map(|z| Arc::from(z.name.as_str())).collect())
-                .unwrap_or_default(),
-            node_hints: hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .map(|n| n.iter().map(|n| Arc::from(n.name.as_str())).collect())
-                .unwrap_or_default(),
-        });
+    Ok(ports)
+}
+
+/// One endpoint (its first address, as kube-proxy), or None without one.
+fn parse_endpoint(
+    i: usize,
+    ep: &Endpoint,
+    want_v4: bool,
+    address_type: &str,
+    err: &impl Fn(String, String) -> InvalidObject,
+) -> Result<Option<EndpointInfo>, InvalidObject> {
+    // Like kube-proxy, only the first address of an endpoint is used.
+    let Some(addr) = ep.addresses.first() else {
+        return Ok(None);
+    };
+    let ip: IpAddr = addr.parse().map_err(|_| {
+        err(
+            format!("endpoints[{i}].addresses[0]"),
+            format!("invalid IP address {addr:?}"),
+        )
+    })?;
+    if ip.is_ipv4() != want_v4 {
+        return Err(err(
+            format!("endpoints[{i}].addresses[0]"),
+            format!("{ip} does not match addressType {}", address_type),
+        ));
     }
-    Ok(ParsedSlice::Serve(Arc::new(SliceInfo {
-        service: crate::model::ObjectName::new(&name.namespace, service),
-        name,
-        ports,
-        endpoints,
-        // A malformed timestamp only loses the latency sample.
-        trigger_time_ms: slice
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
-            .map(|t| t.as_millisecond()),
-    })))
+    let cond = ep.conditions.clone().unwrap_or_default();
+    // Per the API: an unknown ready condition means ready, serving
+    // defaults to ready, terminating to false.
+    let ready = cond.ready.unwrap_or(true);
+    let state = EndpointState {
+        ready,
+        serving: cond.serving.unwrap_or(ready),
+        terminating: cond.terminating.unwrap_or(false),
+    };
+    let hints = ep.hints.as_ref();
+    Ok(Some(EndpointInfo {
+        ip,
+        state,
+        node: ep.node_name.as_deref().map(Arc::from),
+        zone: ep.zone.as_deref().map(Arc::from),
+        zone_hints: hints
+            .and_then(|h| h.for_zones.as_ref())
+            .map(|z| z.iter().map(|z| Arc::from(z.name.as_str())).collect())
+            .unwrap_or_default(),
+        node_hints: hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .map(|n| n.iter().map(|n| Arc::from(n.name.as_str())).collect())
+            .unwrap_or_default(),
+    }))
 }
