@@ -113,22 +113,8 @@ impl Ctx<'_> {
 pub fn parse_service(svc: &Service, proxy_name: &str) -> Result<ParsedService, InvalidObject> {
     let name = object_name(&svc.metadata);
     let cx = Ctx { name: &name };
-    if let Some(proxy) = svc
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(PROXY_NAME_LABEL))
-    {
-        if proxy != proxy_name {
-            return Ok(ParsedService::Ignore(
-                "service-proxy-name is another proxy's",
-            ));
-        }
-    }
-    if super::has_label(&svc.metadata, super::HEADLESS_LABEL) {
-        return Ok(ParsedService::Ignore(
-            "labelled service.kubernetes.io/headless",
-        ));
+    if let Some(why) = ignored_by_label(svc, proxy_name) {
+        return Ok(ParsedService::Ignore(why));
     }
     let spec = svc.spec.clone().unwrap_or_default();
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
@@ -176,15 +162,7 @@ pub fn parse_service(svc: &Service, proxy_name: &str) -> Result<ParsedService, I
         })?,
         _ => 0,
     };
-    let algorithm = match annotations.get(ALGORITHM_ANNOTATION) {
-        None => None,
-        Some(v) => Some(Algorithm::parse(v.trim()).ok_or_else(|| {
-            cx.err(
-                format!("metadata.annotations[{ALGORITHM_ANNOTATION}]"),
-                format!("{v:?} is not random, maglev or least-connections"),
-            )
-        })?),
-    };
+    let algorithm = algorithm(&cx, &annotations)?;
     Ok(ParsedService::Serve(ServiceInfo {
         cluster_ips,
         ports,
@@ -205,6 +183,36 @@ pub fn parse_service(svc: &Service, proxy_name: &str) -> Result<ParsedService, I
             .map_or(0, |t| t.0.as_second()),
         name,
     }))
+}
+
+/// Why a Service is not this proxy's to serve, by its labels: another
+/// proxy's `service.kubernetes.io/service-proxy-name`, or headless.
+fn ignored_by_label(svc: &Service, proxy_name: &str) -> Option<&'static str> {
+    let labels = svc.metadata.labels.as_ref();
+    if labels
+        .and_then(|l| l.get(PROXY_NAME_LABEL))
+        .is_some_and(|proxy| proxy != proxy_name)
+    {
+        return Some("service-proxy-name is another proxy's");
+    }
+    super::has_label(&svc.metadata, super::HEADLESS_LABEL)
+        .then_some("labelled service.kubernetes.io/headless")
+}
+
+/// Ferry's balancing algorithm annotation, if set.
+fn algorithm(
+    cx: &Ctx<'_>,
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Result<Option<Algorithm>, InvalidObject> {
+    let Some(v) = annotations.get(ALGORITHM_ANNOTATION) else {
+        return Ok(None);
+    };
+    Algorithm::parse(v.trim()).map(Some).ok_or_else(|| {
+        cx.err(
+            format!("metadata.annotations[{ALGORITHM_ANNOTATION}]"),
+            format!("{v:?} is not random, maglev or least-connections"),
+        )
+    })
 }
 
 /// None for a headless Service.
