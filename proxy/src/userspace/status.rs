@@ -6,6 +6,7 @@ use super::{Shared, REFUSED};
 use crate::metrics::DataplaneStatus;
 use crate::model::{Action, L4Addr};
 use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -108,16 +109,14 @@ impl DataplaneStatus for Status {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
         use crate::metrics::{family, label, single};
         use prometheus_client::metrics::MetricType::{Counter, Gauge};
-        let s = &self.shared.stats;
-        let c = &self.checks;
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         single(
             &mut enc,
             "ferry_userspace_connections_active",
             "Open TCP connections and UDP sessions.",
             Gauge,
-            load(&self.shared.active),
+            self.shared.active.load(Ordering::Relaxed),
         )?;
+        let s = &self.shared.stats;
         family(
             &mut enc,
             "ferry_userspace_refused",
@@ -127,7 +126,27 @@ impl DataplaneStatus for Status {
                 .iter()
                 .map(|(name, why)| (label("reason", *name), s.refused_count(*why))),
         )?;
-        let counters: [(&str, &str, u64); 9] = [
+        for (name, help, v) in self.counters() {
+            single(&mut enc, name, help, Counter, v)?;
+        }
+        for (name, help, kind, v) in self.backend_gauges() {
+            single(&mut enc, name, help, kind, v)?;
+        }
+        Ok(())
+    }
+    fn services_json(&self) -> String {
+        serde_json::to_string_pretty(&self.rows())
+            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
+
+impl Status {
+    /// The userspace dataplane's and its health checks' counters.
+    fn counters(&self) -> [(&'static str, &'static str, u64); 9] {
+        let s = &self.shared.stats;
+        let c = &self.checks;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
             (
                 "ferry_userspace_connections",
                 "TCP connections forwarded to a backend.",
@@ -173,10 +192,11 @@ impl DataplaneStatus for Status {
                 "Backends brought back by a passing check.",
                 load(&c.marked_up_total),
             ),
-        ];
-        for (name, help, v) in counters {
-            single(&mut enc, name, help, Counter, v)?;
-        }
+        ]
+    }
+
+    /// Backends by state (each address once), ejections, unserved frontends.
+    fn backend_gauges(&self) -> [(&'static str, &'static str, MetricType, u64); 4] {
         let table = self.shared.table();
         let now = self.shared.now_ms();
         let (mut unhealthy, mut ejected, mut ejections) = (0u64, 0u64, 0u64);
@@ -198,38 +218,31 @@ impl DataplaneStatus for Status {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .len() as u64;
-        single(
-            &mut enc,
-            "ferry_userspace_backends_unhealthy",
-            "Backends failing their active health check.",
-            Gauge,
-            unhealthy,
-        )?;
-        single(
-            &mut enc,
-            "ferry_userspace_backends_ejected",
-            "Backends ejected after consecutive connect failures.",
-            Gauge,
-            ejected,
-        )?;
-        single(
-            &mut enc,
-            "ferry_userspace_ejections",
-            "Passive ejections of current backends.",
-            Counter,
-            ejections,
-        )?;
-        single(
-            &mut enc,
-            "ferry_userspace_frontends_unserved",
-            "Frontends that could not be bound.",
-            Gauge,
-            unserved,
-        )
-    }
-
-    fn services_json(&self) -> String {
-        serde_json::to_string_pretty(&self.rows())
-            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        [
+            (
+                "ferry_userspace_backends_unhealthy",
+                "Backends failing their active health check.",
+                MetricType::Gauge,
+                unhealthy,
+            ),
+            (
+                "ferry_userspace_backends_ejected",
+                "Backends ejected after consecutive connect failures.",
+                MetricType::Gauge,
+                ejected,
+            ),
+            (
+                "ferry_userspace_ejections",
+                "Passive ejections of current backends.",
+                MetricType::Counter,
+                ejections,
+            ),
+            (
+                "ferry_userspace_frontends_unserved",
+                "Frontends that could not be bound.",
+                MetricType::Gauge,
+                unserved,
+            ),
+        ]
     }
 }
