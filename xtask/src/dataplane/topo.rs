@@ -216,115 +216,139 @@ pub(super) fn time_one_change(t: &Topo, row: Row) -> Result<Option<Duration>> {
 /// Sets a row up at a scale; returns the programming time, or why the row
 /// cannot run here.
 pub(super) fn setup(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration>, String> {
-    let node = t.node();
-    let e = |e: anyhow::Error| format!("{e:#}");
     match row {
         Row::Direct => wait_http(t, row).map(|_| None),
         Row::DirectFromNode => {
-            t.cgroup(row).map_err(e)?;
+            t.cgroup(row).map_err(|e| format!("{e:#}"))?;
             wait_http(t, row).map(|_| None)
         }
-        Row::IptablesLegacy | Row::IptablesNft => {
-            let tool = if row == Row::IptablesLegacy {
-                "iptables-legacy-restore"
-            } else {
-                "iptables-nft-restore"
-            };
-            let file = t.dir.join(format!("{tool}.rules"));
-            std::fs::write(&file, iptables_rules(row, extra)).map_err(|x| x.to_string())?;
-            let start = Instant::now();
-            sh(t.exec(&node, tool).arg(&file)).map_err(e)?;
-            Ok(Some(start.elapsed()))
-        }
-        Row::Nftables => {
-            let file = t.dir.join("nft.rules");
-            std::fs::write(&file, nft_rules(row, extra)).map_err(|x| x.to_string())?;
-            let start = Instant::now();
-            sh(t.exec(&node, "nft").arg("-f").arg(&file)).map_err(e)?;
-            Ok(Some(start.elapsed()))
-        }
-        Row::Ipvs => {
-            let probe = t.exec(&node, "ipvsadm").arg("-Ln").output();
-            match probe {
-                Ok(o) if o.status.success() => {
-                    Err("IPVS works here but this harness has no IPVS row yet".into())
-                }
-                Ok(o) => Err(format!(
-                    "IPVS is not available in this kernel ({})",
-                    String::from_utf8_lossy(&o.stderr)
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .trim()
-                )),
-                Err(x) => Err(format!("ipvsadm: {x}")),
-            }
-        }
-        Row::Haproxy => {
-            if extra > 0 {
-                return Err("not a kube-proxy mode: measured at 1 Service only".into());
-            }
-            for a in [row.service_ip(), row.iperf_ip()] {
-                ip(&["-n", &node, "addr", "add", &format!("{a}/32"), "dev", "lo"]).map_err(e)?;
-            }
-            let cfg = t.dir.join("haproxy.cfg");
-            std::fs::write(&cfg, haproxy_config(row, &t.dir)).map_err(|x| x.to_string())?;
-            let mut cmd = t.exec(&node, "haproxy");
-            cmd.arg("-f").arg(&cfg).arg("-db");
-            t.spawn("haproxy", &mut cmd).map_err(e)?;
-            wait_http(t, row).map(|_| None)
-        }
+        Row::IptablesLegacy | Row::IptablesNft => setup_iptables(t, row, extra),
+        Row::Nftables => setup_nftables(t, row, extra),
+        Row::Ipvs => ipvs_unavailable(t),
+        Row::Haproxy => setup_haproxy(t, row, extra),
         Row::FerryUserspace | Row::FerryEbpfClusterIp | Row::FerryEbpfNodePort => {
-            let dir = t.dir.join(format!("ferry-{}", row as u8));
-            std::fs::create_dir_all(&dir).map_err(|x| x.to_string())?;
-            std::fs::write(dir.join("cluster.yaml"), ferry_yaml(row, extra))
-                .map_err(|x| x.to_string())?;
-            // The eBPF agent runs in the root mount namespace: `ip netns
-            // exec` remounts /sys, hiding bpffs and cgroup2; its socket
-            // programs act on the cgroup the row's client joins, whatever
-            // its namespace. For the TC path it enters only the node's
-            // network namespace, to attach to the node's interfaces.
-            let mut cmd = match row {
-                Row::FerryUserspace => t.exec(&node, &t.ferry.display().to_string()),
-                Row::FerryEbpfNodePort => {
-                    let mut c = Command::new("nsenter");
-                    c.arg(format!("--net=/var/run/netns/{node}")).arg(&t.ferry);
-                    c
-                }
-                _ => Command::new(&t.ferry),
-            };
-            cmd.arg("run")
-                .arg(format!(
-                    "--source=file:{}",
-                    dir.join("cluster.yaml").display()
-                ))
-                .args([
-                    "--hostname-override",
-                    "bench-node",
-                    "--min-sync-period",
-                    "100ms",
-                ])
-                .args(["--healthz-bind-address", "", "--metrics-bind-address", ""]);
-            if row == Row::FerryUserspace {
-                cmd.args(["--dataplane", "userspace"]);
-            } else {
-                let cg = t.cgroup(row).map_err(e)?;
-                let interfaces = if row == Row::FerryEbpfNodePort {
-                    "n0,br0"
-                } else {
-                    "none"
-                };
-                cmd.args(["--dataplane", "ebpf", "--interfaces", interfaces])
-                    .arg(format!("--bpffs-path={}", t.pins_for(row).display()))
-                    .arg(format!("--cgroup-path={}", cg.display()));
-            }
-            let start = Instant::now();
-            t.spawn(&format!("ferry-{}", row as u8), &mut cmd)
-                .map_err(e)?;
-            wait_http(t, row)?;
-            Ok(Some(start.elapsed()))
+            setup_ferry(t, row, extra)
         }
     }
+}
+
+/// kube-proxy's iptables mode: the rules loaded in one restore, timed.
+fn setup_iptables(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration>, String> {
+    let node = t.node();
+    let e = |e: anyhow::Error| format!("{e:#}");
+    let tool = if row == Row::IptablesLegacy {
+        "iptables-legacy-restore"
+    } else {
+        "iptables-nft-restore"
+    };
+    let file = t.dir.join(format!("{tool}.rules"));
+    std::fs::write(&file, iptables_rules(row, extra)).map_err(|x| x.to_string())?;
+    let start = Instant::now();
+    sh(t.exec(&node, tool).arg(&file)).map_err(e)?;
+    Ok(Some(start.elapsed()))
+}
+
+/// kube-proxy's nftables mode: one transaction, timed.
+fn setup_nftables(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration>, String> {
+    let node = t.node();
+    let e = |e: anyhow::Error| format!("{e:#}");
+    let file = t.dir.join("nft.rules");
+    std::fs::write(&file, nft_rules(row, extra)).map_err(|x| x.to_string())?;
+    let start = Instant::now();
+    sh(t.exec(&node, "nft").arg("-f").arg(&file)).map_err(e)?;
+    Ok(Some(start.elapsed()))
+}
+
+/// Why the IPVS row is not measured here.
+fn ipvs_unavailable(t: &mut Topo) -> Result<Option<Duration>, String> {
+    let node = t.node();
+    let probe = t.exec(&node, "ipvsadm").arg("-Ln").output();
+    match probe {
+        Ok(o) if o.status.success() => {
+            Err("IPVS works here but this harness has no IPVS row yet".into())
+        }
+        Ok(o) => Err(format!(
+            "IPVS is not available in this kernel ({})",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+        )),
+        Err(x) => Err(format!("ipvsadm: {x}")),
+    }
+}
+
+/// HAProxy on the node (1 Service only: not a kube-proxy mode).
+fn setup_haproxy(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration>, String> {
+    let node = t.node();
+    let e = |e: anyhow::Error| format!("{e:#}");
+    if extra > 0 {
+        return Err("not a kube-proxy mode: measured at 1 Service only".into());
+    }
+    for a in [row.service_ip(), row.iperf_ip()] {
+        ip(&["-n", &node, "addr", "add", &format!("{a}/32"), "dev", "lo"]).map_err(e)?;
+    }
+    let cfg = t.dir.join("haproxy.cfg");
+    std::fs::write(&cfg, haproxy_config(row, &t.dir)).map_err(|x| x.to_string())?;
+    let mut cmd = t.exec(&node, "haproxy");
+    cmd.arg("-f").arg(&cfg).arg("-db");
+    t.spawn("haproxy", &mut cmd).map_err(e)?;
+    wait_http(t, row).map(|_| None)
+}
+
+/// Ferry from a file source: userspace, or eBPF (socket-level in the
+/// row's cgroup, or TC on the node's interfaces); timed until it serves.
+fn setup_ferry(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration>, String> {
+    let node = t.node();
+    let e = |e: anyhow::Error| format!("{e:#}");
+    let dir = t.dir.join(format!("ferry-{}", row as u8));
+    std::fs::create_dir_all(&dir).map_err(|x| x.to_string())?;
+    std::fs::write(dir.join("cluster.yaml"), ferry_yaml(row, extra)).map_err(|x| x.to_string())?;
+    // The eBPF agent runs in the root mount namespace: `ip netns
+    // exec` remounts /sys, hiding bpffs and cgroup2; its socket
+    // programs act on the cgroup the row's client joins, whatever
+    // its namespace. For the TC path it enters only the node's
+    // network namespace, to attach to the node's interfaces.
+    let mut cmd = match row {
+        Row::FerryUserspace => t.exec(&node, &t.ferry.display().to_string()),
+        Row::FerryEbpfNodePort => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/var/run/netns/{node}")).arg(&t.ferry);
+            c
+        }
+        _ => Command::new(&t.ferry),
+    };
+    cmd.arg("run")
+        .arg(format!(
+            "--source=file:{}",
+            dir.join("cluster.yaml").display()
+        ))
+        .args([
+            "--hostname-override",
+            "bench-node",
+            "--min-sync-period",
+            "100ms",
+        ])
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""]);
+    if row == Row::FerryUserspace {
+        cmd.args(["--dataplane", "userspace"]);
+    } else {
+        let cg = t.cgroup(row).map_err(e)?;
+        let interfaces = if row == Row::FerryEbpfNodePort {
+            "n0,br0"
+        } else {
+            "none"
+        };
+        cmd.args(["--dataplane", "ebpf", "--interfaces", interfaces])
+            .arg(format!("--bpffs-path={}", t.pins_for(row).display()))
+            .arg(format!("--cgroup-path={}", cg.display()));
+    }
+    let start = Instant::now();
+    t.spawn(&format!("ferry-{}", row as u8), &mut cmd)
+        .map_err(e)?;
+    wait_http(t, row)?;
+    Ok(Some(start.elapsed()))
 }
 
 pub(super) fn teardown(t: &mut Topo, row: Row) {
