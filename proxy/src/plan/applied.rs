@@ -171,32 +171,8 @@ impl AppliedState {
                 frontend,
                 slot,
                 backend,
-            } => {
-                let f = self.frontends.entry(*frontend).or_default();
-                let idx = usize::from(*slot).saturating_sub(1);
-                if f.slots.len() <= idx {
-                    f.slots.resize(idx + 1, BackendId(0));
-                }
-                if f.slots[idx] == BackendId(0) && *backend != BackendId(0) {
-                    self.service_entries += 1;
-                }
-                f.slots[idx] = *backend;
-            }
-            MapOp::DeleteSlot { frontend, slot } => {
-                if let Some(f) = self.frontends.get_mut(frontend) {
-                    let idx = usize::from(*slot).saturating_sub(1);
-                    if idx < f.slots.len() {
-                        if f.slots[idx] != BackendId(0) {
-                            self.service_entries -= 1;
-                        }
-                        f.slots[idx] = BackendId(0);
-                        while f.slots.last() == Some(&BackendId(0)) {
-                            f.slots.pop();
-                        }
-                    }
-                }
-                self.drop_if_empty(frontend);
-            }
+            } => self.set_slot(frontend, *slot, *backend),
+            MapOp::DeleteSlot { frontend, slot } => self.clear_slot(frontend, *slot),
             MapOp::UpsertFrontend { frontend, entry } => {
                 let f = self.frontends.entry(*frontend).or_default();
                 if f.entry.replace(*entry).is_none() {
@@ -248,6 +224,36 @@ impl AppliedState {
                 }
             }
         }
+    }
+
+    fn set_slot(&mut self, frontend: &FrontendKey, slot: u16, backend: BackendId) {
+        let f = self.frontends.entry(*frontend).or_default();
+        let idx = usize::from(slot).saturating_sub(1);
+        if f.slots.len() <= idx {
+            f.slots.resize(idx + 1, BackendId(0));
+        }
+        if f.slots[idx] == BackendId(0) && backend != BackendId(0) {
+            self.service_entries += 1;
+        }
+        f.slots[idx] = backend;
+    }
+
+    /// Empties a slot; trailing empty slots go, and the frontend with them
+    /// once nothing of it is left.
+    fn clear_slot(&mut self, frontend: &FrontendKey, slot: u16) {
+        if let Some(f) = self.frontends.get_mut(frontend) {
+            let idx = usize::from(slot).saturating_sub(1);
+            if idx < f.slots.len() {
+                if f.slots[idx] != BackendId(0) {
+                    self.service_entries -= 1;
+                }
+                f.slots[idx] = BackendId(0);
+                while f.slots.last() == Some(&BackendId(0)) {
+                    f.slots.pop();
+                }
+            }
+        }
+        self.drop_if_empty(frontend);
     }
 
     fn drop_if_empty(&mut self, key: &FrontendKey) {
