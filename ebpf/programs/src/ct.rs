@@ -58,7 +58,7 @@ pub(super) fn backend_unchanged(v: &Ct4Value) -> bool {
     }
 }
 
-/// Writes both conntrack entries of a new flow.
+/// Writes both conntrack entries of a new flow; returns the forward one.
 #[inline(always)]
 pub(super) fn track(
     f: &Flow,
@@ -66,7 +66,7 @@ pub(super) fn track(
     picked: &Picked,
     nat_addr: Be32,
     nat_port: Be16,
-) -> Result<(), i64> {
+) -> Result<Ct4Value, i64> {
     let snat = nat_addr.0 != 0;
     let t = now();
     let reply_key = if snat {
@@ -97,7 +97,8 @@ pub(super) fn track(
         pad: [0; 3],
     };
     CT4.insert(reply_key, reply, 0).map_err(i64::from)?;
-    CT4.insert(f.key(CT_FORWARD), fwd, 0).map_err(i64::from)
+    CT4.insert(f.key(CT_FORWARD), fwd, 0).map_err(i64::from)?;
+    Ok(fwd)
 }
 
 /// A source port in the SNAT range whose reply tuple this flow may claim

@@ -251,47 +251,36 @@ fn new_flow(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
         || be.addr == f.src;
     let mut fib = fib_params(ctx, if snat { Be32(0) } else { f.src }, be.addr);
     let rc = fib_lookup(ctx, &mut fib, if snat { BPF_FIB_LOOKUP_SRC } else { 0 });
-    let (nat_addr, nat_port) = if snat {
-        let addr = if rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH {
-            // SAFETY: the union member the IPv4 lookup filled in.
-            Be32(unsafe { fib.__bindgen_anon_3.ipv4_src })
-        } else {
-            f.dst
-        };
-        match snat_port(f, &picked, addr) {
+    // The source address the flow leaves with, when its port must change:
+    // the node's (SNAT), or the client's own when a live flow from this
+    // client port to another frontend holds the same backend tuple (the
+    // port is remapped, as the kernel's NAT does on a tuple clash).
+    let nat_from = if snat {
+        Some(
+            if rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+                // SAFETY: the union member the IPv4 lookup filled in.
+                Be32(unsafe { fib.__bindgen_anon_3.ipv4_src })
+            } else {
+                f.dst
+            },
+        )
+    } else if claim_reply(f, &reply_key(f, &picked, f.src, f.sport), now()) {
+        None
+    } else {
+        count(LbCounter::TcPortRemapped);
+        Some(f.src)
+    };
+    let (nat_addr, nat_port) = match nat_from {
+        None => (Be32(0), Be16(0)),
+        Some(addr) => match snat_port(f, &picked, addr) {
             Some(port) => (addr, port),
             None => {
                 count(LbCounter::TcSnatExhausted);
                 return Ok(TC_ACT_SHOT);
             }
-        }
-    } else if claim_reply(f, &reply_key(f, &picked, f.src, f.sport), now()) {
-        (Be32(0), Be16(0))
-    } else {
-        // A live flow from this client port to another frontend holds the
-        // same backend tuple: the client's port is remapped (its address
-        // kept), as the kernel's NAT does on a tuple clash.
-        count(LbCounter::TcPortRemapped);
-        match snat_port(f, &picked, f.src) {
-            Some(port) => (f.src, port),
-            None => {
-                count(LbCounter::TcSnatExhausted);
-                return Ok(TC_ACT_SHOT);
-            }
-        }
+        },
     };
-    track(f, &svc, &picked, nat_addr, nat_port)?;
-    let v = Ct4Value {
-        last_ns: 0,
-        backend_id: picked.id,
-        frontend_id: svc.frontend_id,
-        addr: be.addr,
-        nat_addr,
-        port: be.port,
-        nat_port,
-        flags: 0,
-        pad: [0; 3],
-    };
+    let v = track(f, &svc, &picked, nat_addr, nat_port)?;
     translate(ctx, f, &v)?;
     count(LbCounter::TcNewFlow);
     finish(ctx, &fib, rc)
