@@ -8,7 +8,7 @@
 use anyhow::Result;
 use std::collections::BTreeMap;
 
-use super::{node, NODES};
+use super::{node, NodeSpec, NODES};
 
 const METRIC: &str = "kubeproxy_network_programming_duration_seconds_bucket";
 
@@ -36,10 +36,7 @@ impl std::fmt::Display for Quantiles {
 pub fn scrape() -> Result<Buckets> {
     let mut sum: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for spec in &NODES {
-        let text = node::in_netns(
-            spec.ns,
-            "curl -s --max-time 3 http://127.0.0.1:10249/metrics",
-        )?;
+        let text = metrics(spec)?;
         for (le, count) in parse(&text) {
             let e = sum.entry(format!("{le:020.6}")).or_insert((le, 0.0));
             e.1 += count;
@@ -48,6 +45,15 @@ pub fn scrape() -> Result<Buckets> {
     let mut buckets: Buckets = sum.into_values().collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     Ok(buckets)
+}
+
+/// One node's Ferry /metrics (its metrics port listens on the node's
+/// loopback).
+pub fn metrics(spec: &NodeSpec) -> Result<String> {
+    node::in_netns(
+        spec.ns,
+        "curl -s --max-time 3 http://127.0.0.1:10249/metrics",
+    )
 }
 
 /// The bucket lines of the histogram in a Prometheus text exposition.

@@ -97,11 +97,7 @@ fn deploy(root: &Path, layout: &Layout) -> Result<String> {
 fn datapath_events() -> String {
     let mut out = String::from("== datapath events per node");
     for spec in &NODES {
-        let text = super::node::in_netns(
-            spec.ns,
-            "curl -s --max-time 3 http://127.0.0.1:10249/metrics",
-        )
-        .unwrap_or_default();
+        let text = latency::metrics(spec).unwrap_or_default();
         let events: Vec<String> = text
             .lines()
             .filter_map(|l| l.strip_prefix("ferry_datapath_events_total{event=\""))
