@@ -144,6 +144,17 @@ pub fn format_op(op: &MapOp) -> String {
                 .map_or(String::new(), |via| format!(" node-traffic-via={via}"))
         ),
         MapOp::DeleteFrontend { frontend } => format!("delete frontend {frontend}"),
+        MapOp::UpsertMeta { frontend, meta } => format!(
+            "upsert meta {frontend} service={} port={}{}",
+            meta.service,
+            if meta.port_name.is_empty() {
+                "-"
+            } else {
+                &meta.port_name
+            },
+            if meta.probe.is_some() { " probe" } else { "" }
+        ),
+        MapOp::DeleteMeta { frontend } => format!("delete meta {frontend}"),
         MapOp::DeleteSlot { frontend, slot } => format!("delete slot {frontend} #{slot}"),
         MapOp::DeleteMaglev { id } => format!("delete maglev {id}"),
         MapOp::DeleteSourceRange { id, range } => format!("delete source-range {id} {range}"),

@@ -313,7 +313,7 @@ impl Agent {
             tracing::warn!(error = %e, "frontend not programmed");
         }
         let done = apply_ops(self.maps.as_mut(), &mut self.applied, &plan.ops);
-        self.maps.synced(self.core.desired());
+        self.maps.synced();
         self.announce();
         let report = SyncReport {
             full,

@@ -268,6 +268,8 @@ impl LbMaps for BpfMaps {
                 }
                 Ok(())
             }
+            // No eBPF map holds a frontend's name or probe.
+            MapOp::UpsertMeta { .. } | MapOp::DeleteMeta { .. } => Ok(()),
             MapOp::DeleteRevNat { id } => ignore_missing(self.revnat.remove(&id.0))
                 .map_err(map_err(REVNAT4_MAP, "delete", caps.frontends)),
             MapOp::UpsertSlot { .. } | MapOp::UpsertFrontend { .. } => {
@@ -371,7 +373,7 @@ impl LbMaps for BpfMaps {
         (ops.len(), None)
     }
 
-    fn synced(&mut self, _desired: &crate::translate::DesiredState) {
+    fn synced(&mut self) {
         if self.gone.is_empty() {
             return;
         }

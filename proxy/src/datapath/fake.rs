@@ -3,8 +3,9 @@
 use super::{DatapathError, LbMaps};
 use crate::plan::{AppliedState, MapOp};
 
-/// Maps held in memory, with an optional backends capacity so full-map
-/// handling can be tested.
+/// The eBPF maps held in memory, with an optional backends capacity so
+/// full-map handling can be tested. As on the pinned maps, a frontend's meta
+/// ([`MapOp::UpsertMeta`]) is not held: their dumps compare equal.
 #[derive(Debug, Default)]
 pub struct FakeMaps {
     state: AppliedState,
@@ -35,7 +36,9 @@ impl LbMaps for FakeMaps {
                 });
             }
         }
-        self.state.apply(op);
+        if !matches!(op, MapOp::UpsertMeta { .. } | MapOp::DeleteMeta { .. }) {
+            self.state.apply(op);
+        }
         Ok(())
     }
 

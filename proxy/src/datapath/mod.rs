@@ -59,8 +59,9 @@ pub trait LbMaps {
     /// Every entry the maps hold, as the upserts that would recreate them.
     fn dump(&self) -> Result<Vec<MapOp>, DatapathError>;
     /// After each sync's ops: a datapath that serves traffic itself (the
-    /// userspace one) takes the new state into use.
-    fn synced(&mut self, _desired: &crate::translate::DesiredState) {}
+    /// userspace one) takes the state those ops built into use. The ops
+    /// are a datapath's only input; this marks where a sync ends.
+    fn synced(&mut self) {}
 }
 
 /// What [`apply_ops`] did.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::ids::{BackendId, FrontendId};
-use super::{BackendEntry, FrontendEntry, MapOp};
+use super::{BackendEntry, FrontendEntry, FrontendMeta, MapOp};
 use crate::model::{BackendAddr, FrontendKey};
 
 /// One frontend's entries across the maps. Parts appear one op at a time,
@@ -21,6 +21,8 @@ pub struct AppliedFrontend {
     pub entry: Option<FrontendEntry>,
     /// Slots 1..=n, `slots[i]` being slot i+1 (BackendId(0): unset).
     pub slots: Vec<BackendId>,
+    /// Its Service, port name and probe ([`MapOp::UpsertMeta`]).
+    pub meta: Option<Arc<FrontendMeta>>,
 }
 
 /// Contents of every map, plus indexes the plan needs.
@@ -138,6 +140,14 @@ impl AppliedState {
                 ops.push(MapOp::UpsertSourceRange { id: *id, range: *r });
             }
         }
+        for (key, f) in &fronts {
+            if let Some(meta) = &f.meta {
+                ops.push(MapOp::UpsertMeta {
+                    frontend: **key,
+                    meta: meta.clone(),
+                });
+            }
+        }
         for (key, f) in fronts {
             if let Some(entry) = f.entry {
                 ops.push(MapOp::UpsertFrontend {
@@ -184,6 +194,15 @@ impl AppliedState {
                     if f.entry.take().is_some() {
                         self.service_entries -= 1;
                     }
+                }
+                self.drop_if_empty(frontend);
+            }
+            MapOp::UpsertMeta { frontend, meta } => {
+                self.frontends.entry(*frontend).or_default().meta = Some(meta.clone());
+            }
+            MapOp::DeleteMeta { frontend } => {
+                if let Some(f) = self.frontends.get_mut(frontend) {
+                    f.meta = None;
                 }
                 self.drop_if_empty(frontend);
             }
@@ -260,7 +279,7 @@ impl AppliedState {
         if self
             .frontends
             .get(key)
-            .is_some_and(|f| f.entry.is_none() && f.slots.is_empty())
+            .is_some_and(|f| f.entry.is_none() && f.slots.is_empty() && f.meta.is_none())
         {
             self.frontends.remove(key);
         }

@@ -1,8 +1,10 @@
 //! The plan stage: diff(applied, desired) -> ordered map operations.
 //! Order: backends, reverse NAT, slots, Maglev tables, source ranges, the
-//! frontend's master entry (count), then deletions (slots past the new
-//! count, removed frontends master-first, unreferenced backends last), so a
-//! reader never sees a frontend naming a backend that is not there.
+//! frontend's meta (Service, port name, probe), the frontend's master entry
+//! (count), then deletions (slots past the new count, removed frontends
+//! master-first, unreferenced backends last), so a reader never sees a
+//! frontend naming a backend that is not there. The ops are every
+//! datapath's only input.
 
 #![forbid(unsafe_code)] // pure: values in, values out (ARCHITECTURE.md)
 
@@ -21,7 +23,9 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::model::{Action, Algorithm, BackendAddr, FrontendKey, Scope};
+use crate::model::{
+    Action, Algorithm, BackendAddr, DesiredFrontend, FrontendKey, ProbeSpec, Scope, ServiceName,
+};
 use crate::translate::{DesiredState, Touched};
 use planner::{Deletes, Planner, Upserts};
 
@@ -49,6 +53,31 @@ pub struct FrontendEntry {
     /// The frontend whose entry serves this one's node-originated traffic
     /// (see [`crate::model::FrontendPolicy::internal_via`]).
     pub internal_via: Option<FrontendId>,
+}
+
+/// A frontend's Service, port name and active health check: what the
+/// userspace dataplane reports and probes by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendMeta {
+    pub service: ServiceName,
+    pub port_name: Arc<str>,
+    pub probe: Option<Arc<ProbeSpec>>,
+}
+
+impl FrontendMeta {
+    /// The meta of a desired frontend.
+    pub fn of(f: &DesiredFrontend) -> FrontendMeta {
+        FrontendMeta {
+            service: f.service.clone(),
+            port_name: f.port_name.clone(),
+            probe: f.policy.probe.clone(),
+        }
+    }
+
+    /// Whether this is `f`'s meta (without building one).
+    pub fn describes(&self, f: &DesiredFrontend) -> bool {
+        self.service == f.service && self.port_name == f.port_name && self.probe == f.policy.probe
+    }
 }
 
 /// One map operation. Every op is idempotent; deleting a missing key is
@@ -81,6 +110,16 @@ pub enum MapOp {
         entry: FrontendEntry,
     },
     DeleteFrontend {
+        frontend: FrontendKey,
+    },
+    /// What a frontend serves, for a datapath that names or probes its
+    /// backends (the userspace one). No eBPF map holds it: the BPF
+    /// datapath takes it as a no-op, and its dump has none.
+    UpsertMeta {
+        frontend: FrontendKey,
+        meta: Arc<FrontendMeta>,
+    },
+    DeleteMeta {
         frontend: FrontendKey,
     },
     DeleteSlot {

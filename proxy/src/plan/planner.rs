@@ -14,8 +14,8 @@ use crate::model::{
 use crate::translate::DesiredState;
 
 use super::{
-    Allocators, AppliedState, BackendEntry, BackendId, FrontendEntry, FrontendId, MapOp,
-    PlanConfig, PlanError,
+    Allocators, AppliedState, BackendEntry, BackendId, FrontendEntry, FrontendId, FrontendMeta,
+    MapOp, PlanConfig, PlanError,
 };
 
 #[derive(Default)]
@@ -25,6 +25,7 @@ pub(super) struct Upserts {
     pub(super) slots: Vec<MapOp>,
     pub(super) maglev: Vec<MapOp>,
     pub(super) ranges: Vec<MapOp>,
+    pub(super) meta: Vec<MapOp>,
     pub(super) frontends: Vec<MapOp>,
 }
 
@@ -36,6 +37,7 @@ impl Upserts {
                 + self.slots.len()
                 + self.maglev.len()
                 + self.ranges.len()
+                + self.meta.len()
                 + self.frontends.len(),
         );
         ops.extend(self.backends);
@@ -43,6 +45,7 @@ impl Upserts {
         ops.extend(self.slots);
         ops.extend(self.maglev);
         ops.extend(self.ranges);
+        ops.extend(self.meta);
         ops.extend(self.frontends);
         ops
     }
@@ -51,6 +54,7 @@ impl Upserts {
 #[derive(Default)]
 pub(super) struct Deletes {
     pub(super) frontends: Vec<MapOp>,
+    pub(super) meta: Vec<MapOp>,
     pub(super) slots: Vec<MapOp>,
     pub(super) maglev: Vec<MapOp>,
     pub(super) ranges: Vec<MapOp>,
@@ -63,6 +67,7 @@ pub(super) struct Deletes {
 impl Deletes {
     pub(super) fn into_ops(self) -> Vec<MapOp> {
         let mut ops = self.frontends;
+        ops.extend(self.meta);
         ops.extend(self.slots);
         ops.extend(self.maglev);
         ops.extend(self.ranges);
@@ -187,6 +192,15 @@ impl Planner<'_> {
             source_ranges: !f.policy.source_ranges.is_empty(),
             internal_via,
         };
+        if !old
+            .and_then(|o| o.meta.as_ref())
+            .is_some_and(|m| m.describes(f))
+        {
+            self.upserts.meta.push(MapOp::UpsertMeta {
+                frontend: f.key,
+                meta: Arc::new(FrontendMeta::of(f)),
+            });
+        }
         if old.and_then(|o| o.entry) != Some(entry) {
             self.upserts.frontends.push(MapOp::UpsertFrontend {
                 frontend: f.key,
@@ -322,6 +336,9 @@ impl Planner<'_> {
                 self.deletes
                     .frontends
                     .push(MapOp::DeleteFrontend { frontend: *key });
+            }
+            if old.meta.is_some() {
+                self.deletes.meta.push(MapOp::DeleteMeta { frontend: *key });
             }
             for (i, bid) in old.slots.iter().enumerate().rev() {
                 self.candidates.insert(*bid);

@@ -27,7 +27,6 @@ use crate::datapath::{DatapathError, LbMaps};
 use crate::metrics::DataplaneStatus;
 use crate::model::{Action, FastMap, L4Addr, Protocol};
 use crate::plan::{AppliedState, MapOp};
-use crate::translate::DesiredState;
 use status::Status;
 use table::{AffinityKey, Backend, Frontend, Refusal, Rng, Table};
 
@@ -409,13 +408,12 @@ impl UserspaceDataplane {
     }
 
     /// Rebuilds the table from the maps and serves it.
-    fn refresh(&mut self, desired: &DesiredState) {
+    fn refresh(&mut self) {
         self.generation += 1;
         let mut local: BTreeSet<IpAddr> = crate::netif::local_addresses(&[]).into_iter().collect();
         local.retain(|ip| !self.addresses.holds(ip));
         let table = Arc::new(table::build(
             &self.mirror,
-            desired,
             local.iter().copied().collect(),
             &mut self.registry,
             self.generation,
@@ -587,8 +585,8 @@ impl LbMaps for UserspaceDataplane {
         Ok(self.mirror.entries())
     }
 
-    fn synced(&mut self, desired: &DesiredState) {
-        self.refresh(desired);
+    fn synced(&mut self) {
+        self.refresh();
     }
 }
 

@@ -1,8 +1,8 @@
 //! The userspace dataplane's view of the maps: per frontend, its policy,
 //! slots and Maglev table as the sync loop applied them (so the choice of
 //! backend is the eBPF path's: same slots, same Maglev table, same flow
-//! hash), plus the Service name and active health check from the desired
-//! state. Backend health is shared state that outlives table rebuilds.
+//! hash), plus the Service name and active health check (the frontend's
+//! meta op). Backend health is shared state that outlives table rebuilds.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -12,7 +12,6 @@ use ipnet::IpNet;
 
 use crate::model::{Action, Algorithm, FastMap, FastSet, L4Addr, ProbeSpec, ServiceName};
 use crate::plan::{AppliedState, FrontendEntry};
-use crate::translate::DesiredState;
 
 /// Consecutive connect failures that eject a backend (passive outlier
 /// detection), and for how long.
@@ -125,12 +124,11 @@ pub struct Table {
     pub generation: u64,
 }
 
-/// Builds the table from the applied maps and the desired state; backend
+/// Builds the table from the applied maps (the plan's ops); backend
 /// states come from (and new ones go into) `registry`, which forgets
 /// addresses no frontend names any more.
 pub fn build(
     applied: &AppliedState,
-    desired: &DesiredState,
     node_addresses: FastSet<IpAddr>,
     registry: &mut FastMap<L4Addr, Arc<BackendState>>,
     generation: u64,
@@ -178,18 +176,18 @@ pub fn build(
         } else {
             Vec::new()
         };
-        let d = desired.frontend(key);
+        let meta = f.meta.as_ref();
         frontends.insert(
             *key,
             Arc::new(Frontend {
                 key: *key,
-                service: d.map(|d| d.service.clone()),
-                port_name: d.map(|d| d.port_name.clone()).unwrap_or_else(|| "".into()),
+                service: meta.map(|m| m.service.clone()),
+                port_name: meta.map_or_else(|| "".into(), |m| m.port_name.clone()),
                 entry,
                 slots,
                 maglev,
                 source_ranges,
-                probe: d.and_then(|d| d.policy.probe.clone()),
+                probe: meta.and_then(|m| m.probe.clone()),
                 internal_via: entry
                     .internal_via
                     .and_then(|id| applied.rev_nat().get(&id).copied()),
