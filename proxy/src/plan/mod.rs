@@ -12,6 +12,7 @@ mod applied;
 pub mod ids;
 pub mod maglev;
 mod planner;
+mod reserve;
 
 pub use applied::{AppliedFrontend, AppliedState};
 pub use ids::{BackendId, FrontendId, IdAllocator};

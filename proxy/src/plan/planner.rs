@@ -120,7 +120,21 @@ impl Planner<'_> {
             self.rev_nat_of_new(&k);
             Some(via)
         });
-        for (b, (bid, fresh)) in f.backends.iter().zip(&ids) {
+        self.backends(f, &ids);
+        let ids: Vec<BackendId> = ids.into_iter().map(|(id, _)| id).collect();
+        self.slots(f, &ids);
+        if f.key.protocol == Protocol::Udp {
+            self.release_left(f, id, &ids);
+        }
+        self.maglev(f, id, &ids);
+        self.source_ranges(id, &f.policy.source_ranges);
+        self.master(f, id, ids.len(), internal_via);
+    }
+
+    /// The upserts of `f`'s backends: new ones, and those whose flags
+    /// changed (its draining ones included).
+    fn backends(&mut self, f: &DesiredFrontend, ids: &[(BackendId, bool)]) {
+        for (b, (bid, fresh)) in f.backends.iter().zip(ids) {
             if *fresh {
                 let entry = self.merged_entry(&b.addr);
                 self.upserts
@@ -138,9 +152,12 @@ impl Planner<'_> {
                 self.backend_entry(bid, &b.addr);
             }
         }
-        let ids: Vec<BackendId> = ids.into_iter().map(|(id, _)| id).collect();
-        let old = self.applied.frontends.get(&f.key);
-        let old_slots: &[BackendId] = old.map_or(&[], |o| &o.slots);
+    }
+
+    /// Slots that changed, slots past the new count, and the backends they
+    /// named as candidates for deletion.
+    fn slots(&mut self, f: &DesiredFrontend, ids: &[BackendId]) {
+        let old_slots: &[BackendId] = self.applied.frontends.get(&f.key).map_or(&[], |o| &o.slots);
         for (i, bid) in ids.iter().enumerate() {
             if old_slots.get(i) != Some(bid) {
                 self.upserts.slots.push(MapOp::UpsertSlot {
@@ -162,28 +179,40 @@ impl Planner<'_> {
                 self.candidates.insert(*old_bid);
             }
         }
-        if f.key.protocol == Protocol::Udp {
-            let stays: FastSet<BackendId> = ids
-                .iter()
-                .copied()
-                .chain(
-                    f.draining
-                        .iter()
-                        .filter_map(|b| self.applied.backend_ids.get(&b.addr).copied()),
-                )
-                .collect();
-            let left: Vec<BackendId> = old_slots
-                .iter()
-                .copied()
-                .filter(|b| !stays.contains(b))
-                .collect();
-            self.release(id, &left);
-        }
-        self.maglev(f, id, &ids);
-        self.source_ranges(id, &f.policy.source_ranges);
+    }
+
+    /// A UDP frontend: the flows to backends it no longer names (neither
+    /// in a slot nor draining) end.
+    fn release_left(&mut self, f: &DesiredFrontend, id: FrontendId, ids: &[BackendId]) {
+        let old_slots: &[BackendId] = self.applied.frontends.get(&f.key).map_or(&[], |o| &o.slots);
+        let stays: FastSet<BackendId> = ids
+            .iter()
+            .copied()
+            .chain(
+                f.draining
+                    .iter()
+                    .filter_map(|b| self.applied.backend_ids.get(&b.addr).copied()),
+            )
+            .collect();
+        let left: Vec<BackendId> = old_slots
+            .iter()
+            .copied()
+            .filter(|b| !stays.contains(b))
+            .collect();
+        self.release(id, &left);
+    }
+
+    /// The frontend's meta and master entry, each when it changed.
+    fn master(
+        &mut self,
+        f: &DesiredFrontend,
+        id: FrontendId,
+        count: usize,
+        internal_via: Option<FrontendId>,
+    ) {
         let entry = FrontendEntry {
             id,
-            count: u16::try_from(ids.len()).unwrap_or(u16::MAX),
+            count: u16::try_from(count).unwrap_or(u16::MAX),
             scope: f.policy.scope,
             action: f.policy.action,
             algorithm: f.policy.algorithm,
@@ -192,6 +221,7 @@ impl Planner<'_> {
             source_ranges: !f.policy.source_ranges.is_empty(),
             internal_via,
         };
+        let old = self.applied.frontends.get(&f.key);
         if !old
             .and_then(|o| o.meta.as_ref())
             .is_some_and(|m| m.describes(f))
@@ -271,38 +301,6 @@ impl Planner<'_> {
         }
     }
 
-    /// How many services-map entries `f` adds over what it has (its master
-    /// entry and a slot per backend).
-    pub(super) fn entries_change(&self, f: &DesiredFrontend) -> isize {
-        (1 + f.backends.len()) as isize - self.entries_of(&f.key) as isize
-    }
-
-    /// The services-map entries the frontend `key` has now.
-    pub(super) fn entries_of(&self, key: &FrontendKey) -> usize {
-        self.applied.frontends.get(key).map_or(0, |o| {
-            usize::from(o.entry.is_some()) + o.slots.iter().filter(|b| b.0 != 0).count()
-        })
-    }
-
-    /// Whether the services map has room for `f` (taken if so); a plan
-    /// error otherwise.
-    pub(super) fn reserve_entries(&mut self, f: &DesiredFrontend) -> bool {
-        let change = self.entries_change(f);
-        let after = self.applied.service_entries as isize + self.entries_delta + change;
-        if change > 0 && after > self.cfg.max_service_entries as isize {
-            self.errors.push(PlanError {
-                frontend: f.key,
-                reason: format!(
-                    "the services map is full ({} entries)",
-                    self.cfg.max_service_entries
-                ),
-            });
-            return false;
-        }
-        self.entries_delta += change;
-        true
-    }
-
     /// Releases the flows of UDP frontend `id` to those of `left` (backends
     /// that left it) that stay in the maps for another frontend.
     pub(super) fn release(&mut self, id: FrontendId, left: &[BackendId]) {
@@ -359,135 +357,6 @@ impl Planner<'_> {
             }
             self.deletes.rev_nat.push(MapOp::DeleteRevNat { id });
         }
-    }
-
-    /// The frontend's ID and its backends' IDs, allocating what is new.
-    /// On a full map the new allocations are undone and an error recorded.
-    /// Sizes the op lists and indexes for programming empty maps (start-up
-    /// without pinned maps), where growing them would dominate.
-    pub(super) fn reserve_for_empty_maps(&mut self, desired: &DesiredState) {
-        let frontends = desired.frontends().len();
-        let slots: usize = desired.frontends().values().map(|f| f.backends.len()).sum();
-        let backends = desired.backend_count();
-        self.upserts.backends.reserve(backends);
-        self.upserts.rev_nat.reserve(frontends);
-        self.upserts.slots.reserve(slots);
-        self.upserts.frontends.reserve(frontends);
-        self.new_backends.reserve(backends);
-        self.new_frontends.reserve(frontends);
-    }
-
-    /// Each backend ID comes with whether this call allocated it.
-    pub(super) fn reserve_ids(
-        &mut self,
-        f: &DesiredFrontend,
-    ) -> Option<(FrontendId, Vec<(BackendId, bool)>)> {
-        let mut fresh_backends = Vec::new();
-        let fresh_frontend = !self.applied.frontend_ids.contains_key(&f.key)
-            && !self.new_frontends.contains_key(&f.key);
-        let result = self.frontend_id(&f.key).ok_or("frontends").and_then(|id| {
-            let mut ids = Vec::with_capacity(f.backends.len());
-            for b in f.backends.iter() {
-                let (bid, fresh) = self.backend_id(&b.addr).ok_or("backends")?;
-                if fresh {
-                    fresh_backends.push(b.addr);
-                }
-                ids.push((bid, fresh));
-            }
-            Ok((id, ids))
-        });
-        match result {
-            Ok(r) => Some(r),
-            Err(map) => {
-                for addr in fresh_backends {
-                    if let Some(id) = self.new_backends.remove(&addr) {
-                        if let Some(t) = self.taken_backends.as_mut() {
-                            t.remove(&id.0);
-                        }
-                    }
-                }
-                if fresh_frontend {
-                    if let Some(id) = self.new_frontends.remove(&f.key) {
-                        if let Some(t) = self.taken_frontends.as_mut() {
-                            t.remove(&id.0);
-                        }
-                    }
-                }
-                let max = if map == "frontends" {
-                    self.cfg.max_frontends
-                } else {
-                    self.cfg.max_backends
-                };
-                self.errors.push(PlanError {
-                    frontend: f.key,
-                    reason: format!("the {map} map is full ({max} entries)"),
-                });
-                None
-            }
-        }
-    }
-
-    pub(super) fn frontend_id(&mut self, key: &FrontendKey) -> Option<FrontendId> {
-        if let Some(id) = self.applied.frontend_ids.get(key) {
-            return Some(*id);
-        }
-        if let Some(id) = self.new_frontends.get(key) {
-            return Some(*id);
-        }
-        let applied = self.applied;
-        if applied.rev_nat.len() + self.new_frontends.len() >= self.cfg.max_frontends as usize {
-            return None;
-        }
-        let new = &self.new_frontends;
-        let taken = &mut self.taken_frontends;
-        // IDs handed out this plan need a lookup only once the allocator has
-        // gone round every ID (the map is nearly full): the set is built
-        // then, once per plan.
-        let id = FrontendId(self.alloc.frontends.allocate_in_round(|i, may_repeat| {
-            applied.rev_nat.contains_key(&FrontendId(i))
-                || (may_repeat
-                    && taken
-                        .get_or_insert_with(|| new.values().map(|f| f.0).collect())
-                        .contains(&i))
-        })?);
-        if let Some(t) = self.taken_frontends.as_mut() {
-            t.insert(id.0);
-        }
-        self.new_frontends.insert(*key, id);
-        Some(id)
-    }
-
-    pub(super) fn existing_backend_id(&self, addr: &BackendAddr) -> Option<BackendId> {
-        self.applied
-            .backend_ids
-            .get(addr)
-            .or_else(|| self.new_backends.get(addr))
-            .copied()
-    }
-
-    /// The backend's ID and whether it was allocated just now.
-    pub(super) fn backend_id(&mut self, addr: &BackendAddr) -> Option<(BackendId, bool)> {
-        if let Some(id) = self.existing_backend_id(addr) {
-            return Some((id, false));
-        }
-        let applied = self.applied;
-        if applied.backends.len() + self.new_backends.len() >= self.cfg.max_backends as usize {
-            return None;
-        }
-        let new = &self.new_backends;
-        let taken = &mut self.taken_backends;
-        let id = BackendId(self.alloc.backends.allocate_in_round(|i, may_repeat| {
-            applied.backends.contains_key(&BackendId(i))
-                || (may_repeat
-                    && taken
-                        .get_or_insert_with(|| new.values().map(|b| b.0).collect())
-                        .contains(&i))
-        })?);
-        if let Some(t) = self.taken_backends.as_mut() {
-            t.insert(id.0);
-        }
-        self.new_backends.insert(*addr, id);
-        Some((id, true))
     }
 
     /// The entry for `addr`, flags merged over every desired user.
