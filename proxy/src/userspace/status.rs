@@ -1,8 +1,9 @@
 //! What the userspace dataplane reports: per frontend and backend, for
 //! `ferry services`, /services and the metrics.
 
+use super::shared::REFUSED;
 use super::table::Frontend;
-use super::{Shared, REFUSED};
+use super::Shared;
 use crate::metrics::DataplaneStatus;
 use crate::model::{Action, L4Addr};
 use prometheus_client::encoding::DescriptorEncoder;

@@ -24,7 +24,7 @@ const CONNECT_ATTEMPTS: usize = 3;
 /// here once: accepted sockets inherit it, which saves a setsockopt per
 /// connection.
 pub fn bind(addr: SocketAddr, shared_port: bool) -> io::Result<TcpListener> {
-    let s = super::bind_socket(
+    let s = super::listen::bind_socket(
         addr,
         socket2::Type::STREAM,
         socket2::Protocol::TCP,

@@ -18,7 +18,10 @@ use crate::model::{FastMap, L4Addr};
 
 /// A UDP socket on `addr` with IP_FREEBIND.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
-    Ok(super::bind_socket(addr, socket2::Type::DGRAM, socket2::Protocol::UDP, false)?.into())
+    Ok(
+        super::listen::bind_socket(addr, socket2::Type::DGRAM, socket2::Protocol::UDP, false)?
+            .into(),
+    )
 }
 
 struct Session {
