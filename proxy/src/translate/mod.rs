@@ -5,13 +5,14 @@
 
 #![forbid(unsafe_code)] // pure: values in, values out (ARCHITECTURE.md)
 
+mod desired;
 mod endpoints;
 
+pub use desired::{BackendUse, DesiredState, ServiceEntry, Touched};
 pub use endpoints::{categorize_endpoints, Categorized, PortPolicy};
 
 use std::collections::BTreeSet;
 
-use crate::model::FastMap;
 use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
 
@@ -50,8 +51,6 @@ pub fn translate_service(
     let mut out = ServiceDesired::default();
     let mut local_ready = BTreeSet::new();
     let external_local = svc.external_policy == TrafficPolicy::Local;
-    let source_ranges: Arc<[ipnet::IpNet]> = svc.source_ranges.clone().into();
-    let no_ranges: Arc<[ipnet::IpNet]> = NO_RANGES.clone();
     for port in &svc.ports {
         let eps = cache.endpoints(&svc.name, &port.name, port.protocol);
         if external_local && svc.health_check_node_port != 0 {
@@ -79,24 +78,7 @@ pub fn translate_service(
                     key,
                     service: svc.name.clone(),
                     port_name: port.name.clone(),
-                    policy: FrontendPolicy {
-                        scope,
-                        action,
-                        algorithm: svc.algorithm.unwrap_or(if scope.is_external() {
-                            Algorithm::Maglev
-                        } else {
-                            Algorithm::Random
-                        }),
-                        affinity_timeout: svc.affinity_timeout,
-                        preserve_source: scope.is_external() && external_local,
-                        probe: svc.probe.clone(),
-                        source_ranges: if scope == Scope::LoadBalancer {
-                            source_ranges.clone()
-                        } else {
-                            no_ranges.clone()
-                        },
-                        internal_via: via.filter(|_| scope.is_external()),
-                    },
+                    policy: frontend_policy(svc, scope, action, via),
                     backends,
                     draining,
                 });
@@ -110,6 +92,37 @@ pub fn translate_service(
         });
     }
     Ok(out)
+}
+
+/// The policy of `svc`'s frontend of `scope`: Maglev for external scopes
+/// unless the Service names an algorithm, the client's address kept for an
+/// external one under externalTrafficPolicy Local, source ranges on the
+/// LoadBalancer frontends only.
+fn frontend_policy(
+    svc: &ServiceInfo,
+    scope: Scope,
+    action: Action,
+    via: Option<FrontendKey>,
+) -> FrontendPolicy {
+    let external = scope.is_external();
+    FrontendPolicy {
+        scope,
+        action,
+        algorithm: svc.algorithm.unwrap_or(if external {
+            Algorithm::Maglev
+        } else {
+            Algorithm::Random
+        }),
+        affinity_timeout: svc.affinity_timeout,
+        preserve_source: external && svc.external_policy == TrafficPolicy::Local,
+        probe: svc.probe.clone(),
+        source_ranges: if scope == Scope::LoadBalancer && !svc.source_ranges.is_empty() {
+            svc.source_ranges.clone().into()
+        } else {
+            NO_RANGES.clone()
+        },
+        internal_via: via.filter(|_| external),
+    }
 }
 
 /// `backends`, or when there are more than `max` the `max` of them whose
@@ -262,214 +275,6 @@ fn frontend_keys(
         }
     }
     keys
-}
-
-/// The desired state of every Service, indexed by frontend, with what
-/// settles clashes and counts who still uses each backend address.
-#[derive(Debug, Default)]
-pub struct DesiredState {
-    frontends: FastMap<FrontendKey, DesiredFrontend>,
-    services: FastMap<ServiceName, ServiceEntry>,
-    node_ports: FastMap<(u16, Protocol), ServiceName>,
-    /// Who names each backend address (as a backend or draining).
-    backend_refs: FastMap<L4Addr, BackendUse>,
-}
-
-/// How the desired frontends see one backend address. Two Services may see
-/// one address differently for a moment (their slices update separately);
-/// the backend entry's flags are merged from all of them.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct BackendUse {
-    pub users: u32,
-    pub local: u32,
-    pub terminating: u32,
-}
-
-impl BackendUse {
-    /// The address is on this node for some user.
-    pub fn local(&self) -> bool {
-        self.local > 0
-    }
-
-    /// Every user sees it terminating (not ready).
-    pub fn terminating(&self) -> bool {
-        self.terminating == self.users
-    }
-
-    fn add(&mut self, b: &BackendInfo, sign: i32) {
-        let step = |v: &mut u32, on: bool| {
-            if on {
-                *v = v.saturating_add_signed(sign);
-            }
-        };
-        step(&mut self.users, true);
-        step(&mut self.local, b.local);
-        step(&mut self.terminating, b.terminating);
-    }
-}
-
-/// What the desired state keeps per Service besides its frontends.
-#[derive(Debug, Default, Clone)]
-pub struct ServiceEntry {
-    pub frontends: Vec<FrontendKey>,
-    pub health_check: Option<HealthCheck>,
-    /// Backends beyond the capacity per frontend, not served.
-    pub left_out: usize,
-}
-
-impl DesiredState {
-    pub fn frontend(&self, key: &FrontendKey) -> Option<&DesiredFrontend> {
-        self.frontends.get(key)
-    }
-
-    pub fn frontends(&self) -> &FastMap<FrontendKey, DesiredFrontend> {
-        &self.frontends
-    }
-
-    pub fn services(&self) -> &FastMap<ServiceName, ServiceEntry> {
-        &self.services
-    }
-
-    /// True while some desired frontend names `addr`.
-    pub fn uses_backend(&self, addr: &L4Addr) -> bool {
-        self.backend_refs.contains_key(addr)
-    }
-
-    /// Number of distinct backend addresses named by desired frontends.
-    pub fn backend_count(&self) -> usize {
-        self.backend_refs.len()
-    }
-
-    /// Room for `services` more Services (a full translation).
-    pub fn reserve(&mut self, services: usize) {
-        self.services.reserve(services);
-        self.frontends.reserve(services);
-    }
-
-    /// How the desired frontends see `addr`, if any names it.
-    pub fn backend_use(&self, addr: &L4Addr) -> Option<BackendUse> {
-        self.backend_refs.get(addr).copied()
-    }
-
-    /// Sets (or with None removes) one Service and adds to `touched` the
-    /// frontend keys and backend addresses that may have changed (old and
-    /// new), for an incremental plan. A Service that would take a frontend
-    /// address or NodePort another Service holds is refused whole (and
-    /// removed if it was there).
-    pub fn set(
-        &mut self,
-        name: &ServiceName,
-        desired: Option<ServiceDesired>,
-        mut touched: Option<&mut Touched>,
-    ) -> Result<(), InvalidObject> {
-        self.release(name, touched.as_deref_mut());
-        let Some(desired) = desired else {
-            return Ok(());
-        };
-        self.check_clashes(name, &desired)?;
-        let mut entry = ServiceEntry {
-            frontends: Vec::with_capacity(desired.frontends.len()),
-            health_check: desired.health_check,
-            left_out: desired.left_out,
-        };
-        for f in desired.frontends {
-            if f.policy.scope == Scope::NodePort {
-                self.node_ports
-                    .insert((f.key.port, f.key.protocol), name.clone());
-            }
-            for b in f.backends.iter().chain(f.draining.iter()) {
-                self.backend_refs.entry(b.addr).or_default().add(b, 1);
-            }
-            if let Some(t) = touched.as_deref_mut() {
-                t.backends
-                    .extend(f.backends.iter().chain(f.draining.iter()).map(|b| b.addr));
-                t.frontends.push(f.key);
-            }
-            entry.frontends.push(f.key);
-            self.frontends.insert(f.key, f);
-        }
-        self.services.insert(name.clone(), entry);
-        Ok(())
-    }
-
-    fn check_clashes(
-        &self,
-        name: &ServiceName,
-        desired: &ServiceDesired,
-    ) -> Result<(), InvalidObject> {
-        for f in &desired.frontends {
-            let node_port_owner = (f.policy.scope == Scope::NodePort)
-                .then(|| self.node_ports.get(&(f.key.port, f.key.protocol)))
-                .flatten();
-            let reason = if let Some(owner) = node_port_owner {
-                format!(
-                    "NodePort {}/{} is already used by {owner}",
-                    f.key.port, f.key.protocol
-                )
-            } else if let Some(other) = self.frontends.get(&f.key) {
-                format!("frontend {} is already used by {}", f.key, other.service)
-            } else {
-                continue;
-            };
-            return Err(InvalidObject {
-                kind: "Service",
-                object: name.clone(),
-                field: format!("port {:?}", &*f.port_name),
-                reason,
-            });
-        }
-        Ok(())
-    }
-
-    fn release(&mut self, name: &ServiceName, mut touched: Option<&mut Touched>) {
-        let Some(old) = self.services.remove(name) else {
-            return;
-        };
-        for key in &old.frontends {
-            let Some(f) = self.frontends.remove(key) else {
-                continue;
-            };
-            if f.policy.scope == Scope::NodePort {
-                self.node_ports.remove(&(key.port, key.protocol));
-            }
-            for b in f.backends.iter().chain(f.draining.iter()) {
-                if let Some(t) = touched.as_deref_mut() {
-                    t.backends.push(b.addr);
-                }
-                if let Some(u) = self.backend_refs.get_mut(&b.addr) {
-                    u.add(b, -1);
-                    if u.users == 0 {
-                        self.backend_refs.remove(&b.addr);
-                    }
-                }
-            }
-        }
-        if let Some(t) = touched {
-            t.frontends.extend(old.frontends);
-        }
-    }
-}
-
-/// Frontend keys and backend addresses a change may have affected: the
-/// scope of an incremental plan.
-#[derive(Debug, Default, Clone)]
-pub struct Touched {
-    pub frontends: Vec<FrontendKey>,
-    pub backends: Vec<L4Addr>,
-}
-
-impl Touched {
-    pub fn is_empty(&self) -> bool {
-        self.frontends.is_empty() && self.backends.is_empty()
-    }
-
-    /// Sorts and removes duplicates.
-    pub fn normalize(&mut self) {
-        self.frontends.sort();
-        self.frontends.dedup();
-        self.backends.sort();
-        self.backends.dedup();
-    }
 }
 
 #[cfg(test)]
