@@ -12,19 +12,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ObjectReference, Service};
-use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use k8s_openapi::api::core::v1::Service;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::Event as WatchEvent;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
-use serde_json::{json, Value};
 
-use super::allocate::{allocate, Allocations, Outcome};
+use super::allocate::{allocate, Allocations};
 use super::lease::LeaseLock;
-use super::pool::{parse_pool, FerryLoadBalancerIPPool, PoolCondition};
-use super::service::{name_of, record, transition_time, SvcRecord, CONDITION};
+use super::pool::{parse_pool, FerryLoadBalancerIPPool};
+use super::service::{name_of, record, SvcRecord};
+use super::write::{write_pool, write_service};
 use crate::model::ServiceName;
 
 pub const FIELD_MANAGER: &str = "ferry-lb-ipam";
@@ -336,168 +335,8 @@ async fn reconcile(
     }
     for p in &pool_objects {
         let name = p.name_any();
-        let Some(report) = alloc.pools.get(name.as_str()) else {
-            continue;
-        };
-        let mut conditions = Vec::new();
-        let current = p.status.as_ref().map(|s| &s.conditions[..]).unwrap_or(&[]);
-        conditions.push(condition(
-            current,
-            "ferry.dev/Conflict",
-            report.conflict.is_some(),
-            if report.conflict.is_some() {
-                "Overlap"
-            } else {
-                "NoOverlap"
-            },
-            report.conflict.clone().unwrap_or_default(),
-        ));
-        conditions.push(condition(
-            current,
-            "ferry.dev/Invalid",
-            report.invalid.is_some(),
-            if report.invalid.is_some() {
-                "InvalidSpec"
-            } else {
-                "Valid"
-            },
-            report.invalid.clone().unwrap_or_default(),
-        ));
-        let want = super::pool::PoolStatus {
-            conditions,
-            addresses_total: report.total,
-            addresses_used: report.used,
-            addresses_free: report.total.saturating_sub(report.used),
-        };
-        if p.status.as_ref() == Some(&want) {
-            continue;
-        }
-        let body = json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "FerryLoadBalancerIPPool",
-                          "metadata": {"name": name}, "status": want});
-        let api = Api::<FerryLoadBalancerIPPool>::all(client.clone());
-        if let Err(e) = api
-            .patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-        {
-            tracing::warn!(pool = %name, error = %e, "cannot write the pool status");
+        if let Some(report) = alloc.pools.get(name.as_str()) {
+            write_pool(client, p, report).await;
         }
     }
-}
-
-/// A condition, keeping its lastTransitionTime while its status holds.
-fn condition(
-    current: &[PoolCondition],
-    type_: &str,
-    on: bool,
-    reason: &str,
-    message: String,
-) -> PoolCondition {
-    let status = if on { "True" } else { "False" };
-    let state = current
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.as_str(), c.last_transition_time.as_str()));
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    let since = transition_time(state, status, &now);
-    PoolCondition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        last_transition_time: since,
-    }
-}
-
-/// Writes a Service's addresses and condition when they differ from
-/// `want`; None releases whatever the allocator gave it.
-async fn write_service(
-    client: &Client,
-    recorder: &Recorder,
-    name: &ServiceName,
-    rec: &SvcRecord,
-    want: Option<&Outcome>,
-) -> Result<(), kube::Error> {
-    let ips: Vec<String> = want
-        .map(|o| o.addresses.iter().map(|(ip, _)| ip.to_string()).collect())
-        .unwrap_or_default();
-    let cond = want.map(|o| match &o.failure {
-        None => {
-            let parts: Vec<String> = o
-                .addresses
-                .iter()
-                .map(|(ip, pool)| format!("{ip} from pool {pool}"))
-                .collect();
-            (
-                "True".to_string(),
-                "Allocated".to_string(),
-                parts.join(", "),
-            )
-        }
-        Some((f, why)) => ("False".to_string(), f.reason().to_string(), why.clone()),
-    });
-    let current: Vec<String> = rec.ips.iter().map(|ip| ip.to_string()).collect();
-    if current == ips && rec.condition == cond {
-        return Ok(());
-    }
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    let conditions: Vec<Value> = cond
-        .iter()
-        .map(|(status, reason, message)| {
-            let since = transition_time(rec.condition_state(), status, &now);
-            json!({"type": CONDITION, "status": status, "reason": reason,
-                   "message": message, "lastTransitionTime": since,
-                   "observedGeneration": rec.generation})
-        })
-        .collect();
-    let ingress: Vec<Value> = ips
-        .iter()
-        .map(|ip| json!({"ip": ip, "ipMode": "VIP"}))
-        .collect();
-    let body = json!({"apiVersion": "v1", "kind": "Service",
-                      "metadata": {"name": &*name.name, "namespace": &*name.namespace},
-                      "status": {"loadBalancer": {"ingress": ingress}, "conditions": conditions}});
-    Api::<Service>::namespaced(client.clone(), &name.namespace)
-        .patch_status(
-            &name.name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await?;
-    let (type_, reason, note) = match &cond {
-        Some((s, reason, message)) if s == "True" => (
-            EventType::Normal,
-            reason.clone(),
-            format!("allocated {message}"),
-        ),
-        Some((_, reason, message)) => (EventType::Warning, reason.clone(), message.clone()),
-        None => (
-            EventType::Normal,
-            "Released".to_string(),
-            format!("released {}", current.join(", ")),
-        ),
-    };
-    tracing::info!(service = %name, addresses = ?ips, reason = %reason, "LoadBalancer status written");
-    let reference = ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Service".into()),
-        namespace: Some(name.namespace.to_string()),
-        name: Some(name.name.to_string()),
-        uid: rec.uid.clone(),
-        ..Default::default()
-    };
-    let event = KubeEvent {
-        type_,
-        reason,
-        note: Some(note),
-        action: "Allocate".into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&event, &reference).await {
-        tracing::warn!(service = %name, error = %e, "cannot publish an Event");
-    }
-    Ok(())
 }

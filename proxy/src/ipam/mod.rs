@@ -10,6 +10,7 @@ pub mod controller;
 pub mod lease;
 pub mod pool;
 pub mod service;
+mod write;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
