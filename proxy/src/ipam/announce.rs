@@ -131,19 +131,7 @@ pub async fn run(
             _ = wanted.changed() => {}
         }
         let want = wanted.borrow_and_update().clone();
-        // Give up what is no longer wanted here.
-        let gone: Vec<ServiceName> = locks
-            .keys()
-            .filter(|s| !want.get(*s).is_some_and(|a| a.eligible))
-            .cloned()
-            .collect();
-        for s in gone {
-            if let Some(mut h) = locks.remove(&s) {
-                if let Err(e) = h.lock.release().await {
-                    tracing::warn!(service = %s, error = %e, "cannot release the L2 lease");
-                }
-            }
-        }
+        release_unwanted(&mut locks, &want).await;
         for (s, a) in &want {
             if a.eligible && !locks.contains_key(s) {
                 let lock = LeaseLock::new(api.clone(), &lease_name(s), &identity, lease.duration);
@@ -156,19 +144,7 @@ pub async fn run(
                 );
             }
         }
-        futures::stream::iter(locks.values_mut().map(|h| async move {
-            let due = if h.lock.held() { RENEW_EVERY } else { RETRY_EVERY };
-            if h.last_try.is_some_and(|t| t.elapsed() < due) {
-                return;
-            }
-            h.last_try = Some(Instant::now());
-            if let Err(e) = h.lock.try_acquire_or_renew().await {
-                tracing::warn!(lease = %h.lock.name(), error = %e, "cannot read or write the L2 lease");
-            }
-        }))
-        .buffer_unordered(CONCURRENCY)
-        .collect::<()>()
-        .await;
+        renew_due(&mut locks).await;
         // Through an API outage the holder keeps answering ARP: nobody can
         // take the lease meanwhile, and an unanswered address is an outage.
         let now: BTreeSet<Ipv4Addr> = locks
@@ -178,17 +154,7 @@ pub async fn run(
             .flat_map(|a| a.ips.iter().copied())
             .collect();
         if now != announced {
-            if let Ok(mut set) = responder.announced.write() {
-                *set = now.iter().copied().collect();
-            }
-            for ip in now.difference(&announced) {
-                tracing::info!(address = %ip, node = %identity, "announcing");
-                responder.gratuitous(*ip);
-            }
-            for ip in announced.difference(&now) {
-                tracing::info!(address = %ip, node = %identity, "no longer announcing");
-            }
-            status.announced.store(now.len() as u64, Ordering::Relaxed);
+            publish(&responder, &status, &identity, &announced, &now);
             announced = now;
         }
     }
@@ -204,6 +170,66 @@ pub async fn run(
             "stopping: keeping the L2 leases for the agent that replaces this one"
         );
     }
+}
+
+/// Gives up the leases of Services no longer wanted (or eligible) here.
+async fn release_unwanted(locks: &mut BTreeMap<ServiceName, Held>, want: &Announcements) {
+    let gone: Vec<ServiceName> = locks
+        .keys()
+        .filter(|s| !want.get(*s).is_some_and(|a| a.eligible))
+        .cloned()
+        .collect();
+    for s in gone {
+        if let Some(mut h) = locks.remove(&s) {
+            if let Err(e) = h.lock.release().await {
+                tracing::warn!(service = %s, error = %e, "cannot release the L2 lease");
+            }
+        }
+    }
+}
+
+/// Renews the leases held and retries the others, each when it is due,
+/// [`CONCURRENCY`] at a time.
+async fn renew_due(locks: &mut BTreeMap<ServiceName, Held>) {
+    futures::stream::iter(locks.values_mut().map(|h| async move {
+        let due = if h.lock.held() {
+            RENEW_EVERY
+        } else {
+            RETRY_EVERY
+        };
+        if h.last_try.is_some_and(|t| t.elapsed() < due) {
+            return;
+        }
+        h.last_try = Some(Instant::now());
+        if let Err(e) = h.lock.try_acquire_or_renew().await {
+            tracing::warn!(lease = %h.lock.name(), error = %e, "cannot read or write the L2 lease");
+        }
+    }))
+    .buffer_unordered(CONCURRENCY)
+    .collect::<()>()
+    .await;
+}
+
+/// Hands the responder the addresses to answer for, with gratuitous ARP
+/// for the new ones.
+fn publish(
+    responder: &ArpResponder,
+    status: &L2Status,
+    identity: &str,
+    before: &BTreeSet<Ipv4Addr>,
+    now: &BTreeSet<Ipv4Addr>,
+) {
+    if let Ok(mut set) = responder.announced.write() {
+        *set = now.iter().copied().collect();
+    }
+    for ip in now.difference(before) {
+        tracing::info!(address = %ip, node = %identity, "announcing");
+        responder.gratuitous(*ip);
+    }
+    for ip in before.difference(now) {
+        tracing::info!(address = %ip, node = %identity, "no longer announcing");
+    }
+    status.announced.store(now.len() as u64, Ordering::Relaxed);
 }
 
 #[cfg(test)]

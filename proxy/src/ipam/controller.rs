@@ -167,26 +167,11 @@ async fn lead(
     let services = Mutex::new(Services::default());
     let (pools, pool_writer) = reflector::store::<FerryLoadBalancerIPPool>();
     let changed = tokio::sync::Notify::new();
-    let pool_stream = reflector::reflector(
-        pool_writer,
-        watcher(
-            Api::<FerryLoadBalancerIPPool>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .touched_objects();
     let pump = async {
-        let pools = async {
-            let mut pool_stream = std::pin::pin!(pool_stream);
-            while let Some(item) = pool_stream.next().await {
-                match item {
-                    Ok(_) => changed.notify_one(),
-                    Err(e) => tracing::warn!(error = %e, "pool watch failed; retrying"),
-                }
-            }
-        };
-        tokio::join!(pools, watch_services(client, &services, &changed));
+        tokio::join!(
+            watch_pools(client, pool_writer, &changed),
+            watch_services(client, &services, &changed)
+        );
     };
     let recorder = Recorder::new(
         client.clone(),
@@ -216,21 +201,50 @@ async fn lead(
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            match lock.try_acquire_or_renew().await {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot renew the allocator lease");
-                    if !lock.held() {
-                        return;
-                    }
-                }
+            if !renewed(lock).await {
+                return;
             }
         }
     };
     tokio::select! {
         _ = pump => {}
         _ = work => {}
+    }
+}
+
+/// Renews the allocator lease: whether this agent still holds it (an
+/// error keeps it until the lease would expire).
+async fn renewed(lock: &mut LeaseLock) -> bool {
+    match lock.try_acquire_or_renew().await {
+        Ok(held) => held,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot renew the allocator lease");
+            lock.held()
+        }
+    }
+}
+
+/// Keeps the pools' store up to date, waking the allocator on each change.
+async fn watch_pools(
+    client: &Client,
+    writer: reflector::store::Writer<FerryLoadBalancerIPPool>,
+    changed: &tokio::sync::Notify,
+) {
+    let stream = reflector::reflector(
+        writer,
+        watcher(
+            Api::<FerryLoadBalancerIPPool>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(_) => changed.notify_one(),
+            Err(e) => tracing::warn!(error = %e, "pool watch failed; retrying"),
+        }
     }
 }
 

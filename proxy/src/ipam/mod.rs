@@ -49,6 +49,15 @@ pub struct LeaseSettings {
 /// before it contends (the node's own Services come first at start-up).
 const FIRST_SYNC_WAIT: Duration = Duration::from_secs(30);
 
+/// Why LoadBalancer IP management could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error("L2 announcement: {0}")]
+    Arp(#[from] arp::ArpError),
+    #[error("starting the LoadBalancer IP thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
 /// Starts the allocator and the announcer on a thread of their own; they
 /// stop when `stop` is set (the allocator releasing its lease, the
 /// announcer keeping its leases for the agent that replaces it).
@@ -57,18 +66,8 @@ pub fn spawn(
     announcements: tokio::sync::watch::Receiver<announce::Announcements>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
-) -> Result<std::thread::JoinHandle<()>, String> {
-    let responder = match settings.l2_interfaces.is_empty() {
-        true => None,
-        false => match arp::ArpResponder::start(&settings.l2_interfaces) {
-            Ok(r) => Some(r),
-            Err(e) if settings.l2_required => return Err(e.to_string()),
-            Err(e) => {
-                tracing::warn!(error = %e, "no L2 announcement (set --l2-interfaces to choose the interfaces)");
-                None
-            }
-        },
-    };
+) -> Result<std::thread::JoinHandle<()>, IpamError> {
+    let responder = responder(&settings)?;
     let ipam_status = Arc::new(controller::IpamStatus::default());
     let l2_status = Arc::new(announce::L2Status {
         replies: responder
@@ -86,32 +85,22 @@ pub fn spawn(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("starting the tokio runtime: {e}"))?;
+        .map_err(IpamError::Thread)?;
     std::thread::Builder::new()
         .name("lb-ipam".into())
         .spawn(move || {
             rt.block_on(async move {
-                let client = match crate::source::kube::client(settings.kubeconfig.clone()).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::error!(error = %e, "no Kubernetes client for LoadBalancer IPs");
-                        return;
-                    }
+                let Ok(client) = crate::source::kube::client(settings.kubeconfig.clone())
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "no Kubernetes client for LoadBalancer IPs")
+                    })
+                else {
+                    return;
                 };
                 let allocator = async {
                     if settings.allocate {
-                        let waited = std::time::Instant::now();
-                        while !metrics.synced_once()
-                            && waited.elapsed() < FIRST_SYNC_WAIT
-                            && !stop.load(Ordering::Relaxed)
-                        {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        let cfg = controller::IpamConfig::new(
-                            &settings.lease_namespace,
-                            &settings.identity,
-                        );
-                        controller::run(client.clone(), cfg, ipam_status, stop.clone()).await;
+                        allocate(&client, &settings, &metrics, ipam_status, &stop).await;
                     }
                 };
                 let announcer = async {
@@ -121,15 +110,9 @@ pub fn spawn(
                             identity: settings.identity.clone(),
                             duration: settings.l2_lease_duration,
                         };
-                        announce::run(
-                            client.clone(),
-                            lease,
-                            responder,
-                            announcements,
-                            l2_status,
-                            stop.clone(),
-                        )
-                        .await;
+                        let (client, stop) = (client.clone(), stop.clone());
+                        announce::run(client, lease, responder, announcements, l2_status, stop)
+                            .await;
                     }
                 };
                 tokio::join!(allocator, announcer);
@@ -139,5 +122,41 @@ pub fn spawn(
                 }
             });
         })
-        .map_err(|e| format!("starting the LoadBalancer IP thread: {e}"))
+        .map_err(IpamError::Thread)
+}
+
+/// The ARP responder on the L2 interfaces, if any; interfaces that cannot
+/// be opened stop the start only when they were asked for.
+fn responder(settings: &IpamSettings) -> Result<Option<arp::ArpResponder>, IpamError> {
+    if settings.l2_interfaces.is_empty() {
+        return Ok(None);
+    }
+    match arp::ArpResponder::start(&settings.l2_interfaces) {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if settings.l2_required => Err(e.into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "no L2 announcement (set --l2-interfaces to choose the interfaces)");
+            Ok(None)
+        }
+    }
+}
+
+/// Runs the allocator once the dataplane's first sync is in (or after
+/// [`FIRST_SYNC_WAIT`]), until `stop`.
+async fn allocate(
+    client: &kube::Client,
+    settings: &IpamSettings,
+    metrics: &Metrics,
+    status: Arc<controller::IpamStatus>,
+    stop: &Arc<AtomicBool>,
+) {
+    let waited = std::time::Instant::now();
+    while !metrics.synced_once()
+        && waited.elapsed() < FIRST_SYNC_WAIT
+        && !stop.load(Ordering::Relaxed)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cfg = controller::IpamConfig::new(&settings.lease_namespace, &settings.identity);
+    controller::run(client.clone(), cfg, status, stop.clone()).await;
 }
