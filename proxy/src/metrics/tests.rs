@@ -1,3 +1,4 @@
+use super::own::BUCKETS;
 use super::*;
 
 fn at(ms: u64) -> SystemTime {
