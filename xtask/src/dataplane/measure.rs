@@ -2,7 +2,8 @@
 //! programs' own run time, and memory per idle connection.
 
 use super::rows::{Metric, Row};
-use super::topo::{client_cmd, Topo};
+use super::setup::client_cmd;
+use super::topo::Topo;
 use super::Settings;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;

@@ -22,6 +22,7 @@
 mod measure;
 mod report;
 mod rows;
+mod setup;
 mod topo;
 
 use crate::deps;
@@ -29,11 +30,12 @@ use anyhow::{bail, Context, Result};
 use measure::{idle_memory, loadavg, measure};
 use report::Report;
 use rows::{Metric, Row};
+use setup::{setup, teardown, time_one_change};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use topo::{setup, teardown, time_one_change, Topo};
+use topo::Topo;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
