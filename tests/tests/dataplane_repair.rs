@@ -171,6 +171,12 @@ fn pins_removed_and_links_recreated_under_the_agent_are_repaired() {
         .unwrap();
     let took = until_served(&t, "after the link came back", &log);
     eprintln!("client link recreated: NodePort served again after {took:?}");
-    assert!(log().contains("TC ingress attached to tce0"), "{}", log());
+    // The keeper logs its repairs after making them: traffic may be served
+    // a moment before the line is written.
+    let logged = Instant::now();
+    while !log().contains("TC ingress attached to tce0") {
+        assert!(logged.elapsed() < Duration::from_secs(3), "{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
