@@ -69,7 +69,7 @@ fn full_sync(c: &mut Criterion) {
                     core
                 },
                 BatchSize::PerIteration,
-            )
+            );
         });
     }
     g.finish();
@@ -117,7 +117,7 @@ fn endpoint_change(c: &mut Criterion) {
                     }
                 }
                 total
-            })
+            });
         });
     }
     g.finish();
@@ -130,7 +130,7 @@ fn maglev_build(c: &mut Criterion) {
             .map(|i| format!("10.0.0.{i}:8080/TCP").into_bytes())
             .collect();
         g.bench_function(format!("{n}_backends"), |b| {
-            b.iter(|| black_box(maglev::build_table(&keys, maglev::DEFAULT_TABLE_SIZE)))
+            b.iter(|| black_box(maglev::build_table(&keys, maglev::DEFAULT_TABLE_SIZE)));
         });
     }
     g.finish();
@@ -197,7 +197,7 @@ fn file_parse(c: &mut Criterion) {
                 let (objects, errors) = ferry_proxy::objects::parse_documents(&text, "bench.yaml");
                 assert!(errors.is_empty(), "{errors:?}");
                 black_box(objects.len())
-            })
+            });
         });
     }
     g.finish();

@@ -64,7 +64,7 @@ fn datapath_apply(c: &mut Criterion) {
                     black_box(done.done);
                 }
                 total
-            })
+            });
         });
     }
     g.finish();
@@ -134,7 +134,7 @@ fn tc_ingress_per_packet(c: &mut Criterion) {
                     total += r.per_run;
                 }
                 total
-            })
+            });
         });
     };
     // The program rewrites the frame it runs on, so a translated packet is

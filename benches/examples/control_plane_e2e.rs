@@ -240,7 +240,7 @@ fn main() {
             break restarted.elapsed();
         }
         assert!(
-            restarted.elapsed() < Duration::from_secs(120),
+            restarted.elapsed() < Duration::from_mins(2),
             "not reconciled 120 s after a restart:\n{}",
             restart_log()
         );

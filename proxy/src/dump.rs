@@ -102,7 +102,7 @@ fn table_summary(table: &[BackendId]) -> String {
     let shares: Vec<String> = counts.iter().map(|(b, n)| format!("{b}:{n}")).collect();
     let mut s = format!("size={} shares={}", table.len(), shares.join(","));
     if table.len() <= FULL_TABLE_MAX {
-        let ids: Vec<String> = table.iter().map(|b| b.to_string()).collect();
+        let ids: Vec<String> = table.iter().map(std::string::ToString::to_string).collect();
         let _ = write!(s, " table={}", ids.join(","));
     }
     s

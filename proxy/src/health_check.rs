@@ -55,7 +55,7 @@ impl std::fmt::Debug for HealthCheckServers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HealthCheckServers")
             .field("ports", &self.servers.keys().collect::<Vec<_>>())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -123,7 +123,12 @@ impl HealthCheckServers {
         let report = Arc::new(Mutex::new(report));
         let handler: crate::http::Handler = {
             let report = report.clone();
-            Arc::new(move |_path| report.lock().unwrap_or_else(|p| p.into_inner()).response())
+            Arc::new(move |_path| {
+                report
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .response()
+            })
         };
         let listeners = listeners
             .into_iter()

@@ -331,7 +331,7 @@ mod tests {
     #[test]
     fn routes() {
         let m = Metrics::default();
-        let t = Duration::from_secs(60);
+        let t = Duration::from_mins(1);
         assert_eq!(
             route("/healthz", Endpoints::Health, &m, t).status,
             StatusCode::OK

@@ -282,10 +282,8 @@ impl EndpointState {
     pub fn rank(self) -> u8 {
         if self.ready {
             2
-        } else if self.serving && self.terminating {
-            1
         } else {
-            0
+            u8::from(self.serving && self.terminating)
         }
     }
 }

@@ -228,7 +228,7 @@ metadata: {name: x}
 
     #[test]
     fn anchors_lists_and_document_markers() {
-        let text = r#"# a comment before the first marker
+        let text = r"# a comment before the first marker
 --- 
 kind: Service
 metadata: {name: a, namespace: default, labels: &labels {app: web}}
@@ -241,7 +241,7 @@ items:
 - {kind: Node, metadata: {name: n1}}
 - {kind: Secret, metadata: {name: s}}
 - {kind: Service, spec: {ports: 7}}
-"#;
+";
         let (objects, errors) = parse_documents(text, "f.yaml");
         let names: Vec<String> = objects
             .iter()

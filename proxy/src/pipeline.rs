@@ -101,9 +101,10 @@ impl Core {
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(name));
         let deleting = ours.is_some_and(|n| n.metadata.deletion_timestamp.is_some());
-        let node = ours
-            .map(|n| parse_node(n, nodeport_cidrs))
-            .unwrap_or_else(|| self.local_node.clone());
+        let node = ours.map_or_else(
+            || self.local_node.clone(),
+            |n| parse_node(n, nodeport_cidrs),
+        );
         self.set_node(node);
         deleting
     }
@@ -253,7 +254,7 @@ impl Core {
     }
 
     fn translate_one(&self, name: &ServiceName) -> TranslateResult {
-        match self.services.get(name).map(|o| o.as_ref()) {
+        match self.services.get(name).map(std::convert::AsRef::as_ref) {
             Some(Ok(ParsedService::Serve(info))) => {
                 translate_service(info, &self.cache, &self.node, &self.cfg).map(Some)
             }
@@ -263,7 +264,7 @@ impl Core {
     }
 
     fn created(&self, name: &ServiceName) -> i64 {
-        match self.services.get(name).map(|o| o.as_ref()) {
+        match self.services.get(name).map(std::convert::AsRef::as_ref) {
             Some(Ok(ParsedService::Serve(info))) => info.created,
             _ => 0,
         }

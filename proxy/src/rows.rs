@@ -108,10 +108,10 @@ pub fn format_table(rows: &[ServiceRow]) -> String {
 
 /// The userspace agent's /services JSON as a table.
 pub fn format_userspace_table(json: &str) -> Result<String, String> {
+    use std::fmt::Write;
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(json).map_err(|e| format!("reading /services: {e}"))?;
     let mut out = String::new();
-    use std::fmt::Write;
     let _ = writeln!(
         out,
         "{:<28} {:<30} {:<13} {:<8} {:<18} BACKENDS",

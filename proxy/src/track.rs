@@ -43,16 +43,17 @@ impl<K: Clone + Eq + Hash, V: Clone + PartialEq> ChangeTracker<K, V> {
             let previous = self.current.get(&key).cloned();
             self.pending.insert(key.clone(), previous);
         }
+        // Back to what it was before the pending change: nothing pending.
+        if self.pending.get(&key) == Some(&value) {
+            self.pending.remove(&key);
+        }
         match value {
             Some(v) => {
-                self.current.insert(key.clone(), v);
+                self.current.insert(key, v);
             }
             None => {
                 self.current.remove(&key);
             }
-        }
-        if self.pending.get(&key) == Some(&self.current.get(&key).cloned()) {
-            self.pending.remove(&key);
         }
     }
 

@@ -80,8 +80,7 @@ fn resolve(text: &str, state: &AppliedState) -> String {
                 let addr = state
                     .backends()
                     .get(&ferry_proxy::plan::BackendId(id))
-                    .map(|b| b.addr.to_string())
-                    .unwrap_or_else(|| "DANGLING".into());
+                    .map_or_else(|| "DANGLING".into(), |b| b.addr.to_string());
                 l.replace_range(pos.., &format!("-> {addr}"));
             }
             if let Some(pos) = l.find("node-traffic-via=") {
@@ -89,8 +88,7 @@ fn resolve(text: &str, state: &AppliedState) -> String {
                 let addr = state
                     .rev_nat()
                     .get(&ferry_proxy::plan::FrontendId(id))
-                    .map(|f| f.to_string())
-                    .unwrap_or_else(|| "DANGLING".into());
+                    .map_or_else(|| "DANGLING".into(), std::string::ToString::to_string);
                 l.replace_range(pos.., &format!("node-traffic-via {addr}"));
             }
             if l.trim_start().starts_with("maglev ") {

@@ -176,11 +176,10 @@ fn apply_step(core: &mut Core, s: &Step) {
 /// allocated different IDs.
 fn resolved(applied: &AppliedState) -> BTreeMap<String, String> {
     let addr = |id: &ferry_proxy::plan::BackendId| {
-        applied
-            .backends()
-            .get(id)
-            .map(|b| format!("{}{}", b.addr, if b.terminating { "~" } else { "" }))
-            .unwrap_or_else(|| format!("DANGLING({id})"))
+        applied.backends().get(id).map_or_else(
+            || format!("DANGLING({id})"),
+            |b| format!("{}{}", b.addr, if b.terminating { "~" } else { "" }),
+        )
     };
     let mut out = BTreeMap::new();
     for (key, f) in applied.frontends() {

@@ -208,7 +208,9 @@ pub struct FakeApi {
 }
 
 fn lock(s: &Shared) -> MutexGuard<'_, State> {
-    s.state.lock().unwrap_or_else(|p| p.into_inner())
+    s.state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn key_of(kind: Kind, v: &Value) -> (Kind, String, String) {
@@ -548,8 +550,8 @@ fn route(path: &str) -> Option<Route> {
     Some((
         kind,
         ns,
-        rest.get(1).map(|s| s.to_string()),
-        rest.get(2).map(|s| s.to_string()),
+        rest.get(1).map(std::string::ToString::to_string),
+        rest.get(2).map(std::string::ToString::to_string),
     ))
 }
 
@@ -942,8 +944,8 @@ fn watch(
         .query
         .get("timeoutSeconds")
         .and_then(|t| t.parse().ok())
-        .map_or(Duration::from_secs(60), Duration::from_secs)
-        .min(Duration::from_secs(120));
+        .map_or(Duration::from_mins(1), Duration::from_secs)
+        .min(Duration::from_mins(2));
     let bookmarks = r
         .query
         .get("allowWatchBookmarks")
@@ -1017,7 +1019,7 @@ fn watch(
         let (guard, _) = shared
             .changed
             .wait_timeout(st, Duration::from_millis(200))
-            .unwrap_or_else(|p| p.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         st = guard;
     }
     drop(st);
@@ -1042,7 +1044,7 @@ mod tests {
         let a = |m, p, q| authorization_attributes(m, p, q).unwrap();
         assert_eq!(
             a("GET", "/api/v1/services", "watch=true&resourceVersion=1"),
-            ("watch".into(), "".into(), "services".into())
+            ("watch".into(), String::new(), "services".into())
         );
         assert_eq!(
             a(
@@ -1058,14 +1060,14 @@ mod tests {
         );
         assert_eq!(
             a("PATCH", "/api/v1/namespaces/a/services/b/status", ""),
-            ("patch".into(), "".into(), "services/status".into())
+            ("patch".into(), String::new(), "services/status".into())
         );
         assert_eq!(
             a("POST", "/apis/events.k8s.io/v1/namespaces/a/events", ""),
             ("create".into(), "events.k8s.io".into(), "events".into())
         );
         let rule = Rule {
-            api_groups: vec!["".into()],
+            api_groups: vec![String::new()],
             resources: vec!["services".into()],
             verbs: vec!["list".into(), "watch".into()],
         };

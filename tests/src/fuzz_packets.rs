@@ -46,7 +46,7 @@ pub struct PacketOracle {
 struct Ipv4Network(Ipv4Addr, u8);
 
 impl Ipv4Network {
-    fn contains(&self, ip: Ipv4Addr) -> bool {
+    fn contains(self, ip: Ipv4Addr) -> bool {
         let mask = u32::MAX.checked_shl(32 - u32::from(self.1)).unwrap_or(0);
         ip.to_bits() & mask == self.0.to_bits() & mask
     }
@@ -56,7 +56,7 @@ impl std::fmt::Debug for PacketOracle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PacketOracle")
             .field("frontends", &self.frontends)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 

@@ -30,7 +30,7 @@ pub fn send_echo_requests(dst: Ipv4Addr, count: u16) -> Result<()> {
                 packet.as_ptr().cast(),
                 packet.len(),
                 0,
-                (&addr as *const libc::sockaddr_in).cast(),
+                (&raw const addr).cast(),
                 std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
             )
         };

@@ -272,7 +272,7 @@ fn test_run(prog_fd: RawFd, frame: &[u8], repeat: u32) -> Result<RunResult> {
         libc::syscall(
             libc::SYS_bpf,
             BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
+            &raw mut attr,
             std::mem::size_of::<TestRunAttr>(),
         )
     };

@@ -5,17 +5,18 @@
 /// True when a privileged test may run. When it may not, prints why and
 /// returns false, or panics if FERRY_REQUIRE_PRIVILEGED=1.
 pub fn require_privileged(test: &str, extra_requirement: Result<(), String>) -> bool {
-    let reason = if !is_root() {
-        Some("not running as root".to_string())
-    } else {
+    let reason = if is_root() {
         extra_requirement.err()
+    } else {
+        Some("not running as root".to_string())
     };
     match reason {
         None => true,
         Some(why) => {
-            if std::env::var("FERRY_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-                panic!("{test}: privileged test cannot run ({why}) and FERRY_REQUIRE_PRIVILEGED=1");
-            }
+            assert!(
+                std::env::var("FERRY_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+                "{test}: privileged test cannot run ({why}) and FERRY_REQUIRE_PRIVILEGED=1"
+            );
             eprintln!("SKIPPED {test}: {why} (set FERRY_REQUIRE_PRIVILEGED=1 to fail instead)");
             false
         }

@@ -37,7 +37,7 @@ impl Servers {
             }
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + Duration::from_mins(2);
         let mut threads = Vec::new();
         for l in tcp {
             l.set_nonblocking(true).expect("test server socket");

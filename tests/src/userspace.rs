@@ -32,7 +32,7 @@ impl EchoBackend {
         let healthy = Arc::new(AtomicBool::new(true));
         let stop = Arc::new(AtomicBool::new(false));
         let (h, st) = (healthy.clone(), stop.clone());
-        let deadline = Instant::now() + Duration::from_secs(300);
+        let deadline = Instant::now() + Duration::from_mins(5);
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
                 match l.accept() {
@@ -110,7 +110,7 @@ impl UdpEcho {
         let addr = u.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
-        let deadline = Instant::now() + Duration::from_secs(300);
+        let deadline = Instant::now() + Duration::from_mins(5);
         std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -269,7 +269,7 @@ impl UserspaceAgent {
             // only calls setrlimit, which is async-signal-safe.
             unsafe {
                 std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
                         Ok(())
                     } else {
                         Err(std::io::Error::last_os_error())

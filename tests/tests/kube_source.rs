@@ -167,8 +167,8 @@ fn watch_list_change_cut_and_relist() {
 
 #[test]
 fn nothing_is_programmed_before_every_kind_listed() {
-    let mut agent = agent();
     use ferry_proxy::source::{ListKind, Listing};
+    let mut agent = agent();
     for kind in [ListKind::Services, ListKind::Slices] {
         agent.handle(SourceEvent::Listing(Listing::Begin(kind)));
         agent.handle(SourceEvent::Listing(Listing::End(kind)));
@@ -185,10 +185,10 @@ fn nothing_is_programmed_before_every_kind_listed() {
 fn a_streamed_list_replaces_a_kind_at_its_end() {
     use ferry_proxy::objects::Object;
     use ferry_proxy::source::{ListKind, Listing};
-    let mut agent = agent();
     fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
         serde_json::from_value(v).unwrap()
     }
+    let mut agent = agent();
     let list = |agent: &mut Agent, kind: ListKind, items: Vec<Object>| {
         agent.handle(SourceEvent::Listing(Listing::Begin(kind)));
         for o in items {

@@ -6,6 +6,8 @@
 //! without it releasing its lease.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+// The object builders take json! values by value, as json! itself reads.
+#![allow(clippy::needless_pass_by_value)]
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;

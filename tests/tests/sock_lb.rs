@@ -453,13 +453,13 @@ fn connected_udp_socket_of_a_removed_backend_is_closed() {
 /// Local too.
 #[test]
 fn external_frontends_and_internal_local_from_the_node() {
+    use ferry_tests::objects;
     if !require_privileged(
         "external_frontends_and_internal_local_from_the_node",
         ferry_tests::ebpf_object(),
     ) {
         return;
     }
-    use ferry_tests::objects;
     let (srv, cli) = client_and_backends("ex", 6).unwrap();
     let tcp = srv
         .run(|| {

@@ -240,7 +240,11 @@ fn udp_flows_leave_the_old_backend_through_socket_balancing() {
     let _servers = udp_backends(&srv);
     let pins = PinDir::new("us").unwrap();
     let cg = TestCgroup::new("us").unwrap();
-    let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &Default::default()).unwrap();
+    let mut ebpf = ferry_proxy::ebpf::open(
+        pins.path(),
+        &ferry_proxy::datapath::MapCapacities::default(),
+    )
+    .unwrap();
     ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, pins.path(), cg.path()).unwrap();
     let mut agent = ferry_tests::objects::bpf_agent(pins.path());
     let mut port = 30400;

@@ -65,7 +65,7 @@ fn criterion(root: &Path, bench: &str, groups: &[&str], quick: bool) -> Result<(
         }
         let mut benches: Vec<_> = std::fs::read_dir(&dir)
             .with_context(|| format!("reading {}", dir.display()))?
-            .filter_map(|e| e.ok())
+            .filter_map(std::result::Result::ok)
             .map(|e| e.path())
             .filter(|p| p.join("new/estimates.json").exists())
             .collect();
@@ -74,7 +74,11 @@ fn criterion(root: &Path, bench: &str, groups: &[&str], quick: bool) -> Result<(
             let text = std::fs::read_to_string(b.join("new/estimates.json"))?;
             let v: serde_json::Value = serde_json::from_str(&text)?;
             let med = &v["median"];
-            let get = |p: &str| med.pointer(p).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
+            let get = |p: &str| {
+                med.pointer(p)
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(f64::NAN)
+            };
             println!(
                 "| {group}/{} | {} | {} - {} |",
                 b.file_name()

@@ -83,7 +83,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 fuzz_dir.join("artifacts").join(name).display()
             )
         })?;
-        let inputs = std::fs::read_dir(&corpus).map_or(0, |d| d.count());
+        let inputs = std::fs::read_dir(&corpus).map_or(0, std::iter::Iterator::count);
         summary.push(format!(
             "{name}: {:.0} s, corpus {inputs} inputs, no crash",
             started.elapsed().as_secs_f64()

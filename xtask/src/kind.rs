@@ -213,7 +213,7 @@ fn smoke(root: &Path) -> Result<()> {
     }
 
     // LoadBalancer: an address from Ferry's allocator, reached from the host.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     let lb = loop {
         let ip = output(kubectl().args([
             "-n",

@@ -355,7 +355,10 @@ impl LbCounter {
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::*;
+    use super::{
+        Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, MaglevTable, RevNat4, Service4Key,
+        Service4Value, SockRevNat4Key, SockRevNat4Value, SourceRange4,
+    };
     // Every layout here is repr(C) plain integers without implicit padding
     // (layouts_have_no_implicit_padding checks the sizes), so every bit
     // pattern is a valid value.

@@ -53,7 +53,7 @@ pub fn maglev(svc: &Service4Value, hash: u32) -> Option<Picked> {
     // and then drops a bounds check it proves redundant; a volatile reload
     // hides the range from LLVM so the check the verifier needs stays.
     // SAFETY: reading a local.
-    let idx = unsafe { core::ptr::read_volatile(&idx) };
+    let idx = unsafe { core::ptr::read_volatile(&raw const idx) };
     if idx >= MAGLEV_TABLE_SIZE {
         return None;
     }

@@ -235,10 +235,10 @@ impl Agent {
             }
             SourceEvent::Apply(object) => self.apply(object),
             SourceEvent::Delete(Object::Service(s)) => {
-                self.core.delete_service(&object_name(&s.metadata))
+                self.core.delete_service(&object_name(&s.metadata));
             }
             SourceEvent::Delete(Object::EndpointSlice(s)) => {
-                self.core.delete_slice(&object_name(&s.metadata))
+                self.core.delete_slice(&object_name(&s.metadata));
             }
             SourceEvent::Delete(Object::Node(_)) => {
                 // This node is going away: /healthz says so (kube-proxy does

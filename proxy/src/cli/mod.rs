@@ -53,8 +53,7 @@ pub fn node_name(flag: Option<&str>) -> String {
         }
     }
     std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_lowercase())
-        .unwrap_or_else(|_| "localhost".into())
+        .map_or_else(|_| "localhost".into(), |h| h.trim().to_lowercase())
 }
 
 /// The cgroup v2 mount point (the root cgroup the programs attach to by

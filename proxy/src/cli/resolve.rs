@@ -103,7 +103,7 @@ pub fn resolve(
     let mode = dataplane(flags.dataplane.clone().or(file.dataplane.clone()))?;
     let userspace = userspace(&flags, &file)?;
     let interfaces = interfaces("--interfaces", flags.interfaces.or(file.interfaces.clone()))?;
-    let ipam = ipam_settings(&flags.lb_ipam, flags.l2_interfaces, &file, &source)?;
+    let ipam = ipam_settings(flags.lb_ipam.as_ref(), flags.l2_interfaces, &file, &source)?;
     let l2_lease = positive(
         "--l2-lease-duration",
         flags.l2_lease_duration.or(file.l2_lease_duration),
@@ -114,12 +114,12 @@ pub fn resolve(
         .map_err(|e| usage("--nodeport-addresses", e))?;
     let min = duration(
         "--min-sync-period",
-        flags.min_sync_period.or(file.min_sync_period),
+        flags.min_sync_period.or(file.min_sync_period).as_deref(),
         "1s",
     )?;
     let max = duration(
         "--sync-period",
-        flags.sync_period.or(file.sync_period),
+        flags.sync_period.or(file.sync_period).as_deref(),
         "30s",
     )?;
     let listen = listen(
@@ -231,7 +231,7 @@ fn userspace(flags: &RunFlags, file: &RunSettings) -> Result<UserspaceConfig, Us
 type IpamFlags = Option<(bool, Option<Vec<String>>)>;
 
 fn ipam_settings(
-    lb_ipam: &Option<String>,
+    lb_ipam: Option<&String>,
     l2_interfaces: Option<String>,
     file: &RunSettings,
     source: &Source,
@@ -258,10 +258,10 @@ fn interfaces(
 
 fn duration(
     setting: &'static str,
-    value: Option<String>,
+    value: Option<&str>,
     default: &str,
 ) -> Result<Duration, UsageError> {
-    units::parse_duration(value.as_deref().unwrap_or(default)).map_err(|e| usage(setting, e))
+    units::parse_duration(value.unwrap_or(default)).map_err(|e| usage(setting, e))
 }
 
 /// A duration that must be more than zero, when given.

@@ -193,7 +193,7 @@ fn dataplane(
             choice.bpffs.clone(),
             MapCapacities::default(),
         ));
-        status.clone().watch(Duration::from_secs(60));
+        status.clone().watch(Duration::from_mins(1));
         return Some((maps, Some(handle), status));
     }
     match ferry_proxy::userspace::UserspaceDataplane::new(choice.userspace.clone()) {
@@ -233,7 +233,7 @@ fn setup_ebpf(choice: &DataplaneChoice) -> Result<(Maps, aya::Ebpf), String> {
         .map_err(|e| format!("cannot load the eBPF programs: {}", chain(&e)))?;
     match ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, bpffs, cgroup) {
         Ok(new) if new.is_empty() => {
-            tracing::info!(cgroup = %cgroup.display(), "socket-level programs already attached (restart)")
+            tracing::info!(cgroup = %cgroup.display(), "socket-level programs already attached (restart)");
         }
         Ok(new) => tracing::info!(cgroup = %cgroup.display(), programs = ?new, "attached"),
         Err(e) => {
@@ -301,7 +301,7 @@ fn ipam(
         );
         settings.l2_interfaces.clear();
     }
-    let (tx, rx) = tokio::sync::watch::channel(Default::default());
+    let (tx, rx) = tokio::sync::watch::channel(std::collections::BTreeMap::default());
     // Only an announcer needs the announceable addresses: without one,
     // syncs do not walk every frontend for them.
     if !settings.l2_interfaces.is_empty() {

@@ -88,7 +88,7 @@ unsafe fn update(attr: &mut BatchAttr) -> bool {
         libc::syscall(
             libc::SYS_bpf,
             BPF_MAP_UPDATE_BATCH,
-            attr as *mut BatchAttr,
+            std::ptr::from_mut::<BatchAttr>(attr),
             std::mem::size_of::<BatchAttr>(),
         )
     };

@@ -203,7 +203,7 @@ pub(super) fn l4(addr: Be32, port: Be16, proto: u8) -> Option<L4Addr> {
     })
 }
 
-pub(super) fn range_key(id: FrontendId, range: &Ipv4Net) -> LpmKey<SourceRange4> {
+pub(super) fn range_key(id: FrontendId, range: Ipv4Net) -> LpmKey<SourceRange4> {
     LpmKey::new(
         32 + u32::from(range.prefix_len()),
         SourceRange4 {

@@ -162,8 +162,8 @@ mod tests {
                 s.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_COOKIE,
-                (&mut cookie_of_s as *mut u64).cast(),
-                &mut len,
+                (&raw mut cookie_of_s).cast(),
+                &raw mut len,
             )
         };
         assert_eq!(rc, 0);

@@ -167,7 +167,7 @@ fn pinned_fd(pin: &Path) -> Option<OwnedFd> {
         libc::syscall(
             libc::SYS_bpf,
             BPF_OBJ_GET,
-            &mut attr as *mut ObjGet,
+            &raw mut attr,
             std::mem::size_of::<ObjGet>(),
         )
     };

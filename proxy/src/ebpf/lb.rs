@@ -30,7 +30,7 @@ pub fn is_bpffs(path: &Path) -> bool {
     // SAFETY: statfs on a valid C string into a zeroed struct.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == BPF_FS_MAGIC
+        libc::statfs(c.as_ptr(), &raw mut st) == 0 && st.f_type == BPF_FS_MAGIC
     }
 }
 

@@ -36,7 +36,7 @@ const CENSUS_TTL: Duration = Duration::from_secs(30);
 
 fn count<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Option<u64> {
     let map: HashMap<MapData, K, V> = crate::datapath::typed(dir, name).ok()?;
-    Some(map.keys().filter(Result::is_ok).count() as u64)
+    Some(map.keys().flatten().count() as u64)
 }
 
 impl EbpfStatus {
@@ -51,7 +51,10 @@ impl EbpfStatus {
     /// (map, entries, capacity) of the services, backends, conntrack and
     /// affinity maps.
     pub fn census(&self) -> Census {
-        let mut cached = self.census.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cached = self
+            .census
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((at, c)) = cached.as_ref() {
             if at.elapsed() < CENSUS_TTL {
                 return c.clone();

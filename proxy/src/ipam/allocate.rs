@@ -266,7 +266,7 @@ pub fn allocate(pools: &[PoolInfo], services: &[LbService]) -> Allocations {
         outcome.failure = fill(&mut state, svc, &mut outcome.addresses).err();
         outcomes.insert(svc.name.clone(), outcome);
     }
-    for (ip, _) in state.usage.iter() {
+    for ip in state.usage.keys() {
         let (v6, n) = to_int(*ip);
         if let Some(p) = state.pools.iter().find(|p| {
             p.ranges

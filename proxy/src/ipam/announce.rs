@@ -274,12 +274,15 @@ endpoints:
                 name: node.into(),
                 ..Default::default()
             },
-            Default::default(),
+            crate::translate::TranslateConfig::default(),
         );
         core.upsert_service(&svc);
         core.upsert_slice(&slice);
         core.translate_changes();
-        let invalid: Vec<String> = core.invalid().map(|e| e.to_string()).collect();
+        let invalid: Vec<String> = core
+            .invalid()
+            .map(std::string::ToString::to_string)
+            .collect();
         assert!(invalid.is_empty(), "{invalid:?}");
         // Every LoadBalancer frontend forwards where an endpoint is usable.
         let usable =

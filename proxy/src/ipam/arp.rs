@@ -168,7 +168,7 @@ impl Port {
         let rc = unsafe {
             libc::bind(
                 fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_ll).cast(),
+                (&raw const sa).cast(),
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             )
         };
@@ -185,7 +185,7 @@ impl Port {
                 fd.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
+                (&raw const timeout).cast(),
                 std::mem::size_of::<libc::timeval>() as u32,
             )
         };
@@ -206,7 +206,7 @@ impl Port {
                 frame.as_ptr().cast(),
                 frame.len(),
                 0,
-                (&sa as *const libc::sockaddr_ll).cast(),
+                (&raw const sa).cast(),
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             )
         };
@@ -231,8 +231,7 @@ impl Port {
             };
             let ours = announced
                 .read()
-                .map(|set| set.contains(&req.target_ip))
-                .unwrap_or(false);
+                .is_ok_and(|set| set.contains(&req.target_ip));
             if !ours {
                 continue;
             }
@@ -242,7 +241,7 @@ impl Port {
                         replies.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => {
-                        tracing::warn!(interface = %self.name, error = %e, "cannot send an ARP reply")
+                        tracing::warn!(interface = %self.name, error = %e, "cannot send an ARP reply");
                     }
                 }
             }

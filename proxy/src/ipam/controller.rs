@@ -81,7 +81,10 @@ impl IpamStatus {
                 *failures.entry(f.reason()).or_insert(0) += 1;
             }
         }
-        *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = (pools, failures);
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (pools, failures);
     }
 }
 
@@ -99,7 +102,10 @@ impl prometheus_client::collector::Collector for IpamStatus {
             Gauge,
             u64::from(self.is_leader()),
         )?;
-        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let by_state = counts.0.iter().flat_map(|(pool, (used, free))| {
             let of = |state: &str| {
                 let mut l = label("pool", pool.clone());
@@ -149,7 +155,7 @@ pub async fn run(client: Client, cfg: IpamConfig, status: Arc<IpamStatus>, stop:
             }
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(error = %e, lease = LEASE_NAME, "cannot read or write the lease")
+                tracing::warn!(error = %e, lease = LEASE_NAME, "cannot read or write the lease");
             }
         }
         tokio::time::sleep(cfg.retry_period).await;
@@ -191,7 +197,7 @@ async fn lead(
             // Also on every renewal: a write that failed is retried.
             reconcile(client, &recorder, &services, &pools, status).await;
             tokio::select! {
-                _ = changed.notified() => {
+                () = changed.notified() => {
                     // Coalesce a burst of events into one pass.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -207,8 +213,8 @@ async fn lead(
         }
     };
     tokio::select! {
-        _ = pump => {}
-        _ = work => {}
+        () = pump => {}
+        () = work => {}
     }
 }
 
@@ -257,7 +263,7 @@ struct Services {
 }
 
 fn locked(s: &Mutex<Services>) -> MutexGuard<'_, Services> {
-    s.lock().unwrap_or_else(|p| p.into_inner())
+    s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Keeps `services` up to date; a (re)list replaces the records at once.

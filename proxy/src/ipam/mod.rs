@@ -93,7 +93,7 @@ pub fn spawn(
                 let Ok(client) = crate::source::kube::client(settings.kubeconfig.clone())
                     .await
                     .map_err(|e| {
-                        tracing::error!(error = %e, "no Kubernetes client for LoadBalancer IPs")
+                        tracing::error!(error = %e, "no Kubernetes client for LoadBalancer IPs");
                     })
                 else {
                     return;

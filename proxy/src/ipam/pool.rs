@@ -240,11 +240,11 @@ fn parse_block(block: &PoolBlock, first_last: bool) -> Result<Option<AddrRange>,
             // /31, /32, /127 and /128 have no network or broadcast address.
             if !first_last && last - first >= 2 {
                 first += 1;
-                if !v6 {
-                    last -= 1;
-                } else {
+                if v6 {
                     // IPv6 has no broadcast; its first is the subnet-router
                     // anycast address. The last one stays usable.
+                } else {
+                    last -= 1;
                 }
             }
             Ok((first <= last).then_some(AddrRange { v6, first, last }))

@@ -19,7 +19,11 @@ fn cidr_blocks_skip_network_and_broadcast_unless_allowed() {
     };
     let p = parse_pool("p", 0, &spec);
     assert_eq!(p.invalid, None);
-    let shown: Vec<String> = p.ranges.iter().map(|r| r.to_string()).collect();
+    let shown: Vec<String> = p
+        .ranges
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
     assert_eq!(
         shown,
         [
@@ -122,7 +126,10 @@ fn selectors_match_labels_and_expressions() {
     let req = |key: &str, operator: &str, values: &[&str]| SelectorRequirement {
         key: key.into(),
         operator: operator.into(),
-        values: values.iter().map(|v| v.to_string()).collect(),
+        values: values
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect(),
     };
     let sel = |labels: &[(&str, &str)], exprs: Vec<SelectorRequirement>| ServiceSelector {
         match_labels: labels

@@ -21,7 +21,7 @@ type Condition = (String, String, String);
 /// Writes a pool's status when it differs from `report`'s.
 pub(super) async fn write_pool(client: &Client, p: &FerryLoadBalancerIPPool, report: &PoolReport) {
     let name = p.name_any();
-    let current = p.status.as_ref().map(|s| &s.conditions[..]).unwrap_or(&[]);
+    let current = p.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
     let want = pool_status(report, current);
     if p.status.as_ref() == Some(&want) {
         return;
@@ -106,7 +106,11 @@ pub(super) async fn write_service(
         .map(|o| o.addresses.iter().map(|(ip, _)| ip.to_string()).collect())
         .unwrap_or_default();
     let cond = want.map(wanted_condition);
-    let current: Vec<String> = rec.ips.iter().map(|ip| ip.to_string()).collect();
+    let current: Vec<String> = rec
+        .ips
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
     if current == ips && rec.condition == cond {
         return Ok(());
     }

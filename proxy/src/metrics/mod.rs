@@ -85,7 +85,11 @@ struct DataplaneCollector(DataplaneSlot);
 
 impl Collector for DataplaneCollector {
     fn encode(&self, encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
-        let status = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let status = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         match status {
             Some(s) => s.encode(encoder),
             None => Ok(()),
@@ -266,13 +270,16 @@ impl Metrics {
 
     /// Installs the dataplane's status (its metrics join ours).
     pub fn set_dataplane(&self, status: Arc<dyn DataplaneStatus>) {
-        *self.dataplane.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+        *self
+            .dataplane
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(status);
     }
 
     pub fn dataplane(&self) -> Option<Arc<dyn DataplaneStatus>> {
         self.dataplane
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 
@@ -286,14 +293,17 @@ impl Metrics {
     pub fn add_source(&self, source: Box<dyn Collector>) {
         self.registry
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .register_collector(source);
     }
 
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
             tracing::warn!(error = %e, "cannot encode the metrics");
         }

@@ -141,17 +141,18 @@ pub fn parse_service(svc: &Service, proxy_name: &str) -> Result<ParsedService, I
     } else {
         Vec::new()
     };
-    let source_ranges = source_ranges(&cx, &spec.load_balancer_source_ranges, &annotations)?;
+    let source_ranges =
+        source_ranges(&cx, spec.load_balancer_source_ranges.as_ref(), &annotations)?;
     let affinity_timeout = affinity(&cx, &spec)?;
     let external_policy = policy(
         &cx,
         "spec.externalTrafficPolicy",
-        &spec.external_traffic_policy,
+        spec.external_traffic_policy.as_deref(),
     )?;
     let internal_policy = policy(
         &cx,
         "spec.internalTrafficPolicy",
-        &spec.internal_traffic_policy,
+        spec.internal_traffic_policy.as_deref(),
     )?;
     let health_check_node_port = match spec.health_check_node_port {
         Some(p) if external_policy == TrafficPolicy::Local => port_number(p).ok_or_else(|| {
@@ -221,9 +222,10 @@ fn cluster_ips(
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
 ) -> Result<Option<Vec<IpAddr>>, InvalidObject> {
     let (field, list): (&str, Vec<&str>) = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(ips), _) if !ips.is_empty() => {
-            ("spec.clusterIPs", ips.iter().map(|s| s.as_str()).collect())
-        }
+        (Some(ips), _) if !ips.is_empty() => (
+            "spec.clusterIPs",
+            ips.iter().map(std::string::String::as_str).collect(),
+        ),
         (_, Some(ip)) if !ip.is_empty() => ("spec.clusterIP", vec![ip.as_str()]),
         _ => ("spec.clusterIP", Vec::new()),
     };
@@ -304,7 +306,7 @@ fn lb_ips(cx: &Ctx<'_>, svc: &Service) -> Result<Vec<IpAddr>, InvalidObject> {
 
 fn source_ranges(
     cx: &Ctx<'_>,
-    spec_ranges: &Option<Vec<String>>,
+    spec_ranges: Option<&Vec<String>>,
     annotations: &std::collections::BTreeMap<String, String>,
 ) -> Result<Vec<IpNet>, InvalidObject> {
     let (field, raw): (String, Vec<String>) = match spec_ranges {
@@ -339,7 +341,7 @@ fn affinity(
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
 ) -> Result<u32, InvalidObject> {
     match spec.session_affinity.as_deref() {
-        None | Some("") | Some("None") => Ok(0),
+        None | Some("" | "None") => Ok(0),
         Some("ClientIP") => {
             let timeout = spec
                 .session_affinity_config
@@ -359,13 +361,9 @@ fn affinity(
     }
 }
 
-fn policy(
-    cx: &Ctx<'_>,
-    field: &str,
-    value: &Option<String>,
-) -> Result<TrafficPolicy, InvalidObject> {
-    match value.as_deref() {
-        None | Some("") | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+fn policy(cx: &Ctx<'_>, field: &str, value: Option<&str>) -> Result<TrafficPolicy, InvalidObject> {
+    match value {
+        None | Some("" | "Cluster") => Ok(TrafficPolicy::Cluster),
         Some("Local") => Ok(TrafficPolicy::Local),
         Some(other) => Err(cx.err(field, format!("unknown policy {other:?}"))),
     }

@@ -74,7 +74,7 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<ParsedSlice, InvalidObject> 
             .as_ref()
             .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
             .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
-            .map(|t| t.as_millisecond()),
+            .map(k8s_openapi::jiff::Timestamp::as_millisecond),
     })))
 }
 
@@ -140,7 +140,7 @@ fn parse_endpoint(
     if ip.is_ipv4() != want_v4 {
         return Err(err(
             format!("endpoints[{i}].addresses[0]"),
-            format!("{ip} does not match addressType {}", address_type),
+            format!("{ip} does not match addressType {address_type}"),
         ));
     }
     let cond = ep.conditions.clone().unwrap_or_default();

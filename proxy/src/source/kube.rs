@@ -54,7 +54,7 @@ pub(crate) async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSo
                     source,
                 }
             })?;
-            Config::from_custom_kubeconfig(kc, &Default::default())
+            Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
                 .map_err(KubeSourceError::Config)?
         }
@@ -212,7 +212,7 @@ pub fn spawn(
             };
             tokio::select! {
                 _ = watch => {}
-                _ = stopped => {}
+                () = stopped => {}
             }
         });
     }))

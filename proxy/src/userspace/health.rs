@@ -121,31 +121,33 @@ async fn check_loop(
     addr: L4Addr,
     spec: Arc<ProbeSpec>,
     state: Arc<BackendState>,
-    stats: Arc<CheckStats>,
+    counters: Arc<CheckStats>,
 ) {
     let target = SocketAddr::new(addr.ip, addr.port);
     let interval = Duration::from_millis(u64::from(spec.interval_ms));
-    let (mut ok_run, mut fail_run) = (0u32, 0u32);
+    let (mut passes, mut failures) = (0u32, 0u32);
     loop {
-        stats.probes_total.fetch_add(1, Ordering::Relaxed);
+        counters.probes_total.fetch_add(1, Ordering::Relaxed);
         match probe(target, &spec).await {
             Ok(()) => {
-                fail_run = 0;
-                ok_run = ok_run.saturating_add(1);
-                if ok_run >= spec.healthy_threshold && !state.healthy.swap(true, Ordering::Relaxed)
+                failures = 0;
+                passes = passes.saturating_add(1);
+                if passes >= spec.healthy_threshold && !state.healthy.swap(true, Ordering::Relaxed)
                 {
-                    stats.marked_up_total.fetch_add(1, Ordering::Relaxed);
+                    counters.marked_up_total.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(backend = %addr, "health check passes again: backend back in");
                 }
             }
             Err(why) => {
-                stats.probe_failures_total.fetch_add(1, Ordering::Relaxed);
-                ok_run = 0;
-                fail_run = fail_run.saturating_add(1);
-                if fail_run >= spec.unhealthy_threshold
+                counters
+                    .probe_failures_total
+                    .fetch_add(1, Ordering::Relaxed);
+                passes = 0;
+                failures = failures.saturating_add(1);
+                if failures >= spec.unhealthy_threshold
                     && state.healthy.swap(false, Ordering::Relaxed)
                 {
-                    stats.marked_down_total.fetch_add(1, Ordering::Relaxed);
+                    counters.marked_down_total.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(backend = %addr, reason = %why, "health check fails: backend out");
                 }
             }

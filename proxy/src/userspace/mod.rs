@@ -52,14 +52,16 @@ impl Default for UserspaceConfig {
         UserspaceConfig {
             max_connections: 65_536,
             connect_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(3600),
+            idle_timeout: Duration::from_hours(1),
             udp_idle_timeout: Duration::from_secs(30),
             // SAFETY: geteuid has no preconditions.
             manage_addresses: unsafe { libc::geteuid() } == 0,
             worker_threads: std::env::var("FERRY_USERSPACE_THREADS")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                .unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+                }),
         }
     }
 }
@@ -100,7 +102,7 @@ fn raise_nofile_limit() -> u64 {
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes into `r`.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut r) } != 0 {
         return 1024;
     }
     // An unlimited hard limit is still bounded by fs.nr_open (1 Mi by
@@ -112,7 +114,7 @@ fn raise_nofile_limit() -> u64 {
             rlim_max: r.rlim_max,
         };
         // SAFETY: setrlimit reads `raised`.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } == 0 {
             r.rlim_cur = want;
         }
     }
@@ -192,7 +194,7 @@ impl UserspaceDataplane {
     pub fn unserved(&self) -> BTreeMap<L4Addr, String> {
         self.unserved
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 
@@ -231,13 +233,17 @@ impl UserspaceDataplane {
             &mut self.registry,
             self.generation,
         ));
-        *self.shared.table.write().unwrap_or_else(|p| p.into_inner()) = table.clone();
+        *self
+            .shared
+            .table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = table.clone();
         let now = self.shared.now_ms();
         let mut aff = self
             .shared
             .affinity
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         aff.retain(|_, (_, exp)| *exp > now);
         table
     }
@@ -301,7 +307,10 @@ impl UserspaceDataplane {
     /// Logs each frontend newly unserved (or for another reason) and keeps
     /// the set for the status report.
     fn report_unserved(&self, unserved: BTreeMap<L4Addr, String>) {
-        let mut old = self.unserved.lock().unwrap_or_else(|p| p.into_inner());
+        let mut old = self
+            .unserved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (k, why) in &unserved {
             if old.get(k) != Some(why) {
                 tracing::warn!(frontend = %k, reason = %why, "frontend not served");

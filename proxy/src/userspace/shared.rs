@@ -82,7 +82,10 @@ impl Shared {
     }
 
     pub fn table(&self) -> Arc<Table> {
-        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The frontend serving `client` on `key` (see [`Table::serving`]).
@@ -116,14 +119,20 @@ impl Shared {
         let timeout = u64::from(fe.entry.affinity_timeout) * 1000;
         let key = (fe.key, client.ip());
         let sticky = if timeout > 0 {
-            let aff = self.affinity.lock().unwrap_or_else(|p| p.into_inner());
+            let aff = self
+                .affinity
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             aff.get(&key).filter(|(_, exp)| *exp > now).map(|(b, _)| *b)
         } else {
             None
         };
         let b = table::choose(fe, client, exclude, sticky, now, rng)?;
         if timeout > 0 {
-            let mut aff = self.affinity.lock().unwrap_or_else(|p| p.into_inner());
+            let mut aff = self
+                .affinity
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             aff.insert(key, (b.addr, now + timeout));
         }
         Ok(b)

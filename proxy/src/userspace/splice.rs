@@ -96,7 +96,7 @@ async fn read_some(from: &Sock, buf: &mut [u8]) -> io::Result<usize> {
                 return Ok(n);
             }
             Ok(Err(e)) => return Err(e),
-            Err(_would_block) => continue,
+            Err(_would_block) => {} // not ready after all: wait again
         }
     }
 }
@@ -108,7 +108,7 @@ async fn write_all(to: &Sock, mut buf: &[u8]) -> io::Result<()> {
         match guard.try_io(|s| s.get_ref().write(buf)) {
             Ok(Ok(n)) => buf = &buf[n..],
             Ok(Err(e)) => return Err(e),
-            Err(_would_block) => continue,
+            Err(_would_block) => {} // not ready after all: wait again
         }
     }
     Ok(())
@@ -167,7 +167,7 @@ async fn one_way(
                     break n;
                 }
                 Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
+                Err(_would_block) => {} // not ready after all: wait again
             }
         };
         if n == 0 {
@@ -182,7 +182,7 @@ async fn one_way(
             match guard.try_io(|s| splice(pipe.r.as_raw_fd(), s.as_raw_fd(), left)) {
                 Ok(Ok(m)) => left -= m,
                 Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
+                Err(_would_block) => {} // not ready after all: wait again
             }
         }
         total += n as u64;

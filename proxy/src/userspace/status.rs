@@ -49,7 +49,7 @@ impl Status {
         let unserved = self
             .unserved
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         let now = self.shared.now_ms();
         let mut fronts: Vec<&Arc<Frontend>> = table.frontends.values().collect();
@@ -217,7 +217,7 @@ impl Status {
         let unserved = self
             .unserved
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .len() as u64;
         [
             (

@@ -134,7 +134,7 @@ pub fn build(
     generation: u64,
 ) -> Table {
     let mut frontends = FastMap::default();
-    let mut used: FastMap<L4Addr, ()> = FastMap::default();
+    let mut used: FastSet<L4Addr> = FastSet::default();
     for (key, f) in applied.frontends() {
         let Some(entry) = f.entry else { continue };
         let mut index_of: FastMap<u32, u16> = FastMap::default();
@@ -144,7 +144,7 @@ pub fn build(
                 continue;
             };
             let state = registry.entry(b.addr).or_default().clone();
-            used.insert(b.addr, ());
+            used.insert(b.addr);
             index_of.insert(id.0, slots.len() as u16);
             slots.push(Backend {
                 id: id.0,
@@ -194,7 +194,7 @@ pub fn build(
             }),
         );
     }
-    registry.retain(|addr, _| used.contains_key(addr));
+    registry.retain(|addr, _| used.contains(addr));
     Table {
         frontends,
         node_addresses,

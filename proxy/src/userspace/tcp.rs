@@ -61,7 +61,10 @@ fn refuse_without_descriptors(listener: &TcpListener, key: L4Addr, shared: &Shar
             "out of descriptors (RLIMIT_NOFILE): new connections are reset until open ones close"
         );
     }
-    let mut reserve = shared.reserve.lock().unwrap_or_else(|p| p.into_inner());
+    let mut reserve = shared
+        .reserve
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if reserve.take().is_none() {
         *reserve = std::fs::File::open("/dev/null").ok();
         return false;
@@ -189,31 +192,28 @@ async fn handle(client: TcpStream, peer: SocketAddr, key: L4Addr, shared: &Share
             }
         };
         let target = SocketAddr::new(backend.addr.ip, backend.addr.port);
-        match tokio::time::timeout(shared.cfg.connect_timeout, connect(target)).await {
-            Ok(Ok(server)) => {
-                backend.state.connected();
-                break (backend, server);
-            }
-            Ok(Err(_)) | Err(_) => {
-                shared
-                    .stats
-                    .connect_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                if backend.state.connect_failed(shared.now_ms()) {
-                    tracing::warn!(frontend = %key, backend = %backend.addr,
-                        "backend ejected after consecutive connect failures");
-                }
-                tried.push(backend.addr);
-                if tried.len() >= CONNECT_ATTEMPTS {
-                    shared.stats.refused(Refused::NoBackend);
-                    return reset(&client);
-                }
-            }
+        if let Ok(Ok(server)) =
+            tokio::time::timeout(shared.cfg.connect_timeout, connect(target)).await
+        {
+            backend.state.connected();
+            break (backend, server);
+        }
+        shared
+            .stats
+            .connect_failures
+            .fetch_add(1, Ordering::Relaxed);
+        if backend.state.connect_failed(shared.now_ms()) {
+            tracing::warn!(frontend = %key, backend = %backend.addr,
+                "backend ejected after consecutive connect failures");
+        }
+        tried.push(backend.addr);
+        if tried.len() >= CONNECT_ATTEMPTS {
+            shared.stats.refused(Refused::NoBackend);
+            return reset(&client);
         }
     };
-    let client = match super::splice::register(client) {
-        Ok(c) => c,
-        Err(_) => return,
+    let Ok(client) = super::splice::register(client) else {
+        return;
     };
     backend.state.active.fetch_add(1, Ordering::Relaxed);
     backend

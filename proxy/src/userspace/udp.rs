@@ -38,7 +38,9 @@ pub struct Sessions(Mutex<FastMap<SocketAddr, Arc<Session>>>);
 
 impl Sessions {
     fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<SocketAddr, Arc<Session>>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Ends every session (the frontend is gone).
@@ -59,9 +61,8 @@ pub async fn serve(
     let mut rng = Rng::new(u64::from(key.port) ^ 0x5151);
     let mut buf = vec![0u8; 65536];
     loop {
-        let (n, client) = match front.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(_) => continue,
+        let Ok((n, client)) = front.recv_from(&mut buf).await else {
+            continue;
         };
         let now = shared.now_ms();
         let table = shared.table();

@@ -79,7 +79,7 @@ fn main() {
             };
             match result {
                 Ok((peer, n)) => {
-                    println!("ok {peer} {}", String::from_utf8_lossy(&buf[..n]).trim())
+                    println!("ok {peer} {}", String::from_utf8_lossy(&buf[..n]).trim());
                 }
                 Err(e) => {
                     println!("err {:?} {}", e.kind(), start.elapsed().as_millis());
@@ -108,7 +108,7 @@ fn main() {
                 .and_then(|_| s.recv_from(&mut buf));
             match result {
                 Ok((n, from)) => {
-                    println!("ok {from} {}", String::from_utf8_lossy(&buf[..n]).trim())
+                    println!("ok {from} {}", String::from_utf8_lossy(&buf[..n]).trim());
                 }
                 Err(e) => println!("err {:?} {}", e.kind(), start.elapsed().as_millis()),
             }

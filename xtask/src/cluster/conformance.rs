@@ -61,7 +61,7 @@ fn skip_regex() -> String {
         .join("|")
 }
 
-pub fn run(root: &Path, layout: &Layout, selection: Selection) -> Result<()> {
+pub fn run(root: &Path, layout: &Layout, selection: &Selection) -> Result<()> {
     if !layout.admin_kubeconfig().is_file() {
         bail!("no cluster is up (cargo xtask cluster up)");
     }

@@ -84,7 +84,7 @@ fn reap() {
         let mut status = 0;
         // SAFETY: waitpid on any child; EINTR (the signal) and ECHILD (no
         // child yet) just loop.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        let pid = unsafe { libc::waitpid(-1, &raw mut status, 0) };
         if pid < 0 {
             std::thread::sleep(std::time::Duration::from_millis(200));
         }

@@ -117,7 +117,7 @@ pub fn start_kubelet(layout: &Layout, spec: &NodeSpec) -> Result<()> {
 
 fn kubelet_config(ca: &Path) -> String {
     format!(
-        r#"apiVersion: kubelet.config.k8s.io/v1beta1
+        r"apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 authentication:
   anonymous:
@@ -145,7 +145,7 @@ evictionHard:
 imageGCHighThresholdPercent: 100
 serializeImagePulls: false
 rotateCertificates: false
-"#,
+",
         ca = ca.display()
     )
 }

@@ -88,8 +88,7 @@ impl Layout {
     pub fn new() -> Self {
         let bin = build::bin_dir();
         let state = std::env::var_os("FERRY_CLUSTER_STATE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/lib/ferry-cluster"));
+            .map_or_else(|| PathBuf::from("/var/lib/ferry-cluster"), PathBuf::from);
         Self { state, bin }
     }
     pub fn pki(&self) -> PathBuf {
@@ -177,7 +176,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 None if args.iter().any(|a| a == "--ci") => conformance::Selection::Ci,
                 None => conformance::Selection::Full,
             };
-            conformance::run(root, &layout, selection)
+            conformance::run(root, &layout, &selection)
         }
         Some("story") => {
             build(root)?;
@@ -217,7 +216,7 @@ pub fn ci(root: &Path) -> Result<()> {
     }
     up::up(root, &layout)?;
     let result = story::run(root, &layout)
-        .and_then(|_| conformance::run(root, &layout, conformance::Selection::Ci));
+        .and_then(|_| conformance::run(root, &layout, &conformance::Selection::Ci));
     down(&layout);
     result
 }

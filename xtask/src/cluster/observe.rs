@@ -49,7 +49,7 @@ pub fn wait_new_pods(
 ) -> Result<BTreeSet<String>> {
     poll(
         &format!("{count} new pods"),
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         STEP,
         || {
             let new: BTreeSet<String> = pods(layout)?.difference(before).cloned().collect();
@@ -103,7 +103,7 @@ pub fn wait_pods_gone_from_endpoints(
 ) -> Result<Vec<String>> {
     poll(
         &format!("{count} pods gone"),
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         STEP,
         || {
             let gone: Vec<String> = before.difference(&pods(layout)?).cloned().collect();
@@ -168,7 +168,7 @@ pub fn wait_unprogrammed(root: &Path, layout: &Layout, ips: &[String]) -> Result
     let what = "removed endpoints out of every node's maps";
     poll(
         what,
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         Duration::from_millis(100),
         || {
             let mut held = Vec::new();
@@ -217,7 +217,7 @@ pub fn prober_log(layout: &Layout) -> Result<std::path::PathBuf> {
 
 pub fn wait_lb_address(layout: &Layout) -> Result<String> {
     let what = "a LoadBalancer address for Service ferry-demo/echo-lb";
-    poll(what, Duration::from_secs(60), STEP, || {
+    poll(what, Duration::from_mins(1), STEP, || {
         let ip = crate::host::sh(layout.kubectl_ns(NS).args([
             "get",
             "service",

@@ -33,7 +33,7 @@ pub fn run(root: &Path, layout: &Layout) -> Result<Report> {
     let lb = deploy(root, layout)?;
     let traffic = Traffic::default();
     let started = Instant::now();
-    traffic.log_loop("pod->dns", prober_log(layout)?)?;
+    traffic.log_loop("pod->dns", &prober_log(layout)?)?;
     for node in &NODES {
         let addr: SocketAddr = format!("{}:{NODE_PORT}", node.ip).parse()?;
         traffic.connect_loop(&format!("np:{}", node.ns), CLIENT_NS, addr);
@@ -152,10 +152,10 @@ fn chapters(
         println!(
             "== chapter at {:.1} s: {name}",
             started.elapsed().as_secs_f64()
-        )
+        );
     };
     let mut report = Report::default();
-    let all = wait_serving(traffic, &pods(layout)?, Duration::from_secs(60))?;
+    let all = wait_serving(traffic, &pods(layout)?, Duration::from_mins(1))?;
     println!(
         "== every path reaches every pod after {:.1} s; counting from here",
         all.as_secs_f64()

@@ -69,12 +69,15 @@ pub struct Traffic {
 }
 
 /// How long any prober runs at most, and the pause between its requests.
-const MAX_RUN: Duration = Duration::from_secs(900);
+const MAX_RUN: Duration = Duration::from_mins(15);
 const PAUSE: Duration = Duration::from_millis(50);
 
 impl Traffic {
     pub fn snapshot(&self) -> Tally {
-        let t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        let t = self
+            .tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         Tally {
             paths: t.paths.clone(),
         }
@@ -83,7 +86,7 @@ impl Traffic {
     fn record(&self, path: &str, answer: Result<String, String>) {
         self.tally
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .record(path, answer);
     }
 
@@ -91,7 +94,7 @@ impl Traffic {
         let handle = std::thread::spawn(f);
         self.threads
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(handle);
     }
 
@@ -116,10 +119,10 @@ impl Traffic {
 
     /// Answers a pod writes to its log (one per line, in the CRI log
     /// format kubelet keeps under /var/log/pods), read as they come.
-    pub fn log_loop(&self, path: &str, log: std::path::PathBuf) -> Result<()> {
-        let mut file =
-            std::fs::File::open(&log).with_context(|| format!("opening {}", log.display()))?;
+    pub fn log_loop(&self, path: &str, log: &std::path::Path) -> Result<()> {
         use std::io::Seek;
+        let mut file =
+            std::fs::File::open(log).with_context(|| format!("opening {}", log.display()))?;
         file.seek(std::io::SeekFrom::End(0))?;
         let (me, path) = (self.clone(), path.to_string());
         self.spawn(move || {
@@ -153,7 +156,10 @@ impl Traffic {
     /// Forgets every answer so far (the story counts from when every path
     /// first served).
     pub fn reset(&self) {
-        *self.tally.lock().unwrap_or_else(|e| e.into_inner()) = Tally::default();
+        *self
+            .tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Tally::default();
     }
 
     pub fn stop(&self) {
@@ -161,7 +167,7 @@ impl Traffic {
         let threads: Vec<_> = self
             .threads
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .drain(..)
             .collect();
         for t in threads {

@@ -142,7 +142,7 @@ fn rollout(layout: &Layout, what: &str) -> Result<()> {
 fn wait_nodes_ready(layout: &Layout) -> Result<()> {
     poll(
         "every node Ready",
-        Duration::from_secs(120),
+        Duration::from_mins(2),
         Duration::from_secs(1),
         || {
             let out = crate::host::sh(layout.kubectl().args([

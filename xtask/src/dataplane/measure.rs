@@ -108,7 +108,7 @@ pub(super) fn measure(t: &Topo, row: Row, s: &Settings) -> Result<BTreeMap<Metri
         .with_context(|| format!("{}: iperf3 output", row.name()))?;
     let bps = v
         .pointer("/end/sum_received/bits_per_second")
-        .and_then(|x| x.as_f64())
+        .and_then(serde_json::Value::as_f64)
         .with_context(|| format!("{}: iperf3 said {}", row.name(), v["error"]))?;
     out.insert(Metric::ThroughputGbps, bps / 1e9);
     Ok(out)
@@ -123,16 +123,21 @@ pub(super) fn measure_wrk(
     out: &mut BTreeMap<Metric, f64>,
 ) -> Result<()> {
     let url = format!("http://{}/", row.http_target());
-    let d = format!("-d{}s", s.seconds);
-    let c = format!("-c{}", s.connections);
+    let duration = format!("-d{}s", s.seconds);
+    let connections = format!("-c{}", s.connections);
     let wrk = |extra: &[&str]| -> Result<(Wrk, f64)> {
-        let mut args: Vec<String> = vec!["-t1".into(), c.clone(), d.clone(), "--latency".into()];
-        args.extend(extra.iter().map(|x| x.to_string()));
+        let mut args: Vec<String> = vec![
+            "-t1".into(),
+            connections.clone(),
+            duration.clone(),
+            "--latency".into(),
+        ];
+        args.extend(extra.iter().map(std::string::ToString::to_string));
         args.push(url.clone());
         let before = cpu_jiffies();
-        let o = client_cmd(t, row, "wrk", &args).output()?;
+        let output = client_cmd(t, row, "wrk", &args).output()?;
         let after = cpu_jiffies();
-        let text = String::from_utf8_lossy(&o.stdout);
+        let text = String::from_utf8_lossy(&output.stdout);
         let w = parse_wrk(&text).with_context(|| format!("{}: wrk said {text}", row.name()))?;
         let cpu = 100.0 * (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
         Ok((w, cpu))

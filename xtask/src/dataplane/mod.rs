@@ -78,7 +78,7 @@ fn median(v: &[f64]) -> f64 {
     } else if s.len() % 2 == 1 {
         s[s.len() / 2]
     } else {
-        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+        f64::midpoint(s[s.len() / 2 - 1], s[s.len() / 2])
     }
 }
 

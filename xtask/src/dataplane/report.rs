@@ -30,8 +30,7 @@ pub(super) struct Report {
 /// (docs/BENCHMARKS.md).
 pub(super) fn congestion_control() -> String {
     std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|e| format!("unknown ({e})"))
+        .map_or_else(|e| format!("unknown ({e})"), |s| s.trim().to_string())
 }
 
 impl Report {

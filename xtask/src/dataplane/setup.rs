@@ -3,7 +3,7 @@
 
 use super::measure::parse_wrk;
 use super::rows::{ferry_yaml, haproxy_config, iptables_rules, nft_rules, one_change, Row};
-use super::topo::Topo;
+use super::topo::{ns_exec, Topo};
 use super::INTERRUPTED;
 use crate::host::{ip, sh};
 use anyhow::Result;
@@ -20,7 +20,7 @@ pub(super) fn time_one_change(t: &Topo, row: Row) -> Result<Option<Duration>> {
     let file = t.dir.join(format!("{tool}.change"));
     std::fs::write(&file, input)?;
     let start = Instant::now();
-    sh(t.exec(&t.node(), tool).args(&args).arg(&file))?;
+    sh(ns_exec(&t.node(), tool).args(&args).arg(&file))?;
     Ok(Some(start.elapsed()))
 }
 
@@ -28,10 +28,10 @@ pub(super) fn time_one_change(t: &Topo, row: Row) -> Result<Option<Duration>> {
 /// cannot run here.
 pub(super) fn setup(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration>, String> {
     match row {
-        Row::Direct => wait_http(t, row).map(|_| None),
+        Row::Direct => wait_http(t, row).map(|()| None),
         Row::DirectFromNode => {
             t.cgroup(row).map_err(|e| format!("{e:#}"))?;
-            wait_http(t, row).map(|_| None)
+            wait_http(t, row).map(|()| None)
         }
         Row::IptablesLegacy | Row::IptablesNft => setup_iptables(t, row, extra),
         Row::Nftables => setup_nftables(t, row, extra),
@@ -55,7 +55,7 @@ fn setup_iptables(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duratio
     let file = t.dir.join(format!("{tool}.rules"));
     std::fs::write(&file, iptables_rules(row, extra)).map_err(|x| x.to_string())?;
     let start = Instant::now();
-    sh(t.exec(&node, tool).arg(&file)).map_err(e)?;
+    sh(ns_exec(&node, tool).arg(&file)).map_err(e)?;
     Ok(Some(start.elapsed()))
 }
 
@@ -66,14 +66,14 @@ fn setup_nftables(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duratio
     let file = t.dir.join("nft.rules");
     std::fs::write(&file, nft_rules(row, extra)).map_err(|x| x.to_string())?;
     let start = Instant::now();
-    sh(t.exec(&node, "nft").arg("-f").arg(&file)).map_err(e)?;
+    sh(ns_exec(&node, "nft").arg("-f").arg(&file)).map_err(e)?;
     Ok(Some(start.elapsed()))
 }
 
 /// Why the IPVS row is not measured here.
 fn ipvs_unavailable(t: &mut Topo) -> Result<Option<Duration>, String> {
     let node = t.node();
-    let probe = t.exec(&node, "ipvsadm").arg("-Ln").output();
+    let probe = ns_exec(&node, "ipvsadm").arg("-Ln").output();
     match probe {
         Ok(o) if o.status.success() => {
             Err("IPVS works here but this harness has no IPVS row yet".into())
@@ -102,10 +102,10 @@ fn setup_haproxy(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration
     }
     let cfg = t.dir.join("haproxy.cfg");
     std::fs::write(&cfg, haproxy_config(row, &t.dir)).map_err(|x| x.to_string())?;
-    let mut cmd = t.exec(&node, "haproxy");
+    let mut cmd = ns_exec(&node, "haproxy");
     cmd.arg("-f").arg(&cfg).arg("-db");
     t.spawn("haproxy", &mut cmd).map_err(e)?;
-    wait_http(t, row).map(|_| None)
+    wait_http(t, row).map(|()| None)
 }
 
 /// Ferry from a file source: userspace, or eBPF (socket-level in the
@@ -122,7 +122,7 @@ fn setup_ferry(t: &mut Topo, row: Row, extra: usize) -> Result<Option<Duration>,
     // its namespace. For the TC path it enters only the node's
     // network namespace, to attach to the node's interfaces.
     let mut cmd = match row {
-        Row::FerryUserspace => t.exec(&node, &t.ferry.display().to_string()),
+        Row::FerryUserspace => ns_exec(&node, &t.ferry.display().to_string()),
         Row::FerryEbpfNodePort => {
             let mut c = Command::new("nsenter");
             c.arg(format!("--net=/var/run/netns/{node}")).arg(&t.ferry);
@@ -166,17 +166,15 @@ pub(super) fn teardown(t: &mut Topo, row: Row) {
     let node = t.node();
     match row {
         Row::IptablesLegacy => {
-            let _ = sh(t.exec(&node, "iptables-legacy").args(["-t", "nat", "-F"]));
-            let _ = sh(t.exec(&node, "iptables-legacy").args(["-t", "nat", "-X"]));
+            let _ = sh(ns_exec(&node, "iptables-legacy").args(["-t", "nat", "-F"]));
+            let _ = sh(ns_exec(&node, "iptables-legacy").args(["-t", "nat", "-X"]));
         }
         Row::IptablesNft => {
-            let _ = sh(t.exec(&node, "iptables-nft").args(["-t", "nat", "-F"]));
-            let _ = sh(t.exec(&node, "iptables-nft").args(["-t", "nat", "-X"]));
+            let _ = sh(ns_exec(&node, "iptables-nft").args(["-t", "nat", "-F"]));
+            let _ = sh(ns_exec(&node, "iptables-nft").args(["-t", "nat", "-X"]));
         }
         Row::Nftables => {
-            let _ = sh(t
-                .exec(&node, "nft")
-                .args(["delete", "table", "ip", "ferry-bench-kp"]));
+            let _ = sh(ns_exec(&node, "nft").args(["delete", "table", "ip", "ferry-bench-kp"]));
         }
         Row::Haproxy => {
             t.stop("haproxy");

@@ -30,6 +30,13 @@ pub(super) fn ns_name(tag: &str, n: &str) -> String {
     format!("{tag}-{n}")
 }
 
+/// `program` in the namespace `ns`.
+pub(super) fn ns_exec(ns: &str, program: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, program]);
+    c
+}
+
 impl Topo {
     pub(super) fn node(&self) -> String {
         ns_name(&self.tag, "node")
@@ -37,12 +44,6 @@ impl Topo {
 
     pub(super) fn client(&self) -> String {
         ns_name(&self.tag, "client")
-    }
-
-    pub(super) fn exec(&self, ns: &str, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns, program]);
-        c
     }
 
     pub(super) fn add_ns(&mut self, n: &str) -> Result<String> {
@@ -53,7 +54,7 @@ impl Topo {
         // Before any socket exists: sockets take the namespace's default
         // when they are created.
         if let Some(cc) = &self.congestion {
-            sh(self.exec(&name, "sh").args([
+            sh(ns_exec(&name, "sh").args([
                 "-c",
                 &format!("echo {cc} > /proc/sys/net/ipv4/tcp_congestion_control"),
             ]))
@@ -124,8 +125,7 @@ impl Topo {
         ip(&["-n", &node, "link", "set", "br0", "up"])?;
         // Forwarding in the node namespace (sh, not sysctl: procps is not
         // an essential package).
-        sh(t.exec(&node, "sh")
-            .args(["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]))?;
+        sh(ns_exec(&node, "sh").args(["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]))?;
         for (i, addr) in BACKENDS.iter().enumerate() {
             t.backend(&node, i + 1, addr)?;
         }
@@ -153,11 +153,11 @@ impl Topo {
                 run = run.display()
             ),
         )?;
-        let mut cmd = self.exec(&b, "nginx");
+        let mut cmd = ns_exec(&b, "nginx");
         cmd.arg("-c").arg(&conf).args(["-g", "daemon off;"]);
         self.spawn(&format!("nginx-b{n}"), &mut cmd)?;
         if n == 1 {
-            let mut cmd = self.exec(&b, "iperf3");
+            let mut cmd = ns_exec(&b, "iperf3");
             cmd.args(["-s", "-p", "5201"]);
             self.spawn("iperf3-server", &mut cmd)?;
         }

@@ -282,7 +282,7 @@ impl Demo {
                             r["frontend"]
                                 == format!("{}:{}/TCP", self.net.cluster_ip, self.net.port)
                         })
-                        .and_then(|r| r["backends"].as_array().map(|b| b.len()))
+                        .and_then(|r| r["backends"].as_array().map(std::vec::Vec::len))
                 });
                 if count == Some(n) {
                     return Ok(());

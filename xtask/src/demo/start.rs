@@ -165,7 +165,7 @@ impl Demo {
             ..
         } = *self.net;
         let services = format!(
-            r#"apiVersion: v1
+            r"apiVersion: v1
 kind: Node
 metadata:
   name: node-demo
@@ -187,7 +187,7 @@ spec:
   type: NodePort
   clusterIP: {second_cluster_ip}
   ports: [{{name: http, port: {port}, targetPort: {target_port}, nodePort: {node_port}}}]
-"#
+"
         );
         let mut slices = String::new();
         for svc in ["web", "web-nodeport"] {

@@ -18,7 +18,7 @@ use super::INTERRUPTED;
 pub(super) fn serve_http(listener: TcpListener, name: String, stop: Arc<AtomicBool>) {
     let _ = listener.set_nonblocking(true);
     std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(600);
+        let deadline = Instant::now() + Duration::from_mins(10);
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             match listener.accept() {
                 Ok((mut s, _)) => {
@@ -47,7 +47,7 @@ pub(super) struct Tally {
 }
 
 pub(super) fn lock(t: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
-    t.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 pub(super) fn tally_done(t: &Mutex<Tally>) -> u32 {

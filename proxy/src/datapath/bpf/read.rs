@@ -41,7 +41,7 @@ impl BpfMaps {
 
     fn read_backends(&self) -> Result<Vec<MapOp>, DatapathError> {
         let mut ops = Vec::new();
-        for item in self.backends.iter() {
+        for item in &self.backends {
             let (id, b) = item.map_err(read_err(BACKENDS4_MAP))?;
             if let Some(addr) = l4(b.addr, b.port, b.proto) {
                 ops.push(MapOp::UpsertBackend {
@@ -60,7 +60,7 @@ impl BpfMaps {
     /// Reverse NAT keeps no protocol: TCP until [`set_revnat_protocols`].
     fn read_revnat(&self) -> Result<Vec<MapOp>, DatapathError> {
         let mut ops = Vec::new();
-        for item in self.revnat.iter() {
+        for item in &self.revnat {
             let (id, r) = item.map_err(read_err(REVNAT4_MAP))?;
             ops.push(MapOp::UpsertRevNat {
                 id: FrontendId(id),
@@ -81,7 +81,7 @@ impl BpfMaps {
         ops: &mut Vec<MapOp>,
     ) -> Result<Vec<(L4Addr, FrontendEntry)>, DatapathError> {
         let mut masters = Vec::new();
-        for item in self.services.iter() {
+        for item in &self.services {
             let (k, v) = item.map_err(read_err(SERVICES4_MAP))?;
             let Some(frontend) = l4(k.addr, k.port, k.proto) else {
                 continue;
@@ -101,7 +101,7 @@ impl BpfMaps {
 
     fn read_maglev(&self) -> Result<Vec<MapOp>, DatapathError> {
         let mut ops = Vec::new();
-        for item in self.maglev.iter() {
+        for item in &self.maglev {
             let (id, t) = item.map_err(read_err(MAGLEV4_MAP))?;
             ops.push(MapOp::UpsertMaglev {
                 id: FrontendId(id),
@@ -113,7 +113,7 @@ impl BpfMaps {
 
     fn read_ranges(&self) -> Result<Vec<MapOp>, DatapathError> {
         let mut ops = Vec::new();
-        for item in self.ranges.iter() {
+        for item in &self.ranges {
             let (k, _) = item.map_err(read_err(SOURCE_RANGES4_MAP))?;
             let data = k.data();
             let prefix = k.prefix_len().saturating_sub(32) as u8;

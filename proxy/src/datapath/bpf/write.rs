@@ -152,6 +152,8 @@ impl BpfMaps {
                 MAGLEV_TABLE_SIZE
             )));
         }
+        // 64 KiB built on the sync thread's stack once per table written.
+        #[allow(clippy::large_stack_arrays)]
         let mut value = Box::new(MaglevTable {
             backends: [0; MAGLEV_TABLE_SIZE as usize],
         });
@@ -173,12 +175,12 @@ impl BpfMaps {
                 range: IpNet::V4(net),
             } => self
                 .ranges
-                .insert(&range_key(*id, net), 1, 0)
+                .insert(&range_key(*id, *net), 1, 0)
                 .map_err(map_err(SOURCE_RANGES4_MAP, "insert", cap)),
             MapOp::DeleteSourceRange {
                 id,
                 range: IpNet::V4(net),
-            } => ignore_missing(self.ranges.remove(&range_key(*id, net))).map_err(map_err(
+            } => ignore_missing(self.ranges.remove(&range_key(*id, *net))).map_err(map_err(
                 SOURCE_RANGES4_MAP,
                 "delete",
                 cap,
