@@ -158,7 +158,7 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 fn echo_server(l: TcpListener, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     l.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + Duration::from_mins(2);
         let mut conns = Vec::new();
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             if let Ok((s, _)) = l.accept() {

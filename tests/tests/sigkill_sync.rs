@@ -83,13 +83,17 @@ fn maps(pins: &Path) -> (BTreeMap<String, String>, BTreeSet<String>, BTreeSet<St
         })
         .collect();
     let backends = a.backends().values().map(|b| b.addr.to_string()).collect();
-    let rev_nat = a.rev_nat().values().map(|k| k.to_string()).collect();
+    let rev_nat = a
+        .rev_nat()
+        .values()
+        .map(std::string::ToString::to_string)
+        .collect();
     (frontends, backends, rev_nat)
 }
 
 /// Waits until the agent logged its first full sync as applied.
 fn ready(dir: &Path, log: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     let log = || std::fs::read_to_string(dir.join(log)).unwrap_or_default();
     while !log().contains("ready: the first full sync") {
         assert!(Instant::now() < deadline, "never ready:\n{}", log());
