@@ -98,24 +98,19 @@ impl AppliedState {
     /// Every entry as the upsert that would recreate it, in plan order.
     pub fn entries(&self) -> Vec<MapOp> {
         let mut ops = Vec::new();
-        let mut backends: Vec<_> = self.backends.iter().collect();
-        backends.sort_by_key(|(id, _)| **id);
-        for (id, entry) in backends {
+        for (id, entry) in sorted(&self.backends) {
             ops.push(MapOp::UpsertBackend {
                 id: *id,
                 entry: *entry,
             });
         }
-        let mut rev: Vec<_> = self.rev_nat.iter().collect();
-        rev.sort_by_key(|(id, _)| **id);
-        for (id, key) in rev {
+        for (id, key) in sorted(&self.rev_nat) {
             ops.push(MapOp::UpsertRevNat {
                 id: *id,
                 frontend: *key,
             });
         }
-        let mut fronts: Vec<_> = self.frontends.iter().collect();
-        fronts.sort_by_key(|(k, _)| **k);
+        let fronts = sorted(&self.frontends);
         for (key, f) in &fronts {
             for (i, b) in f.slots.iter().enumerate() {
                 ops.push(MapOp::UpsertSlot {
@@ -125,17 +120,13 @@ impl AppliedState {
                 });
             }
         }
-        let mut tables: Vec<_> = self.maglev.iter().collect();
-        tables.sort_by_key(|(id, _)| **id);
-        for (id, t) in tables {
+        for (id, t) in sorted(&self.maglev) {
             ops.push(MapOp::UpsertMaglev {
                 id: *id,
                 table: t.clone(),
             });
         }
-        let mut ranges: Vec<_> = self.source_ranges.iter().collect();
-        ranges.sort_by_key(|(id, _)| **id);
-        for (id, set) in ranges {
+        for (id, set) in sorted(&self.source_ranges) {
             for r in set {
                 ops.push(MapOp::UpsertSourceRange { id: *id, range: *r });
             }
@@ -162,6 +153,23 @@ impl AppliedState {
     /// Records one op the datapath completed. Every op is idempotent.
     pub fn apply(&mut self, op: &MapOp) {
         match op {
+            MapOp::UpsertBackend { .. }
+            | MapOp::DeleteBackend { .. }
+            | MapOp::UpsertRevNat { .. }
+            | MapOp::DeleteRevNat { .. } => self.apply_ids(op),
+            MapOp::UpsertMaglev { .. }
+            | MapOp::DeleteMaglev { .. }
+            | MapOp::UpsertSourceRange { .. }
+            | MapOp::DeleteSourceRange { .. } => self.apply_tables(op),
+            // No map entry: the datapath ends the pair's flows.
+            MapOp::ReleaseFlows { .. } => {}
+            _ => self.apply_frontend(op),
+        }
+    }
+
+    /// Backends and reverse-NAT entries, with their address-to-ID indexes.
+    fn apply_ids(&mut self, op: &MapOp) {
+        match op {
             MapOp::UpsertBackend { id, entry } => {
                 if let Some(old) = self.backends.insert(*id, *entry) {
                     if self.backend_ids.get(&old.addr) == Some(id) {
@@ -177,6 +185,28 @@ impl AppliedState {
                     }
                 }
             }
+            MapOp::UpsertRevNat { id, frontend } => {
+                if let Some(old) = self.rev_nat.insert(*id, *frontend) {
+                    if self.frontend_ids.get(&old) == Some(id) {
+                        self.frontend_ids.remove(&old);
+                    }
+                }
+                self.frontend_ids.insert(*frontend, *id);
+            }
+            MapOp::DeleteRevNat { id } => {
+                if let Some(old) = self.rev_nat.remove(id) {
+                    if self.frontend_ids.get(&old) == Some(id) {
+                        self.frontend_ids.remove(&old);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Master entries, slots and meta: the parts of one frontend.
+    fn apply_frontend(&mut self, op: &MapOp) {
+        match op {
             MapOp::UpsertSlot {
                 frontend,
                 slot,
@@ -206,23 +236,13 @@ impl AppliedState {
                 }
                 self.drop_if_empty(frontend);
             }
-            MapOp::UpsertRevNat { id, frontend } => {
-                if let Some(old) = self.rev_nat.insert(*id, *frontend) {
-                    if self.frontend_ids.get(&old) == Some(id) {
-                        self.frontend_ids.remove(&old);
-                    }
-                }
-                self.frontend_ids.insert(*frontend, *id);
-            }
-            // No map entry: the datapath ends the pair's flows.
-            MapOp::ReleaseFlows { .. } => {}
-            MapOp::DeleteRevNat { id } => {
-                if let Some(old) = self.rev_nat.remove(id) {
-                    if self.frontend_ids.get(&old) == Some(id) {
-                        self.frontend_ids.remove(&old);
-                    }
-                }
-            }
+            _ => {}
+        }
+    }
+
+    /// Maglev tables and source ranges, by frontend ID.
+    fn apply_tables(&mut self, op: &MapOp) {
+        match op {
             MapOp::UpsertMaglev { id, table } => {
                 self.maglev.insert(*id, table.clone());
                 self.maglev_members.insert(*id, sorted_members(table));
@@ -242,6 +262,7 @@ impl AppliedState {
                     }
                 }
             }
+            _ => {}
         }
     }
 
@@ -284,6 +305,13 @@ impl AppliedState {
             self.frontends.remove(key);
         }
     }
+}
+
+/// A map's entries in key order.
+fn sorted<K: Ord, V>(map: &FastMap<K, V>) -> Vec<(&K, &V)> {
+    let mut v: Vec<_> = map.iter().collect();
+    v.sort_by(|a, b| a.0.cmp(b.0));
+    v
 }
 
 /// The distinct IDs of `ids`, sorted.

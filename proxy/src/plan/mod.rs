@@ -11,6 +11,7 @@
 mod applied;
 pub mod ids;
 pub mod maglev;
+mod order;
 mod planner;
 mod reserve;
 
@@ -19,7 +20,6 @@ pub use ids::{BackendId, FrontendId, IdAllocator};
 
 use std::collections::BTreeSet;
 
-use crate::model::{FastMap, FastSet};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -28,7 +28,7 @@ use crate::model::{
     Action, Algorithm, BackendAddr, DesiredFrontend, FrontendKey, ProbeSpec, Scope, ServiceName,
 };
 use crate::translate::{DesiredState, Touched};
-use planner::{Deletes, Planner, Upserts};
+use planner::Planner;
 
 /// A backend's entry in the backends map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -233,39 +233,10 @@ pub fn plan_sync(
     alloc: &mut Allocators,
     cfg: &PlanConfig,
 ) -> Plan {
-    let keys: Vec<FrontendKey> = match scope {
-        PlanScope::Full => {
-            let mut all: BTreeSet<FrontendKey> = desired.frontends().keys().copied().collect();
-            all.extend(applied.frontends.keys().copied());
-            all.extend(applied.frontend_ids.keys().copied());
-            all.into_iter().collect()
-        }
-        PlanScope::Changes(t) => {
-            let mut k: Vec<FrontendKey> = t.frontends.clone();
-            k.sort();
-            k.dedup();
-            k
-        }
-    };
+    let keys = frontends_in_scope(applied, desired, scope);
     alloc.backends.start_round();
     alloc.frontends.start_round();
-    let mut p = Planner {
-        applied,
-        desired,
-        alloc,
-        cfg,
-        new_backends: FastMap::default(),
-        emitted_backends: FastSet::default(),
-        new_frontends: FastMap::default(),
-        taken_backends: None,
-        taken_frontends: None,
-        emitted_frontends: FastSet::default(),
-        upserts: Upserts::default(),
-        deletes: Deletes::default(),
-        errors: Vec::new(),
-        candidates: BTreeSet::new(),
-        entries_delta: 0,
-    };
+    let mut p = Planner::new(applied, desired, alloc, cfg);
     if matches!(scope, PlanScope::Full) && applied.frontends.is_empty() {
         p.reserve_for_empty_maps(desired);
     }
@@ -284,17 +255,7 @@ pub fn plan_sync(
                 .filter_map(|a| applied.backend_ids.get(a).copied()),
         ),
     }
-    let candidates = std::mem::take(&mut p.candidates);
-    for id in candidates {
-        if let Some(entry) = applied.backends.get(&id) {
-            if desired.uses_backend(&entry.addr) {
-                // Still used elsewhere; its merged flags may have changed.
-                p.backend_entry(id, &entry.addr);
-            } else {
-                p.deletes.backends.push(MapOp::DeleteBackend { id });
-            }
-        }
-    }
+    p.settle_candidates();
     let Planner {
         upserts,
         deletes,
@@ -304,4 +265,27 @@ pub fn plan_sync(
     let mut ops = upserts.into_ops();
     ops.extend(deletes.into_ops());
     Plan { ops, errors }
+}
+
+/// The frontends a plan of `scope` looks at, sorted: every one desired or
+/// in the maps, or those the changes touched.
+fn frontends_in_scope(
+    applied: &AppliedState,
+    desired: &DesiredState,
+    scope: PlanScope<'_>,
+) -> Vec<FrontendKey> {
+    match scope {
+        PlanScope::Full => {
+            let mut all: BTreeSet<FrontendKey> = desired.frontends().keys().copied().collect();
+            all.extend(applied.frontends.keys().copied());
+            all.extend(applied.frontend_ids.keys().copied());
+            all.into_iter().collect()
+        }
+        PlanScope::Changes(t) => {
+            let mut k: Vec<FrontendKey> = t.frontends.clone();
+            k.sort();
+            k.dedup();
+            k
+        }
+    }
 }

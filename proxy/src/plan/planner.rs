@@ -13,70 +13,11 @@ use crate::model::{
 };
 use crate::translate::DesiredState;
 
+use super::order::{Deletes, Upserts};
 use super::{
     Allocators, AppliedState, BackendEntry, BackendId, FrontendEntry, FrontendId, FrontendMeta,
     MapOp, PlanConfig, PlanError,
 };
-
-#[derive(Default)]
-pub(super) struct Upserts {
-    pub(super) backends: Vec<MapOp>,
-    pub(super) rev_nat: Vec<MapOp>,
-    pub(super) slots: Vec<MapOp>,
-    pub(super) maglev: Vec<MapOp>,
-    pub(super) ranges: Vec<MapOp>,
-    pub(super) meta: Vec<MapOp>,
-    pub(super) frontends: Vec<MapOp>,
-}
-
-impl Upserts {
-    pub(super) fn into_ops(self) -> Vec<MapOp> {
-        let mut ops = Vec::with_capacity(
-            self.backends.len()
-                + self.rev_nat.len()
-                + self.slots.len()
-                + self.maglev.len()
-                + self.ranges.len()
-                + self.meta.len()
-                + self.frontends.len(),
-        );
-        ops.extend(self.backends);
-        ops.extend(self.rev_nat);
-        ops.extend(self.slots);
-        ops.extend(self.maglev);
-        ops.extend(self.ranges);
-        ops.extend(self.meta);
-        ops.extend(self.frontends);
-        ops
-    }
-}
-
-#[derive(Default)]
-pub(super) struct Deletes {
-    pub(super) frontends: Vec<MapOp>,
-    pub(super) meta: Vec<MapOp>,
-    pub(super) slots: Vec<MapOp>,
-    pub(super) maglev: Vec<MapOp>,
-    pub(super) ranges: Vec<MapOp>,
-    pub(super) rev_nat: Vec<MapOp>,
-    pub(super) backends: Vec<MapOp>,
-    /// Last: the flows of pairs no new flow can pick any more.
-    pub(super) releases: Vec<MapOp>,
-}
-
-impl Deletes {
-    pub(super) fn into_ops(self) -> Vec<MapOp> {
-        let mut ops = self.frontends;
-        ops.extend(self.meta);
-        ops.extend(self.slots);
-        ops.extend(self.maglev);
-        ops.extend(self.ranges);
-        ops.extend(self.rev_nat);
-        ops.extend(self.backends);
-        ops.extend(self.releases);
-        ops
-    }
-}
 
 pub(super) struct Planner<'a> {
     pub(super) applied: &'a AppliedState,
@@ -101,7 +42,47 @@ pub(super) struct Planner<'a> {
     pub(super) entries_delta: isize,
 }
 
-impl Planner<'_> {
+impl<'a> Planner<'a> {
+    pub(super) fn new(
+        applied: &'a AppliedState,
+        desired: &'a DesiredState,
+        alloc: &'a mut Allocators,
+        cfg: &'a PlanConfig,
+    ) -> Planner<'a> {
+        Planner {
+            applied,
+            desired,
+            alloc,
+            cfg,
+            new_backends: FastMap::default(),
+            emitted_backends: FastSet::default(),
+            new_frontends: FastMap::default(),
+            taken_backends: None,
+            taken_frontends: None,
+            emitted_frontends: FastSet::default(),
+            upserts: Upserts::default(),
+            deletes: Deletes::default(),
+            errors: Vec::new(),
+            candidates: BTreeSet::new(),
+            entries_delta: 0,
+        }
+    }
+
+    /// Each candidate backend: its entry again if still used (its merged
+    /// flags may have changed), deleted otherwise.
+    pub(super) fn settle_candidates(&mut self) {
+        let candidates = std::mem::take(&mut self.candidates);
+        for id in candidates {
+            if let Some(entry) = self.applied.backends.get(&id) {
+                if self.desired.uses_backend(&entry.addr) {
+                    self.backend_entry(id, &entry.addr);
+                } else {
+                    self.deletes.backends.push(MapOp::DeleteBackend { id });
+                }
+            }
+        }
+    }
+
     pub(super) fn frontend(&mut self, f: &DesiredFrontend) {
         // Resolve every ID first; emit nothing unless the whole frontend
         // fits, so a full map never leaves half a frontend behind.
