@@ -11,7 +11,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::model::{Action, Algorithm, FastMap, FastSet, L4Addr, ProbeSpec, ServiceName};
-use crate::plan::{AppliedState, FrontendEntry};
+use crate::plan::{AppliedState, BackendId, FrontendEntry};
 
 /// Consecutive connect failures that eject a backend (passive outlier
 /// detection), and for how long.
@@ -137,33 +137,13 @@ pub fn build(
     let mut used: FastSet<L4Addr> = FastSet::default();
     for (key, f) in applied.frontends() {
         let Some(entry) = f.entry else { continue };
-        let mut index_of: FastMap<u32, u16> = FastMap::default();
-        let mut slots = Vec::with_capacity(f.slots.len());
-        for id in &f.slots {
-            let Some(b) = applied.backends().get(id) else {
-                continue;
-            };
-            let state = registry.entry(b.addr).or_default().clone();
-            used.insert(b.addr);
-            index_of.insert(id.0, slots.len() as u16);
-            slots.push(Backend {
-                id: id.0,
-                addr: b.addr,
-                local: b.local,
-                terminating: b.terminating,
-                state,
-            });
-        }
+        let (slots, index_of) = slots(applied, &f.slots, registry, &mut used);
         let maglev = if entry.algorithm == Algorithm::Maglev {
-            applied
-                .maglev()
-                .get(&entry.id)
-                .map(|t| {
-                    t.iter()
-                        .map(|id| index_of.get(&id.0).copied().unwrap_or(u16::MAX))
-                        .collect()
-                })
-                .unwrap_or_default()
+            applied.maglev().get(&entry.id).map_or_else(Vec::new, |t| {
+                t.iter()
+                    .map(|id| index_of.get(&id.0).copied().unwrap_or(u16::MAX))
+                    .collect()
+            })
         } else {
             Vec::new()
         };
@@ -177,22 +157,20 @@ pub fn build(
             Vec::new()
         };
         let meta = f.meta.as_ref();
-        frontends.insert(
-            *key,
-            Arc::new(Frontend {
-                key: *key,
-                service: meta.map(|m| m.service.clone()),
-                port_name: meta.map_or_else(|| "".into(), |m| m.port_name.clone()),
-                entry,
-                slots,
-                maglev,
-                source_ranges,
-                probe: meta.and_then(|m| m.probe.clone()),
-                internal_via: entry
-                    .internal_via
-                    .and_then(|id| applied.rev_nat().get(&id).copied()),
-            }),
-        );
+        let frontend = Frontend {
+            key: *key,
+            service: meta.map(|m| m.service.clone()),
+            port_name: meta.map_or_else(|| "".into(), |m| m.port_name.clone()),
+            entry,
+            slots,
+            maglev,
+            source_ranges,
+            probe: meta.and_then(|m| m.probe.clone()),
+            internal_via: entry
+                .internal_via
+                .and_then(|id| applied.rev_nat().get(&id).copied()),
+        };
+        frontends.insert(*key, Arc::new(frontend));
     }
     registry.retain(|addr, _| used.contains(addr));
     Table {
@@ -200,6 +178,34 @@ pub fn build(
         node_addresses,
         generation,
     }
+}
+
+/// A frontend's backends in slot order (each with its shared state from
+/// `registry`, marked in `used`), and each backend ID's index among them.
+fn slots(
+    applied: &AppliedState,
+    ids: &[BackendId],
+    registry: &mut FastMap<L4Addr, Arc<BackendState>>,
+    used: &mut FastSet<L4Addr>,
+) -> (Vec<Backend>, FastMap<u32, u16>) {
+    let mut index_of: FastMap<u32, u16> = FastMap::default();
+    let mut slots = Vec::with_capacity(ids.len());
+    for id in ids {
+        let Some(b) = applied.backends().get(id) else {
+            continue;
+        };
+        let state = registry.entry(b.addr).or_default().clone();
+        used.insert(b.addr);
+        index_of.insert(id.0, slots.len() as u16);
+        slots.push(Backend {
+            id: id.0,
+            addr: b.addr,
+            local: b.local,
+            terminating: b.terminating,
+            state,
+        });
+    }
+    (slots, index_of)
 }
 
 impl Table {
@@ -297,7 +303,19 @@ pub fn choose(
     if candidates.is_empty() {
         return Err(Refusal::Exhausted);
     }
-    let pick = match fe.entry.algorithm {
+    Ok(pick(fe, client, &candidates, rng).clone())
+}
+
+/// The frontend's algorithm over the available `candidates` (not empty):
+/// Maglev's slot for the flow when it is a candidate, the less loaded of
+/// two random ones, or one at random.
+fn pick<'a>(
+    fe: &'a Frontend,
+    client: SocketAddr,
+    candidates: &[&'a Backend],
+    rng: &mut Rng,
+) -> &'a Backend {
+    match fe.entry.algorithm {
         Algorithm::Maglev => {
             let preferred = match crate::explain::flow_hash(client, &fe.key) {
                 Some(h) if !fe.maglev.is_empty() => fe
@@ -321,8 +339,7 @@ pub fn choose(
             }
         }
         Algorithm::Random => candidates[rng.below(candidates.len())],
-    };
-    Ok(pick.clone())
+    }
 }
 
 #[cfg(test)]

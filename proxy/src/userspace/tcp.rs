@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use tokio::io::unix::AsyncFd;
 
 use super::splice::Sock;
-use super::table::Rng;
+use super::table::{Backend, Frontend, Rng};
 use super::{Refused, Shared};
 use crate::model::L4Addr;
 
@@ -182,33 +182,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, key: L4Addr, shared: &Share
         shared.stats.refused(Refused::NoEndpoints);
         return reset(&client);
     };
-    let mut tried: Vec<L4Addr> = Vec::new();
-    let (backend, server) = loop {
-        let backend = match shared.pick(&fe, peer, &tried, &mut rng) {
-            Ok(b) => b,
-            Err(r) => {
-                shared.stats.refused(Refused::from(r));
-                return reset(&client);
-            }
-        };
-        let target = SocketAddr::new(backend.addr.ip, backend.addr.port);
-        if let Ok(Ok(server)) =
-            tokio::time::timeout(shared.cfg.connect_timeout, connect(target)).await
-        {
-            backend.state.connected();
-            break (backend, server);
-        }
-        shared
-            .stats
-            .connect_failures
-            .fetch_add(1, Ordering::Relaxed);
-        if backend.state.connect_failed(shared.now_ms()) {
-            tracing::warn!(frontend = %key, backend = %backend.addr,
-                "backend ejected after consecutive connect failures");
-        }
-        tried.push(backend.addr);
-        if tried.len() >= CONNECT_ATTEMPTS {
-            shared.stats.refused(Refused::NoBackend);
+    let (backend, server) = match connect_backend(&fe, peer, shared, &mut rng).await {
+        Ok(pair) => pair,
+        Err(why) => {
+            shared.stats.refused(why);
             return reset(&client);
         }
     };
@@ -239,6 +216,40 @@ async fn handle(client: TcpStream, peer: SocketAddr, key: L4Addr, shared: &Share
             // A reset on one side: pass it on.
             reset(client.get_ref());
             reset(server.get_ref());
+        }
+    }
+}
+
+/// Connects to one of the frontend's backends, trying another after a
+/// failed connect (up to [`CONNECT_ATTEMPTS`]); a backend failing in a row
+/// is ejected.
+async fn connect_backend(
+    fe: &Frontend,
+    peer: SocketAddr,
+    shared: &Shared,
+    rng: &mut Rng,
+) -> Result<(Backend, Sock), Refused> {
+    let mut tried: Vec<L4Addr> = Vec::new();
+    loop {
+        let backend = shared.pick(fe, peer, &tried, rng).map_err(Refused::from)?;
+        let target = SocketAddr::new(backend.addr.ip, backend.addr.port);
+        if let Ok(Ok(server)) =
+            tokio::time::timeout(shared.cfg.connect_timeout, connect(target)).await
+        {
+            backend.state.connected();
+            return Ok((backend, server));
+        }
+        shared
+            .stats
+            .connect_failures
+            .fetch_add(1, Ordering::Relaxed);
+        if backend.state.connect_failed(shared.now_ms()) {
+            tracing::warn!(frontend = %fe.key, backend = %backend.addr,
+                "backend ejected after consecutive connect failures");
+        }
+        tried.push(backend.addr);
+        if tried.len() >= CONNECT_ATTEMPTS {
+            return Err(Refused::NoBackend);
         }
     }
 }

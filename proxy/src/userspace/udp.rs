@@ -58,75 +58,135 @@ pub async fn serve(
     shared: Arc<Shared>,
     sessions: Arc<Sessions>,
 ) {
+    let f = Front {
+        sock: front,
+        key,
+        shared,
+        sessions,
+    };
     let mut rng = Rng::new(u64::from(key.port) ^ 0x5151);
     let mut buf = vec![0u8; 65536];
     loop {
-        let Ok((n, client)) = front.recv_from(&mut buf).await else {
+        let Ok((n, client)) = f.sock.recv_from(&mut buf).await else {
             continue;
         };
-        let now = shared.now_ms();
-        let table = shared.table();
-        let existing = sessions.lock().get(&client).cloned();
-        let session = match existing {
-            Some(s)
-                if s.generation == table.generation
-                    || still_valid(&table, &key, client, &s, now) =>
-            {
-                s
-            }
-            old => {
-                // New flow, or its backend left / went down: (re)pick.
-                let Some(fe) = table.serving(&key, client.ip()) else {
-                    shared.stats.refused(Refused::NoEndpoints);
-                    continue;
-                };
-                let backend = match shared.pick(&fe, client, &[], &mut rng) {
-                    Ok(b) => b,
-                    Err(r) => {
-                        shared.stats.refused(Refused::from(r));
-                        continue;
-                    }
-                };
-                match old {
-                    Some(old) if old.backend == backend.addr => {
-                        // Same backend after all: keep the socket.
-                        let s = Arc::new(Session {
-                            backend: old.backend,
-                            sock: old.sock.clone(),
-                            last_ms: AtomicU64::new(now),
-                            generation: table.generation,
-                            reply: old.reply.clone(),
-                        });
-                        sessions.lock().insert(client, s.clone());
-                        s
-                    }
-                    old => {
-                        if let Some(old) = old {
-                            old.reply.abort();
-                            shared.release();
-                            sessions.lock().remove(&client);
-                        }
-                        let opened = open(
-                            &front,
-                            client,
-                            backend.addr,
-                            &key,
-                            &shared,
-                            &sessions,
-                            table.generation,
-                            now,
-                        )
-                        .await;
-                        match opened {
-                            Some(s) => s,
-                            None => continue,
-                        }
-                    }
-                }
-            }
+        let now = f.shared.now_ms();
+        let Some(session) = f.session(client, now, &mut rng).await else {
+            continue;
         };
         session.last_ms.store(now, Ordering::Relaxed);
         let _ = session.sock.send(&buf[..n]).await;
+    }
+}
+
+/// One UDP frontend: its socket, its sessions and what every frontend
+/// shares.
+struct Front {
+    sock: Arc<UdpSocket>,
+    key: L4Addr,
+    shared: Arc<Shared>,
+    sessions: Arc<Sessions>,
+}
+
+impl Front {
+    /// The session of `client`'s datagram: its current one while the table
+    /// is unchanged or its backend still serves, else a new one (None:
+    /// refused).
+    async fn session(&self, client: SocketAddr, now: u64, rng: &mut Rng) -> Option<Arc<Session>> {
+        let table = self.shared.table();
+        let existing = self.sessions.lock().get(&client).cloned();
+        if let Some(s) = &existing {
+            if s.generation == table.generation || still_valid(&table, &self.key, client, s, now) {
+                return existing;
+            }
+        }
+        // New flow, or its backend left / went down: (re)pick.
+        let Some(fe) = table.serving(&self.key, client.ip()) else {
+            self.shared.stats.refused(Refused::NoEndpoints);
+            return None;
+        };
+        let backend = match self.shared.pick(&fe, client, &[], rng) {
+            Ok(b) => b,
+            Err(r) => {
+                self.shared.stats.refused(Refused::from(r));
+                return None;
+            }
+        };
+        match existing {
+            Some(old) if old.backend == backend.addr => {
+                // Same backend after all: keep the socket.
+                let s = Arc::new(Session {
+                    backend: old.backend,
+                    sock: old.sock.clone(),
+                    last_ms: AtomicU64::new(now),
+                    generation: table.generation,
+                    reply: old.reply.clone(),
+                });
+                self.sessions.lock().insert(client, s.clone());
+                Some(s)
+            }
+            old => {
+                if let Some(old) = old {
+                    old.reply.abort();
+                    self.shared.release();
+                    self.sessions.lock().remove(&client);
+                }
+                self.open(client, backend.addr, table.generation, now).await
+            }
+        }
+    }
+
+    /// Opens a session to `backend` and starts relaying its replies.
+    async fn open(
+        &self,
+        client: SocketAddr,
+        backend: L4Addr,
+        generation: u64,
+        now: u64,
+    ) -> Option<Arc<Session>> {
+        let target = SocketAddr::new(backend.ip, backend.port);
+        let local: SocketAddr = if target.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = match UdpSocket::bind(local).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(frontend = %self.key, error = %e, "cannot open a UDP session socket");
+                return None;
+            }
+        };
+        if sock.connect(target).await.is_err() {
+            self.shared.stats.refused(Refused::NoBackend);
+            return None;
+        }
+        if !self.shared.admit() {
+            self.shared.stats.refused(Refused::Limit);
+            return None;
+        }
+        let sock = Arc::new(sock);
+        let reply = tokio::spawn(relay_replies(
+            self.sock.clone(),
+            sock.clone(),
+            client,
+            self.shared.clone(),
+            self.sessions.clone(),
+        ))
+        .abort_handle();
+        self.shared
+            .stats
+            .udp_sessions_total
+            .fetch_add(1, Ordering::Relaxed);
+        let s = Arc::new(Session {
+            backend,
+            sock,
+            last_ms: AtomicU64::new(now),
+            generation,
+            reply,
+        });
+        self.sessions.lock().insert(client, s.clone());
+        Some(s)
     }
 }
 
@@ -144,89 +204,42 @@ fn still_valid(
     })
 }
 
-/// Opens a session to `backend` and starts relaying its replies.
-#[allow(clippy::too_many_arguments)]
-async fn open(
-    front: &Arc<UdpSocket>,
+/// Relays the backend's replies to `client` from the frontend socket until
+/// the session has been idle for the UDP idle timeout.
+async fn relay_replies(
+    front: Arc<UdpSocket>,
+    sock: Arc<UdpSocket>,
     client: SocketAddr,
-    backend: L4Addr,
-    key: &L4Addr,
-    shared: &Arc<Shared>,
-    sessions: &Arc<Sessions>,
-    generation: u64,
-    now: u64,
-) -> Option<Arc<Session>> {
-    let target = SocketAddr::new(backend.ip, backend.port);
-    let local: SocketAddr = if target.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let sock = match UdpSocket::bind(local).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(frontend = %key, error = %e, "cannot open a UDP session socket");
-            return None;
-        }
-    };
-    if sock.connect(target).await.is_err() {
-        shared.stats.refused(Refused::NoBackend);
-        return None;
-    }
-    if !shared.admit() {
-        shared.stats.refused(Refused::Limit);
-        return None;
-    }
-    let sock = Arc::new(sock);
-    let (front2, sock2, shared2, sessions2) = (
-        front.clone(),
-        sock.clone(),
-        shared.clone(),
-        sessions.clone(),
-    );
+    shared: Arc<Shared>,
+    sessions: Arc<Sessions>,
+) {
     let idle = shared.cfg.udp_idle_timeout;
-    let reply = tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        loop {
-            match tokio::time::timeout(idle, sock2.recv(&mut buf)).await {
-                Ok(Ok(n)) => {
-                    let _ = front2.send_to(&buf[..n], client).await;
-                    if let Some(s) = sessions2.lock().get(&client) {
-                        s.last_ms.store(shared2.now_ms(), Ordering::Relaxed);
-                    }
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match tokio::time::timeout(idle, sock.recv(&mut buf)).await {
+            Ok(Ok(n)) => {
+                let _ = front.send_to(&buf[..n], client).await;
+                if let Some(s) = sessions.lock().get(&client) {
+                    s.last_ms.store(shared.now_ms(), Ordering::Relaxed);
                 }
-                // ICMP unreachable from the backend and the like: keep
-                // listening; the idle timeout ends the session.
-                Ok(Err(_)) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-                Err(_) => {}
             }
-            let last = sessions2
-                .lock()
-                .get(&client)
-                .map(|s| s.last_ms.load(Ordering::Relaxed));
-            match last {
-                Some(l) if shared2.now_ms().saturating_sub(l) < idle.as_millis() as u64 => {}
-                Some(_) => {
-                    sessions2.lock().remove(&client);
-                    shared2.release();
-                    return;
-                }
-                None => return,
-            }
+            // ICMP unreachable from the backend and the like: keep
+            // listening; the idle timeout ends the session.
+            Ok(Err(_)) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            Err(_) => {}
         }
-    })
-    .abort_handle();
-    shared
-        .stats
-        .udp_sessions_total
-        .fetch_add(1, Ordering::Relaxed);
-    let s = Arc::new(Session {
-        backend,
-        sock,
-        last_ms: AtomicU64::new(now),
-        generation,
-        reply,
-    });
-    sessions.lock().insert(client, s.clone());
-    Some(s)
+        let last = sessions
+            .lock()
+            .get(&client)
+            .map(|s| s.last_ms.load(Ordering::Relaxed));
+        match last {
+            Some(l) if shared.now_ms().saturating_sub(l) < idle.as_millis() as u64 => {}
+            Some(_) => {
+                sessions.lock().remove(&client);
+                shared.release();
+                return;
+            }
+            None => return,
+        }
+    }
 }
