@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::plan::{AppliedState, BackendId, MapOp};
+use crate::plan::{AppliedState, BackendId, FrontendEntry, MapOp};
 use crate::translate::DesiredState;
 
 /// Tables up to this size are printed in full, larger ones as counts.
@@ -23,29 +23,7 @@ pub fn dump(applied: &AppliedState, desired: Option<&DesiredState>) -> String {
             let _ = write!(out, " svc={} port={:?}", d.service, &*d.port_name);
         }
         match f.entry {
-            Some(e) => {
-                let _ = write!(
-                    out,
-                    " id={} {} {} {} count={}",
-                    e.id,
-                    e.scope.name(),
-                    e.action.name(),
-                    e.algorithm.name(),
-                    e.count
-                );
-                if e.affinity_timeout != 0 {
-                    let _ = write!(out, " affinity={}s", e.affinity_timeout);
-                }
-                if e.preserve_source {
-                    out.push_str(" preserve-source");
-                }
-                if e.source_ranges {
-                    out.push_str(" source-ranges");
-                }
-                if let Some(via) = e.internal_via {
-                    let _ = write!(out, " node-traffic-via={via}");
-                }
-            }
+            Some(e) => master_entry(&mut out, &e),
             None => out.push_str(" (no master entry)"),
         }
         out.push('\n');
@@ -92,6 +70,31 @@ pub fn dump(applied: &AppliedState, desired: Option<&DesiredState>) -> String {
         }
     }
     out
+}
+
+/// A master entry's fields on its frontend's line.
+fn master_entry(out: &mut String, e: &FrontendEntry) {
+    let _ = write!(
+        out,
+        " id={} {} {} {} count={}",
+        e.id,
+        e.scope.name(),
+        e.action.name(),
+        e.algorithm.name(),
+        e.count
+    );
+    if e.affinity_timeout != 0 {
+        let _ = write!(out, " affinity={}s", e.affinity_timeout);
+    }
+    if e.preserve_source {
+        out.push_str(" preserve-source");
+    }
+    if e.source_ranges {
+        out.push_str(" source-ranges");
+    }
+    if let Some(via) = e.internal_via {
+        let _ = write!(out, " node-traffic-via={via}");
+    }
 }
 
 fn table_summary(table: &[BackendId]) -> String {

@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use ferry_common::lb::{flow_hash4, Be16, Be32};
 
 use crate::model::{Action, Algorithm, L4Addr};
-use crate::plan::{AppliedState, BackendId};
+use crate::plan::{AppliedState, BackendId, FrontendEntry};
 
 /// The eBPF programs' flow hash of `src` -> `dst` (IPv4 only): what picks
 /// a Maglev slot, in the kernel and in the userspace dataplane alike.
@@ -45,49 +45,10 @@ pub fn explain(applied: &AppliedState, src: SocketAddr, dst: L4Addr) -> String {
         e.algorithm.name(),
         e.count
     );
-    match e.action {
-        Action::Reject => {
-            out.push_str(
-                "rejected: the Service has no usable endpoint (connect() fails at once)\n",
-            );
-            return out;
-        }
-        Action::Drop => {
-            out.push_str(
-                "dropped: the traffic policy is Local and this node has no local endpoint\n",
-            );
-            return out;
-        }
-        Action::Forward => {}
+    if not_forwarded(&mut out, applied, &e, src) {
+        return out;
     }
-    if e.source_ranges {
-        let allowed = applied
-            .source_ranges()
-            .get(&e.id)
-            .is_some_and(|r| r.iter().any(|net| net.contains(&src.ip())));
-        let _ = writeln!(
-            out,
-            "loadBalancerSourceRanges: {} {}",
-            src.ip(),
-            if allowed {
-                "is allowed"
-            } else {
-                "is NOT allowed: the flow is dropped"
-            }
-        );
-        if !allowed {
-            return out;
-        }
-    }
-    let backend = |id: &BackendId| match applied.backends().get(id) {
-        Some(b) => format!(
-            "backend {id} {}{}{}",
-            b.addr,
-            if b.local { " (local)" } else { "" },
-            if b.terminating { " (terminating)" } else { "" }
-        ),
-        None => format!("backend {id} (missing)"),
-    };
+    let backend = |id: &BackendId| describe_backend(applied, *id);
     let slots: Vec<String> = f.slots.iter().map(backend).collect();
     let _ = writeln!(
         out,
@@ -114,6 +75,63 @@ pub fn explain(applied: &AppliedState, src: SocketAddr, dst: L4Addr) -> String {
         }
     }
     out
+}
+
+/// Writes why a flow from `src` goes to no backend, if it does not (the
+/// frontend rejects or drops, or its source ranges leave `src` out), and
+/// whether the source ranges allow it when it has some.
+fn not_forwarded(
+    out: &mut String,
+    applied: &AppliedState,
+    e: &FrontendEntry,
+    src: SocketAddr,
+) -> bool {
+    match e.action {
+        Action::Reject => {
+            out.push_str(
+                "rejected: the Service has no usable endpoint (connect() fails at once)\n",
+            );
+            return true;
+        }
+        Action::Drop => {
+            out.push_str(
+                "dropped: the traffic policy is Local and this node has no local endpoint\n",
+            );
+            return true;
+        }
+        Action::Forward => {}
+    }
+    if !e.source_ranges {
+        return false;
+    }
+    let allowed = applied
+        .source_ranges()
+        .get(&e.id)
+        .is_some_and(|r| r.iter().any(|net| net.contains(&src.ip())));
+    let _ = writeln!(
+        out,
+        "loadBalancerSourceRanges: {} {}",
+        src.ip(),
+        if allowed {
+            "is allowed"
+        } else {
+            "is NOT allowed: the flow is dropped"
+        }
+    );
+    !allowed
+}
+
+/// One backend as `explain` names it.
+fn describe_backend(applied: &AppliedState, id: BackendId) -> String {
+    match applied.backends().get(&id) {
+        Some(b) => format!(
+            "backend {id} {}{}{}",
+            b.addr,
+            if b.local { " (local)" } else { "" },
+            if b.terminating { " (terminating)" } else { "" }
+        ),
+        None => format!("backend {id} (missing)"),
+    }
 }
 
 #[cfg(test)]
