@@ -21,7 +21,7 @@ use ferry_common::lb::{
     SERVICES4_MAP, SOCK_REVNAT4_MAP, SOURCE_RANGES4_MAP,
 };
 
-use super::{lb, tc, EbpfError};
+use super::{lb, tc, Cause, EbpfError};
 
 /// The maps pinned by name under the agent's directory.
 const PINNED_MAPS: [&str; 9] = [
@@ -58,11 +58,12 @@ impl Keeper {
     /// Repairs what is missing; returns what it did, one line each.
     pub fn check(&mut self) -> Result<Vec<String>, EbpfError> {
         let mut done = Vec::new();
-        let err = |cause: String| EbpfError::Bpffs {
+        let err = |cause: Cause| EbpfError::Bpffs {
             path: self.dir.display().to_string(),
             cause,
         };
-        std::fs::create_dir_all(self.dir.join("links")).map_err(|e| err(e.to_string()))?;
+        std::fs::create_dir_all(self.dir.join("links"))
+            .map_err(|e| err(Cause::new("creating links/", e)))?;
         for name in PINNED_MAPS {
             let pin = self.dir.join(name);
             if pin.exists() {
@@ -70,7 +71,7 @@ impl Keeper {
             }
             if let Some(map) = self.ebpf.map(name) {
                 map.pin(&pin)
-                    .map_err(|e| err(format!("pinning {name} again: {e}")))?;
+                    .map_err(|e| err(Cause::new(format!("pinning {name} again"), e)))?;
                 done.push(format!("map {name} pinned again"));
             }
         }

@@ -10,7 +10,7 @@ use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::Ebpf;
 
-use super::{load_program, EbpfError};
+use super::{load_program, Cause, EbpfError};
 
 /// The socket-level programs, in attach order.
 pub const SOCK_PROGRAMS: [&str; 4] = [
@@ -39,7 +39,7 @@ pub fn is_bpffs(path: &Path) -> bool {
 /// /sys/fs/bpf and that is not mounted yet, bpffs is mounted there first.
 /// An error names `dir` as given.
 pub fn ensure_pin_dir(dir: &Path) -> Result<(), EbpfError> {
-    let err = |cause: String| EbpfError::Bpffs {
+    let err = |cause: Cause| EbpfError::Bpffs {
         path: dir.display().to_string(),
         cause,
     };
@@ -48,20 +48,22 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), EbpfError> {
         let status = std::process::Command::new("mount")
             .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
             .status()
-            .map_err(|e| err(format!("mounting bpffs at /sys/fs/bpf: {e}")))?;
+            .map_err(|e| err(Cause::new("mounting bpffs at /sys/fs/bpf", e)))?;
         if !status.success() {
-            return Err(err(format!("mount -t bpf at /sys/fs/bpf failed: {status}")));
+            return Err(err(Cause::msg(format!(
+                "mount -t bpf at /sys/fs/bpf failed: {status}"
+            ))));
         }
     }
     // The nearest existing directory tells which filesystem `dir` is on.
     let existing = dir.ancestors().find(|a| a.exists()).unwrap_or(dir);
     if !is_bpffs(existing) {
-        return Err(err(format!(
+        return Err(err(Cause::msg(format!(
             "not on a bpf filesystem ({} is not one; mount one with `mount -t bpf bpf DIR`)",
             existing.display()
-        )));
+        ))));
     }
-    std::fs::create_dir_all(dir.join("links")).map_err(|e| err(e.to_string()))
+    std::fs::create_dir_all(dir.join("links")).map_err(|e| err(Cause::new("creating links/", e)))
 }
 
 /// Where the link of `program` is pinned.
@@ -84,9 +86,9 @@ pub fn attach_sock_lb(
             continue;
         }
         load_program(ebpf, name)?;
-        let cg = File::open(cgroup).map_err(|e| EbpfError::Cgroup {
+        let cg = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
             path: cgroup.display().to_string(),
-            cause: e.to_string(),
+            source,
         })?;
         let prog_err = |source| EbpfError::Program {
             name: name.into(),
@@ -103,14 +105,15 @@ pub fn attach_sock_lb(
             .attach(cg, CgroupAttachMode::Single)
             .map_err(prog_err)?;
         let link = prog.take_link(id).map_err(prog_err)?;
-        let link_err = |cause: String| EbpfError::Link {
+        let link_err = |cause: Cause| EbpfError::Link {
             path: pin.display().to_string(),
             cause,
         };
         let fd: FdLink = link
             .try_into()
-            .map_err(|e: aya::programs::links::LinkError| link_err(e.to_string()))?;
-        fd.pin(&pin).map_err(|e| link_err(e.to_string()))?;
+            .map_err(|e: aya::programs::links::LinkError| link_err(Cause::new(name, e)))?;
+        fd.pin(&pin)
+            .map_err(|e| link_err(Cause::new("pinning", e)))?;
         attached.push(name);
     }
     Ok(attached)

@@ -44,17 +44,60 @@ pub enum EbpfError {
         source: Box<ProgramError>,
     },
     #[error("bpffs at {path}: {cause}")]
-    Bpffs { path: String, cause: String },
-    #[error("cgroup {path}: {cause}")]
-    Cgroup { path: String, cause: String },
+    Bpffs {
+        path: String,
+        #[source]
+        cause: Cause,
+    },
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("pinned link {path}: {cause}")]
-    Link { path: String, cause: String },
+    Link {
+        path: String,
+        #[source]
+        cause: Cause,
+    },
     #[error("eBPF map {name}: {source}")]
     Map {
         name: String,
         #[source]
         source: Box<aya::maps::MapError>,
     },
+}
+
+/// What failed under an [`EbpfError`]: what was being done, and the error
+/// that stopped it (kept as the source) when there was one.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}{}", .source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
+pub struct Cause {
+    what: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Cause {
+    /// `what` failed with `source`.
+    pub fn new(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Cause {
+        Cause {
+            what: what.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A failure with no error under it (a check that did not hold).
+    pub fn msg(what: impl Into<String>) -> Cause {
+        Cause {
+            what: what.into(),
+            source: None,
+        }
+    }
 }
 
 /// Names of the programs in the embedded object, parsed without touching

@@ -13,7 +13,7 @@ use aya::Ebpf;
 use ferry_common::counters::TC_INGRESS_PROGRAM;
 use ferry_common::lb::TC_EGRESS_PROGRAM;
 
-use super::{load_program, EbpfError};
+use super::{load_program, Cause, EbpfError};
 
 /// Where the link of `program` on `interface` is pinned.
 pub fn tc_link_pin(dir: &Path, interface: &str, attach: &str) -> PathBuf {
@@ -45,17 +45,13 @@ pub fn attach_tc(
         (TC_EGRESS_PROGRAM, TcAttachType::Egress, "egress"),
     ] {
         load_program(ebpf, program)?;
-        let prog_err = |source| EbpfError::Program {
-            name: program.into(),
-            source: Box::new(source),
-        };
         let prog: &mut SchedClassifier = ebpf
             .program_mut(program)
             .ok_or_else(|| EbpfError::MissingProgram {
                 name: program.into(),
             })?
             .try_into()
-            .map_err(prog_err)?;
+            .map_err(prog_err(program))?;
         for interface in interfaces {
             let exists = crate::netif::Rtnl::open()
                 .and_then(|mut r| r.link_index(interface))
@@ -66,42 +62,13 @@ pub fn attach_tc(
                     "no such interface now: its TC program is attached once it appears");
                 continue;
             }
-            let pin = tc_link_pin(dir, interface, direction);
-            let link_err = |cause: String| EbpfError::Link {
-                path: pin.display().to_string(),
-                cause: format!("{program} on {interface}: {cause}"),
+            let link = Attach {
+                program,
+                interface,
+                kind: attach,
+                direction,
             };
-            let (id, replaced) = match PinnedLink::from_pin(&pin) {
-                Ok(old) => {
-                    let link = SchedClassifierLink::try_from(FdLink::from(old))
-                        .map_err(|e| link_err(e.to_string()))?;
-                    match prog.attach_to_link(link) {
-                        Ok(id) => (id, true),
-                        // A link whose device went away (severed): a new
-                        // one replaces its pin.
-                        Err(e) => {
-                            tracing::warn!(interface = %interface, direction, error = %e,
-                                "the pinned TC link is dead: attaching a new one");
-                            std::fs::remove_file(&pin).map_err(|e| link_err(e.to_string()))?;
-                            (prog.attach(interface, attach).map_err(prog_err)?, false)
-                        }
-                    }
-                }
-                Err(LinkError::SyscallError(e))
-                    if e.io_error.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    (prog.attach(interface, attach).map_err(prog_err)?, false)
-                }
-                Err(e) => return Err(link_err(e.to_string())),
-            };
-            let link = prog.take_link(id).map_err(prog_err)?;
-            let fd: FdLink = link
-                .try_into()
-                .map_err(|e: LinkError| link_err(e.to_string()))?;
-            if replaced {
-                std::fs::remove_file(&pin).map_err(|e| link_err(e.to_string()))?;
-            }
-            fd.pin(&pin).map_err(|e| link_err(e.to_string()))?;
+            let replaced = link.pin_link(prog, dir)?;
             out.push(TcAttached {
                 interface: interface.clone(),
                 direction,
@@ -110,6 +77,66 @@ pub fn attach_tc(
         }
     }
     Ok(out)
+}
+
+fn prog_err(program: &str) -> impl Fn(aya::programs::ProgramError) -> EbpfError + '_ {
+    move |source| EbpfError::Program {
+        name: program.into(),
+        source: Box::new(source),
+    }
+}
+
+/// One TC program on one interface and direction.
+struct Attach<'a> {
+    program: &'a str,
+    interface: &'a str,
+    kind: TcAttachType,
+    direction: &'static str,
+}
+
+impl Attach<'_> {
+    /// Attaches the program and pins its link; an existing pinned link is
+    /// updated in place (its program replaced), a dead one (its device
+    /// gone) replaced. Returns whether a pinned link was there.
+    fn pin_link(&self, prog: &mut SchedClassifier, dir: &Path) -> Result<bool, EbpfError> {
+        let (program, interface, direction) = (self.program, self.interface, self.direction);
+        let pin = tc_link_pin(dir, interface, direction);
+        let link_err = |source: Box<dyn std::error::Error + Send + Sync>| EbpfError::Link {
+            path: pin.display().to_string(),
+            cause: Cause::new(format!("{program} on {interface}"), source),
+        };
+        let prog_err = prog_err(program);
+        let (id, replaced) = match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(old))
+                    .map_err(|e| link_err(e.into()))?;
+                match prog.attach_to_link(link) {
+                    Ok(id) => (id, true),
+                    // A link whose device went away (severed): a new one
+                    // replaces its pin.
+                    Err(e) => {
+                        tracing::warn!(interface = %interface, direction, error = %e,
+                            "the pinned TC link is dead: attaching a new one");
+                        std::fs::remove_file(&pin).map_err(|e| link_err(e.into()))?;
+                        (prog.attach(interface, self.kind).map_err(&prog_err)?, false)
+                    }
+                }
+            }
+            Err(LinkError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                (prog.attach(interface, self.kind).map_err(&prog_err)?, false)
+            }
+            Err(e) => return Err(link_err(e.into())),
+        };
+        let link = prog.take_link(id).map_err(&prog_err)?;
+        let fd: FdLink = link.try_into().map_err(|e: LinkError| link_err(e.into()))?;
+        if replaced {
+            std::fs::remove_file(&pin).map_err(|e| link_err(e.into()))?;
+        }
+        fd.pin(&pin).map_err(|e| link_err(e.into()))?;
+        Ok(replaced)
+    }
 }
 
 /// The interfaces the TC path attaches to by default: those holding a
