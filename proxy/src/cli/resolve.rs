@@ -63,6 +63,16 @@ pub enum Source {
     Kube(Option<PathBuf>),
 }
 
+impl Source {
+    /// The kubeconfig of a kube source (None: in-cluster or the default).
+    pub fn kubeconfig(&self) -> Option<PathBuf> {
+        match self {
+            Source::Kube(k) => k.clone(),
+            Source::File(_) => None,
+        }
+    }
+}
+
 /// `--dataplane`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dataplane {
@@ -112,38 +122,19 @@ pub fn resolve(
     let nodeport = flags.nodeport_addresses.or(file.nodeport_addresses);
     let cidrs = units::parse_cidrs(&nodeport.unwrap_or_default())
         .map_err(|e| usage("--nodeport-addresses", e))?;
-    let min = duration(
-        "--min-sync-period",
-        flags.min_sync_period.or(file.min_sync_period).as_deref(),
-        "1s",
-    )?;
-    let max = duration(
-        "--sync-period",
-        flags.sync_period.or(file.sync_period).as_deref(),
-        "30s",
-    )?;
+    let min_sync = flags.min_sync_period.or(file.min_sync_period);
+    let min = duration("--min-sync-period", min_sync.as_deref(), "1s")?;
+    let max_sync = flags.sync_period.or(file.sync_period);
+    let max = duration("--sync-period", max_sync.as_deref(), "30s")?;
     let listen = listen(
         flags.healthz_bind_address.or(file.healthz_bind_address),
         flags.metrics_bind_address.or(file.metrics_bind_address),
     )?;
-    let cgroup = flags
-        .cgroup_path
-        .or(file.cgroup_path)
-        .or_else(|| env.cgroup2_root.clone());
-    if mode == Dataplane::Ebpf && cgroup.is_none() {
-        return Err(usage("--cgroup-path", "no cgroup2 filesystem is mounted"));
-    }
-    let node_name = flags
-        .hostname_override
-        .or(file.hostname_override)
-        .filter(|n| !n.is_empty())
-        .map_or_else(|| env.node_name.clone(), |n| n.to_lowercase());
+    let cgroup = cgroup(flags.cgroup_path.or(file.cgroup_path), env, mode)?;
+    let node_name = node_name(flags.hostname_override.or(file.hostname_override), env);
     let lease_namespace = flags.lease_namespace.or(file.lease_namespace);
     let ipam = ipam.map(|(allocate, l2)| IpamSettings {
-        kubeconfig: match &source {
-            Source::Kube(k) => k.clone(),
-            Source::File(_) => None,
-        },
+        kubeconfig: source.kubeconfig(),
         allocate,
         // By default, ARP is answered where the TC path listens.
         l2_required: l2.is_some(),
@@ -156,14 +147,12 @@ pub fn resolve(
         identity: node_name.clone(),
         l2_lease_duration: l2_lease,
     });
+    let bpffs = flags.bpffs_path.or(file.bpffs_path);
     Ok(RunConfig {
         agent: agent_config(node_name, cidrs, min, max, &source),
         dataplane: DataplaneChoice {
             mode,
-            bpffs: flags
-                .bpffs_path
-                .or(file.bpffs_path)
-                .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/ferry")),
+            bpffs: bpffs.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/ferry")),
             cgroup,
             interfaces,
             userspace,
@@ -254,6 +243,27 @@ fn interfaces(
     value
         .map(|list| units::parse_interfaces(&list).map_err(|e| usage(setting, e)))
         .transpose()
+}
+
+/// `--cgroup-path`, else the cgroup2 root; the eBPF dataplane needs one.
+fn cgroup(
+    path: Option<PathBuf>,
+    env: &Environment,
+    mode: Dataplane,
+) -> Result<Option<PathBuf>, UsageError> {
+    let cgroup = path.or_else(|| env.cgroup2_root.clone());
+    if mode == Dataplane::Ebpf && cgroup.is_none() {
+        return Err(usage("--cgroup-path", "no cgroup2 filesystem is mounted"));
+    }
+    Ok(cgroup)
+}
+
+/// `--hostname-override` (lower-cased, as kube-proxy's), else the node's
+/// name from the environment.
+fn node_name(hostname_override: Option<String>, env: &Environment) -> String {
+    hostname_override
+        .filter(|n| !n.is_empty())
+        .map_or_else(|| env.node_name.clone(), |n| n.to_lowercase())
 }
 
 fn duration(
