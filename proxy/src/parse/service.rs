@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
 use super::{object_name, port_number, InvalidObject};
 use crate::model::{
@@ -129,13 +129,7 @@ pub fn parse_service(svc: &Service, proxy_name: &str) -> Result<ParsedService, I
     };
     let annotations = svc.metadata.annotations.clone().unwrap_or_default();
     let ports = ports(&cx, spec.ports.as_deref().unwrap_or_default(), type_)?;
-    let external_ips = spec
-        .external_ips
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, ip)| cx.ip(format!("spec.externalIPs[{i}]"), ip))
-        .collect::<Result<Vec<_>, _>>()?;
+    let external_ips = external_ips(&cx, &spec)?;
     let load_balancer_ips = if type_ == "LoadBalancer" {
         lb_ips(&cx, svc)?
     } else {
@@ -154,15 +148,7 @@ pub fn parse_service(svc: &Service, proxy_name: &str) -> Result<ParsedService, I
         "spec.internalTrafficPolicy",
         spec.internal_traffic_policy.as_deref(),
     )?;
-    let health_check_node_port = match spec.health_check_node_port {
-        Some(p) if external_policy == TrafficPolicy::Local => port_number(p).ok_or_else(|| {
-            cx.err(
-                "spec.healthCheckNodePort",
-                format!("{p} is not a port (1-65535)"),
-            )
-        })?,
-        _ => 0,
-    };
+    let health_check_node_port = health_check_node_port(&cx, &spec, external_policy)?;
     let algorithm = algorithm(&cx, &annotations)?;
     Ok(ParsedService::Serve(ServiceInfo {
         cluster_ips,
@@ -177,11 +163,7 @@ pub fn parse_service(svc: &Service, proxy_name: &str) -> Result<ParsedService, I
         topology: topology(&annotations, spec.traffic_distribution.as_deref()),
         algorithm,
         probe: parse_probe(&cx, &annotations)?,
-        created: svc
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map_or(0, |t| t.0.as_second()),
+        created: created_at(svc),
         name,
     }))
 }
@@ -302,6 +284,41 @@ fn lb_ips(cx: &Ctx<'_>, svc: &Service) -> Result<Vec<IpAddr>, InvalidObject> {
         }
     }
     Ok(out)
+}
+
+/// metadata.creationTimestamp in seconds (0: unset).
+fn created_at(svc: &Service) -> i64 {
+    svc.metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(0, |t| t.0.as_second())
+}
+
+fn external_ips(cx: &Ctx<'_>, spec: &ServiceSpec) -> Result<Vec<IpAddr>, InvalidObject> {
+    spec.external_ips
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, ip)| cx.ip(format!("spec.externalIPs[{i}]"), ip))
+        .collect()
+}
+
+/// spec.healthCheckNodePort, which only externalTrafficPolicy Local uses
+/// (0: none).
+fn health_check_node_port(
+    cx: &Ctx<'_>,
+    spec: &ServiceSpec,
+    external_policy: TrafficPolicy,
+) -> Result<u16, InvalidObject> {
+    match spec.health_check_node_port {
+        Some(p) if external_policy == TrafficPolicy::Local => port_number(p).ok_or_else(|| {
+            cx.err(
+                "spec.healthCheckNodePort",
+                format!("{p} is not a port (1-65535)"),
+            )
+        }),
+        _ => Ok(0),
+    }
 }
 
 fn source_ranges(

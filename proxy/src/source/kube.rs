@@ -157,16 +157,6 @@ pub fn spawn(
                     return;
                 }
             };
-            let services = watcher(
-                Api::<Service>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .default_backoff();
-            let slices = watcher(
-                Api::<EndpointSlice>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .default_backoff();
             let reporter = async {
                 if let Some(rx) = events {
                     report_events(client.clone(), node_name.clone(), rx).await;
@@ -174,37 +164,7 @@ pub fn spawn(
                 // Without (or after) events, wait for the others.
                 futures::future::pending::<()>().await;
             };
-            let nodes = watcher(
-                Api::<Node>::all(client.clone()),
-                watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-            )
-            .default_backoff();
-            let watch = async {
-                tokio::join!(
-                    forward(
-                        services,
-                        ListKind::Services,
-                        |o| Object::Service(Box::new(o)),
-                        tx.clone(),
-                        "Service"
-                    ),
-                    forward(
-                        slices,
-                        ListKind::Slices,
-                        |o| Object::EndpointSlice(Box::new(o)),
-                        tx.clone(),
-                        "EndpointSlice"
-                    ),
-                    forward(
-                        nodes,
-                        ListKind::Nodes,
-                        |o| Object::Node(Box::new(o)),
-                        tx.clone(),
-                        "Node"
-                    ),
-                    reporter,
-                )
-            };
+            let watch = async { tokio::join!(watch_all(&client, &node_name, &tx), reporter) };
             let stopped = async {
                 while !stop.load(Ordering::Relaxed) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -216,4 +176,47 @@ pub fn spawn(
             }
         });
     }))
+}
+
+/// Watches Services, EndpointSlices and this node's Node, forwarding each
+/// as source events.
+async fn watch_all(client: &Client, node_name: &str, tx: &Sender<SourceEvent>) {
+    let services = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff();
+    let slices = watcher(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff();
+    let nodes = watcher(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+    )
+    .default_backoff();
+    tokio::join!(
+        forward(
+            services,
+            ListKind::Services,
+            |o| Object::Service(Box::new(o)),
+            tx.clone(),
+            "Service"
+        ),
+        forward(
+            slices,
+            ListKind::Slices,
+            |o| Object::EndpointSlice(Box::new(o)),
+            tx.clone(),
+            "EndpointSlice"
+        ),
+        forward(
+            nodes,
+            ListKind::Nodes,
+            |o| Object::Node(Box::new(o)),
+            tx.clone(),
+            "Node"
+        ),
+    );
 }
