@@ -101,21 +101,7 @@ impl LeaseLock {
 
     async fn attempt(&mut self) -> Result<bool, kube::Error> {
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(self.name.clone()),
-                    ..Default::default()
-                },
-                spec: Some(self.spec(0, None)),
-            };
-            return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => {
-                    self.renewed = Some(Instant::now());
-                    Ok(true)
-                }
-                Err(e) if is_conflict(&e) => Ok(false),
-                Err(e) => Err(e),
-            };
+            return self.create().await;
         };
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().unwrap_or_default();
@@ -159,6 +145,26 @@ impl LeaseLock {
                 self.renewed = None;
                 Ok(false)
             }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates the lease, held by this identity: Ok(false) when another
+    /// contender created it first.
+    async fn create(&mut self) -> Result<bool, kube::Error> {
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                ..Default::default()
+            },
+            spec: Some(self.spec(0, None)),
+        };
+        match self.api.create(&PostParams::default(), &lease).await {
+            Ok(_) => {
+                self.renewed = Some(Instant::now());
+                Ok(true)
+            }
+            Err(e) if is_conflict(&e) => Ok(false),
             Err(e) => Err(e),
         }
     }

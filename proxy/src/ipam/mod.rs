@@ -37,6 +37,17 @@ pub struct IpamSettings {
     pub l2_lease_duration: Duration,
 }
 
+impl IpamSettings {
+    /// Where, as whom and for how long the announcer holds its Leases.
+    fn lease(&self) -> LeaseSettings {
+        LeaseSettings {
+            namespace: self.lease_namespace.clone(),
+            identity: self.identity.clone(),
+            duration: self.l2_lease_duration,
+        }
+    }
+}
+
 /// Where and as whom the announcer holds its Leases, and for how long.
 #[derive(Clone, Debug)]
 pub struct LeaseSettings {
@@ -105,11 +116,7 @@ pub fn spawn(
                 };
                 let announcer = async {
                     if let Some(responder) = responder {
-                        let lease = LeaseSettings {
-                            namespace: settings.lease_namespace.clone(),
-                            identity: settings.identity.clone(),
-                            duration: settings.l2_lease_duration,
-                        };
+                        let lease = settings.lease();
                         let (client, stop) = (client.clone(), stop.clone());
                         announce::run(client, lease, responder, announcements, l2_status, stop)
                             .await;

@@ -101,6 +101,29 @@ pub fn transition_time(current: Option<(&str, &str)>, new_status: &str, now: &st
     }
 }
 
+/// The addresses a Service asks for: the annotation's list, else
+/// spec.loadBalancerIP; an address that does not parse is the error.
+fn requested(annotation: Option<&str>, spec_ip: Option<&str>) -> Result<Vec<IpAddr>, String> {
+    match annotation {
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<IpAddr>()
+                    .map_err(|_| format!("{IPS_ANNOTATION}: {s:?} is not an IP address"))
+            })
+            .collect(),
+        None => match spec_ip.map(str::trim) {
+            Some(ip) if !ip.is_empty() => ip
+                .parse::<IpAddr>()
+                .map(|ip| vec![ip])
+                .map_err(|_| format!("spec.loadBalancerIP: {ip:?} is not an IP address")),
+            _ => Ok(vec![]),
+        },
+    }
+}
+
 /// The Service as the allocator sees it; None when it is not ours.
 pub fn lb_service(svc: &Service) -> Option<LbService> {
     let spec = svc.spec.as_ref()?;
@@ -126,24 +149,7 @@ pub fn lb_service(svc: &Service) -> Option<LbService> {
     labels.insert(NAME_LABEL.into(), name.name.to_string());
     let annotations = svc.metadata.annotations.as_ref();
     let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(|v| v.trim());
-    let requested = match annotation(IPS_ANNOTATION) {
-        Some(list) => list
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                s.parse::<IpAddr>()
-                    .map_err(|_| format!("{IPS_ANNOTATION}: {s:?} is not an IP address"))
-            })
-            .collect(),
-        None => match spec.load_balancer_ip.as_deref().map(str::trim) {
-            Some(ip) if !ip.is_empty() => ip
-                .parse::<IpAddr>()
-                .map(|ip| vec![ip])
-                .map_err(|_| format!("spec.loadBalancerIP: {ip:?} is not an IP address")),
-            _ => Ok(vec![]),
-        },
-    };
+    let requested = requested(annotation(IPS_ANNOTATION), spec.load_balancer_ip.as_deref());
     let families = match spec.ip_families.as_deref() {
         Some(f) if !f.is_empty() => f.iter().map(|f| f == "IPv6").collect(),
         _ => vec![false],

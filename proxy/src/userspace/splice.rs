@@ -101,6 +101,23 @@ async fn read_some(from: &Sock, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// Fills the pipe from the socket: the bytes moved (0: end of stream).
+async fn fill_pipe(from: &Sock, pipe: &Pipe) -> io::Result<usize> {
+    loop {
+        let mut guard = from.readable().await?;
+        match guard.try_io(|s| splice(s.as_raw_fd(), pipe.w.as_raw_fd(), CHUNK)) {
+            Ok(Ok(n)) => {
+                if n > 0 && n < CHUNK {
+                    guard.clear_ready();
+                }
+                return Ok(n);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => {} // not ready after all: wait again
+        }
+    }
+}
+
 /// Writes all of `buf`.
 async fn write_all(to: &Sock, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
@@ -156,20 +173,7 @@ async fn one_way(
     drop(buf);
     let pipe = Pipe::new()?;
     loop {
-        // Fill the pipe from the socket.
-        let n = loop {
-            let mut guard = from.readable().await?;
-            match guard.try_io(|s| splice(s.as_raw_fd(), pipe.w.as_raw_fd(), CHUNK)) {
-                Ok(Ok(n)) => {
-                    if n > 0 && n < CHUNK {
-                        guard.clear_ready();
-                    }
-                    break n;
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => {} // not ready after all: wait again
-            }
-        };
+        let n = fill_pipe(from, &pipe).await?;
         if n == 0 {
             shutdown_write(to, first_eof);
             return Ok(total);
