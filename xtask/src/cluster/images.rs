@@ -50,6 +50,22 @@ struct Spec<'a> {
     cmd: &'a [&'a str],
 }
 
+fn spec<'a>(
+    name: &'a str,
+    files: Vec<(PathBuf, &'a str)>,
+    busybox: bool,
+    entrypoint: &'a [&'a str],
+    cmd: &'a [&'a str],
+) -> Spec<'a> {
+    Spec {
+        name,
+        files,
+        busybox,
+        entrypoint,
+        cmd,
+    }
+}
+
 /// Assembles every image; returns the archives to import on each node.
 pub fn assemble(
     root: &Path,
@@ -61,67 +77,74 @@ pub fn assemble(
     std::fs::create_dir_all(&out)?;
     let source = kubernetes_source(root)?;
     let pause = compile_pause(&source, &out)?;
-    let bin = |name: &str| layout.program(name);
-    // Debian's busybox shell runs its own applets before any program on
-    // PATH (its nsenter lacks --cgroup, its nc most flags), so images with
-    // real tools get dash as /bin/sh.
-    let dash = || (PathBuf::from("/bin/dash"), "/bin/sh");
-    let mut agnhost_files = vec![(bin("agnhost"), "/agnhost"), dash()];
-    // porter serves TLS with these (its Dockerfile adds them at /).
+    let mut archives = Vec::new();
+    for spec in &specs(layout, &source, pause, ferry, ferry_image) {
+        archives.push(pack(&out, spec).with_context(|| format!("assembling image {}", spec.name))?);
+    }
+    Ok(archives)
+}
+
+/// Debian's busybox shell runs its own applets before any program on PATH
+/// (its nsenter lacks --cgroup, its nc most flags), so images with real
+/// tools get dash as /bin/sh.
+fn dash() -> (PathBuf, &'static str) {
+    (PathBuf::from("/bin/dash"), "/bin/sh")
+}
+
+/// agnhost, the tools its commands run, and porter's TLS files (its
+/// Dockerfile adds them at /).
+fn agnhost_files(layout: &Layout, source: &Path) -> Vec<(PathBuf, &'static str)> {
+    let mut files = vec![(layout.program("agnhost"), "/agnhost"), dash()];
     let porter = source.join("test/images/agnhost/porter");
-    agnhost_files.push((porter.join("localhost.crt"), "/localhost.crt"));
-    agnhost_files.push((porter.join("localhost.key"), "/localhost.key"));
-    agnhost_files.extend(AGNHOST_TOOLS.iter().map(|(h, i)| (PathBuf::from(h), *i)));
-    let specs = [
-        Spec {
-            name: PAUSE,
-            files: vec![(pause, "/pause")],
-            busybox: false,
-            entrypoint: &["/pause"],
-            cmd: &[],
-        },
-        Spec {
-            name: AGNHOST,
-            files: agnhost_files,
-            busybox: true,
-            entrypoint: &["/agnhost"],
-            cmd: &["pause"],
-        },
-        Spec {
-            name: REGRESSION_74839,
-            files: vec![(bin("regression-issue-74839"), "/regression-issue-74839")],
-            busybox: false,
-            entrypoint: &["/regression-issue-74839"],
-            cmd: &[],
-        },
-        Spec {
-            name: GLIBC_DNS,
-            files: vec![
+    files.push((porter.join("localhost.crt"), "/localhost.crt"));
+    files.push((porter.join("localhost.key"), "/localhost.key"));
+    files.extend(AGNHOST_TOOLS.iter().map(|(h, i)| (PathBuf::from(h), *i)));
+    files
+}
+
+/// What goes into each image: the test images conformance uses, CoreDNS
+/// and Ferry's.
+fn specs<'a>(
+    layout: &Layout,
+    source: &Path,
+    pause: PathBuf,
+    ferry: &'a Path,
+    ferry_image: &'a str,
+) -> Vec<Spec<'a>> {
+    let bin = |name: &str| layout.program(name);
+    let agnhost_files = agnhost_files(layout, source);
+    vec![
+        spec(PAUSE, vec![(pause, "/pause")], false, &["/pause"], &[]),
+        spec(AGNHOST, agnhost_files, true, &["/agnhost"], &["pause"]),
+        spec(
+            REGRESSION_74839,
+            vec![(bin("regression-issue-74839"), "/regression-issue-74839")],
+            false,
+            &["/regression-issue-74839"],
+            &[],
+        ),
+        spec(
+            GLIBC_DNS,
+            vec![
                 dash(),
                 (PathBuf::from("/usr/bin/dig"), "/usr/bin/dig"),
                 (PathBuf::from("/usr/bin/getent"), "/usr/bin/getent"),
             ],
-            busybox: true,
-            entrypoint: &[],
-            cmd: &["sh"],
-        },
-        Spec {
-            name: BUSYBOX,
-            files: vec![],
-            busybox: true,
-            entrypoint: &[],
-            cmd: &["sh"],
-        },
-        Spec {
-            name: COREDNS,
-            files: vec![(bin("coredns"), "/coredns")],
-            busybox: false,
-            entrypoint: &["/coredns"],
-            cmd: &[],
-        },
-        Spec {
-            name: ferry_image,
-            files: vec![
+            true,
+            &[],
+            &["sh"],
+        ),
+        spec(BUSYBOX, vec![], true, &[], &["sh"]),
+        spec(
+            COREDNS,
+            vec![(bin("coredns"), "/coredns")],
+            false,
+            &["/coredns"],
+            &[],
+        ),
+        spec(
+            ferry_image,
+            vec![
                 (ferry.to_path_buf(), "/usr/local/bin/ferry"),
                 dash(),
                 (PathBuf::from("/bin/mkdir"), "/bin/mkdir"),
@@ -129,16 +152,11 @@ pub fn assemble(
                 (PathBuf::from("/bin/mountpoint"), "/usr/bin/mountpoint"),
                 (PathBuf::from("/bin/mount"), "/usr/bin/mount"),
             ],
-            busybox: false,
-            entrypoint: &["/usr/local/bin/ferry"],
-            cmd: &["run", "--config", "/etc/ferry/config.yaml"],
-        },
-    ];
-    let mut archives = Vec::new();
-    for spec in &specs {
-        archives.push(pack(&out, spec).with_context(|| format!("assembling image {}", spec.name))?);
-    }
-    Ok(archives)
+            false,
+            &["/usr/local/bin/ferry"],
+            &["run", "--config", "/etc/ferry/config.yaml"],
+        ),
+    ]
 }
 
 /// Where the Go module cache holds k8s.io/kubernetes at the pinned release.
@@ -175,22 +193,7 @@ fn compile_pause(source: &Path, out: &Path) -> Result<PathBuf> {
 fn pack(out: &Path, spec: &Spec<'_>) -> Result<PathBuf> {
     let stem = spec.name.replace(['/', ':'], "_");
     let rootfs = out.join(format!("{stem}.rootfs"));
-    let _ = std::fs::remove_dir_all(&rootfs);
-    for dir in ["bin", "etc", "tmp", "usr/bin", "sbin", "uploads"] {
-        std::fs::create_dir_all(rootfs.join(dir))?;
-    }
-    std::fs::write(
-        rootfs.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
-    )?;
-    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
-    std::fs::write(rootfs.join("etc/nsswitch.conf"), "hosts: files dns\n")?;
-    if spec.busybox {
-        add_busybox(&rootfs)?;
-    }
-    for (host, path) in &spec.files {
-        add_program(&rootfs, host, path)?;
-    }
+    fill_rootfs(&rootfs, spec)?;
     let layer = out.join(format!("{stem}.layer.tar"));
     sh(Command::new("tar")
         .args([
@@ -206,18 +209,7 @@ fn pack(out: &Path, spec: &Spec<'_>) -> Result<PathBuf> {
         .arg(&layer)
         .arg("."))?;
     let diff_id = hex(&Sha256::digest(std::fs::read(&layer)?));
-    let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Entrypoint": spec.entrypoint,
-            "Cmd": spec.cmd,
-            "WorkingDir": "/",
-        },
-        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{diff_id}")] },
-    });
-    let config = serde_json::to_vec(&config)?;
+    let config = image_config(spec, &diff_id)?;
     let config_name = format!("{}.json", hex(&Sha256::digest(&config)));
     let archive_dir = out.join(format!("{stem}.archive"));
     let _ = std::fs::remove_dir_all(&archive_dir);
@@ -243,6 +235,44 @@ fn pack(out: &Path, spec: &Spec<'_>) -> Result<PathBuf> {
     std::fs::remove_dir_all(&archive_dir)?;
     std::fs::remove_dir_all(&rootfs)?;
     Ok(archive)
+}
+
+/// The image's files: a minimal /etc, busybox if asked for, its programs
+/// (each with the libraries it loads).
+fn fill_rootfs(rootfs: &Path, spec: &Spec<'_>) -> Result<()> {
+    let _ = std::fs::remove_dir_all(rootfs);
+    for dir in ["bin", "etc", "tmp", "usr/bin", "sbin", "uploads"] {
+        std::fs::create_dir_all(rootfs.join(dir))?;
+    }
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )?;
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    std::fs::write(rootfs.join("etc/nsswitch.conf"), "hosts: files dns\n")?;
+    if spec.busybox {
+        add_busybox(rootfs)?;
+    }
+    for (host, path) in &spec.files {
+        add_program(rootfs, host, path)?;
+    }
+    Ok(())
+}
+
+/// The OCI image config of one layer.
+fn image_config(spec: &Spec<'_>, diff_id: &str) -> Result<Vec<u8>> {
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Entrypoint": spec.entrypoint,
+            "Cmd": spec.cmd,
+            "WorkingDir": "/",
+        },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{diff_id}")] },
+    });
+    Ok(serde_json::to_vec(&config)?)
 }
 
 /// Debian's static busybox as /bin/busybox with a link per applet.
