@@ -164,6 +164,29 @@ fn chapters(
     live(traffic, Duration::from_secs(5));
 
     chapter("delete a pod");
+    report.healed_in = delete_a_pod(root, layout, traffic)?;
+
+    let metrics_before = latency::scrape()?;
+    chapter("scale 3 -> 5");
+    report.scaled_up_in = scale_up(layout, traffic)?;
+
+    chapter("scale 5 -> 2");
+    scale_down(root, layout, traffic)?;
+    report.programming = latency::quantiles(&metrics_before, &latency::scrape()?);
+
+    chapter("roll the Ferry DaemonSet, keep-alive connections open");
+    roll_ferry(layout, lb)?;
+    live(traffic, Duration::from_secs(2));
+
+    chapter("restart the API server");
+    restart_apiserver(layout, traffic)?;
+    Ok(report)
+}
+
+/// Deletes a pod: its endpoint leaves every node's maps, no new connection
+/// reaches it after that, and its replacement serves. Returns the time
+/// from the delete to the replacement serving.
+fn delete_a_pod(root: &Path, layout: &Layout, traffic: &Traffic) -> Result<Duration> {
     let before = pods(layout)?;
     let victim = before.iter().next().context("no pod")?.clone();
     let victim_ips = pod_ips(layout, std::slice::from_ref(&victim))?;
@@ -180,34 +203,39 @@ fn chapters(
     );
     let replacement = wait_new_pods(layout, &before, 1)?;
     wait_serving(traffic, &replacement, Duration::from_secs(90))?;
-    report.healed_in = deleted_at.elapsed();
+    let healed_in = deleted_at.elapsed();
     check_no_new_answers(traffic, &[victim], programmed)?;
     live(traffic, Duration::from_secs(2));
+    Ok(healed_in)
+}
 
-    let metrics_before = latency::scrape()?;
-    chapter("scale 3 -> 5");
+/// Scales 3 -> 5: the time until both new pods serve on every path.
+fn scale_up(layout: &Layout, traffic: &Traffic) -> Result<Duration> {
     let before = pods(layout)?;
     let scaled_at = Instant::now();
     scale(layout, 5)?;
     let added = wait_new_pods(layout, &before, 2)?;
     wait_serving(traffic, &added, Duration::from_secs(90))?;
-    report.scaled_up_in = scaled_at.elapsed();
+    let took = scaled_at.elapsed();
     live(traffic, Duration::from_secs(2));
+    Ok(took)
+}
 
-    chapter("scale 5 -> 2");
+/// Scales 5 -> 2: once the removed pods are out of the maps, no new
+/// connection reaches them.
+fn scale_down(root: &Path, layout: &Layout, traffic: &Traffic) -> Result<()> {
     let before = pods(layout)?;
     scale(layout, 2)?;
     let removed = wait_pods_gone_from_endpoints(layout, &before, 3)?;
     let programmed = wait_unprogrammed(root, layout, &pod_ips(layout, &removed)?)?;
     check_no_new_answers(traffic, &removed, programmed)?;
     live(traffic, Duration::from_secs(2));
-    report.programming = latency::quantiles(&metrics_before, &latency::scrape()?);
+    Ok(())
+}
 
-    chapter("roll the Ferry DaemonSet, keep-alive connections open");
-    roll_ferry(layout, lb)?;
-    live(traffic, Duration::from_secs(2));
-
-    chapter("restart the API server");
+/// Stops the API server for 10 s under traffic, starts it again, and
+/// checks Ferry serves a pod added after it came back.
+fn restart_apiserver(layout: &Layout, traffic: &Traffic) -> Result<()> {
     control::stop_apiserver(layout)?;
     live(traffic, Duration::from_secs(10));
     control::start_apiserver(layout)?;
@@ -216,7 +244,7 @@ fn chapters(
     let added = wait_new_pods(layout, &before, 1)?;
     wait_serving(traffic, &added, Duration::from_secs(90))?;
     println!("== Ferry reconnected: the pod added after the restart serves on every path");
-    Ok(report)
+    Ok(())
 }
 
 /// Prints the live table every two seconds for `d`.
@@ -241,31 +269,14 @@ fn roll_ferry(layout: &Layout, lb: &str) -> Result<()> {
             KeepAlive::open(CLIENT_NS, format!("{lb}:80").parse()?)?,
         ),
     ];
-    let mut cluster_ip = layout
+    let cluster_ip = layout
         .kubectl_ns(NS)
         .args(["exec", "client", "--", "sh", "-c"])
         .arg("curl -s --rate 5/s -w ' %{num_connects}\\n' $(for i in $(seq 1500); do echo http://echo/hostname; done)")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("starting the ClusterIP keep-alive client")?;
-    crate::host::sh(layout.kubectl().args([
-        "-n",
-        "kube-system",
-        "rollout",
-        "restart",
-        "daemonset/ferry",
-    ]))?;
-    let mut roll = layout
-        .kubectl()
-        .args([
-            "-n",
-            "kube-system",
-            "rollout",
-            "status",
-            "daemonset/ferry",
-            "--timeout=300s",
-        ])
-        .spawn()?;
+    let mut roll = rollout(layout)?;
     let started = Instant::now();
     loop {
         for (what, conn) in &mut conns {
@@ -284,8 +295,44 @@ fn roll_ferry(layout: &Layout, lb: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let _ = cluster_ip.kill();
-    let out = cluster_ip.wait_with_output()?;
+    let answers = cluster_ip_answers(cluster_ip)?;
+    println!(
+        "== Ferry rolled in {:.1} s; keep-alive connections kept: NodePort {} and LoadBalancer {} answers, ClusterIP {answers} answers on one connection",
+        started.elapsed().as_secs_f64(),
+        conns[0].1.answers,
+        conns[1].1.answers,
+    );
+    Ok(())
+}
+
+/// Restarts the Ferry DaemonSet; the returned `kubectl rollout status`
+/// ends when every node runs a new agent.
+fn rollout(layout: &Layout) -> Result<std::process::Child> {
+    crate::host::sh(layout.kubectl().args([
+        "-n",
+        "kube-system",
+        "rollout",
+        "restart",
+        "daemonset/ferry",
+    ]))?;
+    Ok(layout
+        .kubectl()
+        .args([
+            "-n",
+            "kube-system",
+            "rollout",
+            "status",
+            "daemonset/ferry",
+            "--timeout=300s",
+        ])
+        .spawn()?)
+}
+
+/// Stops the in-pod ClusterIP client and checks every answer after the
+/// first came on its one connection; returns how many answers it got.
+fn cluster_ip_answers(mut client: std::process::Child) -> Result<usize> {
+    let _ = client.kill();
+    let out = client.wait_with_output()?;
     let lines = String::from_utf8_lossy(&out.stdout).into_owned();
     // "<pod> <connections opened>" per answer; the last line may be cut.
     let connects: Vec<&str> = lines
@@ -296,12 +343,5 @@ fn roll_ferry(layout: &Layout, lb: &str) -> Result<()> {
     if connects.len() < 5 || connects.iter().skip(1).any(|c| *c != "0") {
         bail!("the ClusterIP keep-alive connection did not survive the rollout: {lines:?}");
     }
-    println!(
-        "== Ferry rolled in {:.1} s; keep-alive connections kept: NodePort {} and LoadBalancer {} answers, ClusterIP {} answers on one connection",
-        started.elapsed().as_secs_f64(),
-        conns[0].1.answers,
-        conns[1].1.answers,
-        connects.len()
-    );
-    Ok(())
+    Ok(connects.len())
 }
