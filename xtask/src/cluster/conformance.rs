@@ -61,6 +61,38 @@ fn skip_regex() -> String {
         .join("|")
 }
 
+/// ginkgo running the e2e binary from the client namespace against the
+/// cluster, with the test images from the local registry.
+fn ginkgo(layout: &Layout, focus: &str, report: &Path, repo_list: &Path) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{CLIENT_NS}"))
+        .arg(layout.program("ginkgo"))
+        .args(["--nodes=4", "--timeout=2h", "--no-color", "--silence-skips"])
+        .arg(format!("--focus={focus}"))
+        .arg(format!("--skip={}", skip_regex()))
+        .arg(format!(
+            "--junit-report={}",
+            report.join("junit.xml").display()
+        ))
+        .arg(layout.program("e2e.test"))
+        .arg("--")
+        .arg(format!(
+            "--kubeconfig={}",
+            layout.admin_kubeconfig().display()
+        ))
+        .arg(format!(
+            "--kubectl-path={}",
+            layout.program("kubectl").display()
+        ))
+        .arg("--provider=local")
+        // The schedulable nodes; without it the tests that need several
+        // nodes skip themselves ("Requires at least 2 nodes (not -1)").
+        .arg(format!("--num-nodes={}", super::NODES.len()))
+        .arg(format!("--kube-test-repo-list={}", repo_list.display()))
+        .arg(format!("--report-dir={}", report.display()));
+    cmd
+}
+
 pub fn run(root: &Path, layout: &Layout, selection: &Selection) -> Result<()> {
     if !layout.admin_kubeconfig().is_file() {
         bail!("no cluster is up (cargo xtask cluster up)");
@@ -89,32 +121,7 @@ pub fn run(root: &Path, layout: &Layout, selection: &Selection) -> Result<()> {
         Selection::Focus(re) => re.as_str(),
     };
     let started = Instant::now();
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{CLIENT_NS}"))
-        .arg(layout.program("ginkgo"))
-        .args(["--nodes=4", "--timeout=2h", "--no-color", "--silence-skips"])
-        .arg(format!("--focus={focus}"))
-        .arg(format!("--skip={}", skip_regex()))
-        .arg(format!(
-            "--junit-report={}",
-            report.join("junit.xml").display()
-        ))
-        .arg(layout.program("e2e.test"))
-        .arg("--")
-        .arg(format!(
-            "--kubeconfig={}",
-            layout.admin_kubeconfig().display()
-        ))
-        .arg(format!(
-            "--kubectl-path={}",
-            layout.program("kubectl").display()
-        ))
-        .arg("--provider=local")
-        // The schedulable nodes; without it the tests that need several
-        // nodes skip themselves ("Requires at least 2 nodes (not -1)").
-        .arg(format!("--num-nodes={}", super::NODES.len()))
-        .arg(format!("--kube-test-repo-list={}", repo_list.display()))
-        .arg(format!("--report-dir={}", report.display()));
+    let mut cmd = ginkgo(layout, focus, &report, &repo_list);
     let status = cmd.status().context("running ginkgo")?;
     let counts = junit_counts(&report.join("junit.xml"))?;
     println!(
