@@ -131,6 +131,24 @@ pub fn deb_installed(pkg: &str) -> bool {
 /// Installs what is missing. As root on Debian: apt packages and bpf-linker.
 /// Otherwise it only reports what is missing; the eBPF build then fails with
 /// the install command.
+/// Debian's kubectl (1.20, with kustomize built in) renders deploy/; a
+/// newer kubectl already on the machine is used as it is.
+fn install_kubectl() -> Result<()> {
+    eprintln!("xtask: installing kubectl (Debian package kubernetes-client)");
+    crate::run(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "kubernetes-client",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("installing kubernetes-client")
+}
+
 pub fn ensure() -> Result<()> {
     let missing = if is_debian() {
         apt_missing()
@@ -149,21 +167,7 @@ pub fn ensure() -> Result<()> {
         }
     }
     if find_on_path("kubectl").is_none() && is_debian() && is_root() {
-        // Debian's kubectl (1.20, with kustomize built in) renders deploy/;
-        // a newer kubectl already on the machine is used as it is.
-        eprintln!("xtask: installing kubectl (Debian package kubernetes-client)");
-        crate::run(
-            Command::new("apt-get")
-                .args([
-                    "install",
-                    "-y",
-                    "-qq",
-                    "--no-install-recommends",
-                    "kubernetes-client",
-                ])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-        .context("installing kubernetes-client")?;
+        install_kubectl()?;
     }
     if !kubernetes_validate_installed() && is_root() {
         eprintln!("xtask: installing kubernetes-validate {KUBERNETES_VALIDATE} (PyPI)");

@@ -8,16 +8,8 @@ use std::process::Command;
 
 use crate::{deps, ebpf};
 
-pub fn run(root: &Path) -> Result<()> {
-    let require = std::env::var("FERRY_REQUIRE_PRIVILEGED").as_deref() == Ok("1");
-    if require && !deps::is_root() {
-        bail!("FERRY_REQUIRE_PRIVILEGED=1 but not running as root: privileged tests cannot run");
-    }
-    deps::ensure()?;
-    ebpf::build(root).context("the eBPF build is part of every test run")?;
-
-    crate::deploy::check(root)?;
-
+/// rustfmt and clippy (-D warnings) on the workspace and the eBPF crate.
+fn lint(root: &Path) -> Result<()> {
     let cargo = deps::cargo();
     crate::run(
         Command::new(&cargo)
@@ -44,6 +36,21 @@ pub fn run(root: &Path) -> Result<()> {
             .args(["clippy", "--locked", "--", "-D", "warnings"])
             .env("CARGO_TARGET_DIR", root.join("target/ebpf-clippy")),
     )?;
+    Ok(())
+}
+
+pub fn run(root: &Path) -> Result<()> {
+    let require = std::env::var("FERRY_REQUIRE_PRIVILEGED").as_deref() == Ok("1");
+    if require && !deps::is_root() {
+        bail!("FERRY_REQUIRE_PRIVILEGED=1 but not running as root: privileged tests cannot run");
+    }
+    deps::ensure()?;
+    ebpf::build(root).context("the eBPF build is part of every test run")?;
+
+    crate::deploy::check(root)?;
+
+    lint(root)?;
+    let cargo = deps::cargo();
     // Unit tests and integration tests (privileged ones run because we are
     // root; with FERRY_REQUIRE_PRIVILEGED=1 they fail rather than skip).
     crate::run(

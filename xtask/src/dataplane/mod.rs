@@ -147,9 +147,8 @@ struct Args {
     repeats_given: bool,
 }
 
-fn parse_args(args: &[String]) -> Result<Args> {
-    let quick = args.iter().any(|a| a == "--quick");
-    // --rows a,b: only these (the baselines always run).
+/// `--rows a,b`: only these (the baselines always run); all without it.
+fn rows_wanted(args: &[String]) -> Result<Vec<Row>> {
     let only: Option<Vec<String>> = args
         .iter()
         .position(|a| a == "--rows")
@@ -163,13 +162,18 @@ fn parse_args(args: &[String]) -> Result<Args> {
             }
         }
     }
-    let rows: Vec<Row> = Row::ALL
+    Ok(Row::ALL
         .into_iter()
         .filter(|r| {
             only.as_ref()
                 .is_none_or(|o| o.iter().any(|k| k == r.key()) || *r == r.baseline())
         })
-        .collect();
+        .collect())
+}
+
+fn parse_args(args: &[String]) -> Result<Args> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let rows = rows_wanted(args)?;
     let flag = |name: &str| -> Result<Option<u64>> {
         match args.iter().position(|a| a == name) {
             None => Ok(None),
