@@ -163,6 +163,50 @@ fn hostnames(text: &str) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
+/// NodePort 30080 on every node's InternalIP answers from an echo pod.
+fn nodeports_answer() -> Result<()> {
+    let nodes = output(kubectl().args([
+        "get", "nodes", "-o",
+        "jsonpath={range .items[*]}{.status.addresses[?(@.type==\"InternalIP\")].address}{\"\\n\"}{end}",
+    ]))?;
+    for ip in nodes.lines().filter(|l| !l.is_empty()) {
+        let body = output(Command::new("curl").args([
+            "-s",
+            "--max-time",
+            "3",
+            &format!("http://{ip}:30080/hostname"),
+        ]))?;
+        eprintln!("xtask: NodePort {ip}:30080 from the host -> {body}");
+        if !body.starts_with("echo-") {
+            bail!("NodePort {ip}:30080 answered {body:?}");
+        }
+    }
+    Ok(())
+}
+
+/// The LoadBalancer address Ferry's allocator gives echo-lb (waits 60 s).
+fn lb_address() -> Result<String> {
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
+        let ip = output(kubectl().args([
+            "-n",
+            "ferry-smoke",
+            "get",
+            "service",
+            "echo-lb",
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].ip}",
+        ]))?;
+        if !ip.is_empty() {
+            return Ok(ip);
+        }
+        if Instant::now() > deadline {
+            bail!("Service ferry-smoke/echo-lb got no LoadBalancer address in 60 s (is a FerryLoadBalancerIPPool defined? docs/kind.md)");
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
 fn smoke(root: &Path) -> Result<()> {
     crate::run(
         kubectl()
@@ -195,43 +239,10 @@ fn smoke(root: &Path) -> Result<()> {
     }
 
     // NodePort on every node's address, from the host (the TC path).
-    let nodes = output(kubectl().args([
-        "get", "nodes", "-o",
-        "jsonpath={range .items[*]}{.status.addresses[?(@.type==\"InternalIP\")].address}{\"\\n\"}{end}",
-    ]))?;
-    for ip in nodes.lines().filter(|l| !l.is_empty()) {
-        let body = output(Command::new("curl").args([
-            "-s",
-            "--max-time",
-            "3",
-            &format!("http://{ip}:30080/hostname"),
-        ]))?;
-        eprintln!("xtask: NodePort {ip}:30080 from the host -> {body}");
-        if !body.starts_with("echo-") {
-            bail!("NodePort {ip}:30080 answered {body:?}");
-        }
-    }
+    nodeports_answer()?;
 
     // LoadBalancer: an address from Ferry's allocator, reached from the host.
-    let deadline = Instant::now() + Duration::from_mins(1);
-    let lb = loop {
-        let ip = output(kubectl().args([
-            "-n",
-            "ferry-smoke",
-            "get",
-            "service",
-            "echo-lb",
-            "-o",
-            "jsonpath={.status.loadBalancer.ingress[0].ip}",
-        ]))?;
-        if !ip.is_empty() {
-            break ip;
-        }
-        if Instant::now() > deadline {
-            bail!("Service ferry-smoke/echo-lb got no LoadBalancer address in 60 s (is a FerryLoadBalancerIPPool defined? docs/kind.md)");
-        }
-        std::thread::sleep(Duration::from_secs(2));
-    };
+    let lb = lb_address()?;
     let body = output(Command::new("curl").args([
         "-s",
         "--max-time",
