@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)] // pure: values in, values out (ARCHITECTURE.md)
 
+mod annotations;
 mod node;
 mod service;
 mod slice;
