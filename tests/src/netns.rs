@@ -1,101 +1,10 @@
-//! Network namespaces created by a test, named with a per-test unique
-//! prefix and deleted on drop (also when the test panics).
+//! Network namespaces created by a test (the shared `ferry-netns` crate:
+//! per-test unique names, deleted on drop, also when the test panics), and
+//! the topologies the dataplane tests build from them.
 
-use anyhow::{bail, Context, Result};
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
+use anyhow::Result;
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-#[derive(Debug)]
-pub struct Netns {
-    name: String,
-}
-
-impl Netns {
-    /// Creates `ferry-<tag>-<pid>-<n>` with its loopback up.
-    pub fn new(tag: &str) -> Result<Netns> {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("ferry-{tag}-{}-{n}", std::process::id());
-        ip(&["netns", "add", &name])?;
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Runs `ip -n <ns> ARGS`.
-    pub fn ip(&self, args: &[&str]) -> Result<Output> {
-        let mut full = vec!["-n", &self.name];
-        full.extend_from_slice(args);
-        ip(&full)
-    }
-
-    /// Runs a program inside the namespace; fails on a non-zero exit.
-    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, program])
-            .args(args)
-            .output()
-            .with_context(|| format!("running {program} in {}", self.name))?;
-        if !out.status.success() {
-            bail!(
-                "{program} {args:?} in {} failed: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(out)
-    }
-
-    /// Runs `f` on a new thread whose network namespace is this one (setns
-    /// is per thread for network namespaces) and returns its result.
-    pub fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let path = format!("/var/run/netns/{}", self.name);
-        let handle = std::thread::spawn(move || -> Result<T> {
-            let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                bail!("setns({path}): {}", std::io::Error::last_os_error());
-            }
-            f()
-        });
-        match handle.join() {
-            Ok(r) => r,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    }
-
-    /// A veth pair between `self` and `peer`, addressed and up.
-    pub fn veth_to(&self, peer: &Netns, link: VethLink<'_>) -> Result<()> {
-        self.ip(&[
-            "link",
-            "add",
-            link.local,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            link.remote,
-            "netns",
-            &peer.name,
-        ])?;
-        self.ip(&["addr", "add", link.local_cidr, "dev", link.local])?;
-        peer.ip(&["addr", "add", link.remote_cidr, "dev", link.remote])?;
-        self.ip(&["link", "set", link.local, "up"])?;
-        peer.ip(&["link", "set", link.remote, "up"])?;
-        Ok(())
-    }
-}
+pub use ferry_netns::{Netns, VethLink};
 
 /// The topology most dataplane tests use: a client namespace with
 /// 198.18.`net`.1/24 and a backend namespace with 198.18.`net`.2/24 and
@@ -188,36 +97,4 @@ impl TcTopology {
             Ok(ebpf)
         })
     }
-}
-
-/// Names and addresses of the two ends of a veth pair.
-#[derive(Debug, Clone, Copy)]
-pub struct VethLink<'a> {
-    pub local: &'a str,
-    pub local_cidr: &'a str,
-    pub remote: &'a str,
-    pub remote_cidr: &'a str,
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.name]) {
-            eprintln!("warning: removing network namespace {}: {e:#}", self.name);
-        }
-    }
-}
-
-fn ip(args: &[&str]) -> Result<Output> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .with_context(|| format!("running ip {args:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(out)
 }

@@ -1,11 +1,13 @@
 //! Host plumbing shared by the demo and the dataplane benchmark: `ip`
-//! commands, a namespace port on a bridge, stopping a child process, the
-//! cgroup2 mount.
+//! commands, stopping a child process, the cgroup2 mount (namespaces: the
+//! `ferry-netns` crate the tests use too).
 
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
+
+pub use ferry_netns::bridge_port;
 
 /// Runs a command; its stdout, or an error with its stderr.
 pub fn sh(cmd: &mut Command) -> Result<String> {
@@ -22,28 +24,6 @@ pub fn sh(cmd: &mut Command) -> Result<String> {
 /// `ip ARGS`.
 pub fn ip(args: &[&str]) -> Result<String> {
     sh(Command::new("ip").args(args))
-}
-
-/// Connects namespace `ns` to bridge `br0` of namespace `node`: a veth
-/// `host_if` (in `node`, a port of br0) to `eth0` (in `ns`) holding
-/// `cidr`, with a default route via `gateway` when given.
-pub fn bridge_port(
-    node: &str,
-    host_if: &str,
-    ns: &str,
-    cidr: &str,
-    gateway: Option<&str>,
-) -> Result<()> {
-    ip(&[
-        "-n", node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns,
-    ])?;
-    ip(&["-n", node, "link", "set", host_if, "master", "br0", "up"])?;
-    ip(&["-n", ns, "addr", "add", cidr, "dev", "eth0"])?;
-    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-    if let Some(gw) = gateway {
-        ip(&["-n", ns, "route", "add", "default", "via", gw])?;
-    }
-    Ok(())
 }
 
 /// SIGTERM, up to `grace` for the child to exit, then SIGKILL; reaped.

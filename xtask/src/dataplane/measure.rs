@@ -5,9 +5,8 @@ use super::rows::{Metric, Row};
 use super::setup::client_cmd;
 use super::topo::Topo;
 use super::Settings;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -250,11 +249,7 @@ pub(super) fn idle_memory(t: &Topo, proc_name: &str, target: &str) -> Result<f64
     let ns = format!("/var/run/netns/{}", t.client());
     let addr: std::net::SocketAddr = target.parse()?;
     let conns = std::thread::spawn(move || -> Result<Vec<std::net::TcpStream>> {
-        let f = File::open(&ns)?;
-        // SAFETY: setns on a valid namespace fd changes only this thread.
-        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {ns}: {}", std::io::Error::last_os_error());
-        }
+        ferry_netns::enter(&ns)?;
         let mut v = Vec::with_capacity(IDLE_CONNECTIONS);
         for _ in 0..IDLE_CONNECTIONS {
             v.push(std::net::TcpStream::connect_timeout(

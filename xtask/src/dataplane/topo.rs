@@ -5,6 +5,7 @@ use super::rows::Row;
 use super::BACKENDS;
 use crate::host::{bridge_port, ip, sh, terminate};
 use anyhow::{Context, Result};
+use ferry_netns::Netns;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use std::time::Duration;
 pub(super) struct Topo {
     pub(super) tag: String,
     pub(super) dir: PathBuf,
-    pub(super) namespaces: Vec<String>,
+    pub(super) namespaces: Vec<Netns>,
     pub(super) procs: Vec<(String, Child)>,
     /// cgroups the harness made: one per eBPF row (its socket programs act
     /// there) and one for the from-node baseline (same depth, no programs).
@@ -30,12 +31,7 @@ pub(super) fn ns_name(tag: &str, n: &str) -> String {
     format!("{tag}-{n}")
 }
 
-/// `program` in the namespace `ns`.
-pub(super) fn ns_exec(ns: &str, program: &str) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns, program]);
-    c
-}
+pub(super) use ferry_netns::command_in as ns_exec;
 
 impl Topo {
     pub(super) fn node(&self) -> String {
@@ -47,10 +43,9 @@ impl Topo {
     }
 
     pub(super) fn add_ns(&mut self, n: &str) -> Result<String> {
-        let name = ns_name(&self.tag, n);
-        ip(&["netns", "add", &name])?;
-        self.namespaces.push(name.clone());
-        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        let ns = Netns::named(&ns_name(&self.tag, n))?;
+        let name = ns.name().to_string();
+        self.namespaces.push(ns);
         // Before any socket exists: sockets take the namespace's default
         // when they are created.
         if let Some(cc) = &self.congestion {
@@ -198,9 +193,8 @@ impl Drop for Topo {
         for (_, cg) in std::mem::take(&mut self.cgroups) {
             let _ = std::fs::remove_dir(&cg);
         }
-        for ns in self.namespaces.drain(..) {
-            let _ = ip(&["netns", "del", &ns]);
-        }
+        // Deleted on drop.
+        self.namespaces.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -7,18 +7,16 @@
 //! or Ctrl-C. Without root (or with `--userspace`) the same story runs on
 //! loopback with the userspace dataplane: no namespace, no privilege.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
-use std::fs::File;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::host::{cgroup2_root, ip};
+use crate::host::cgroup2_root;
 use crate::{deps, ebpf};
 
 mod start;
@@ -102,7 +100,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
 /// Everything the demo created, removed by `cleanup` (or on drop).
 struct Demo {
     tag: String,
-    namespaces: Vec<String>,
+    namespaces: Vec<Netns>,
     dir: PathBuf,
     pins: PathBuf,
     cgroup: Option<PathBuf>,
@@ -114,23 +112,7 @@ struct Demo {
     net: &'static Net,
 }
 
-/// Runs `f` on a thread inside network namespace `ns`.
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-        // SAFETY: setns on a valid namespace fd changes only this thread.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {path}: {}", std::io::Error::last_os_error());
-        }
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
-}
+use ferry_netns::{run_in as in_netns, Netns};
 
 impl Demo {
     fn new(tag: &str, userspace: bool) -> Result<Demo> {
@@ -160,10 +142,9 @@ impl Demo {
     }
 
     fn netns(&mut self, name: &str) -> Result<String> {
-        let full = format!("{}-{name}", self.tag);
-        ip(&["netns", "add", &full])?;
-        self.namespaces.push(full.clone());
-        ip(&["-n", &full, "link", "set", "lo", "up"])?;
+        let ns = Netns::named(&format!("{}-{name}", self.tag))?;
+        let full = ns.name().to_string();
+        self.namespaces.push(ns);
         Ok(full)
     }
 
@@ -316,9 +297,8 @@ impl Demo {
             );
             let _ = std::fs::remove_dir(&cg);
         }
-        for ns in self.namespaces.drain(..) {
-            let _ = ip(&["netns", "del", &ns]);
-        }
+        // Deleted on drop.
+        self.namespaces.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
         println!("== cleaned up: namespaces, cgroup, pinned maps and links, ferry");
     }

@@ -3,10 +3,8 @@
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -68,12 +66,7 @@ pub(super) fn traffic(
 ) -> std::thread::JoinHandle<Result<()>> {
     std::thread::spawn(move || {
         if let Some(node_ns) = node_ns {
-            let path = format!("/var/run/netns/{node_ns}");
-            let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-            // SAFETY: setns on a valid namespace fd changes only this thread.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns {path}: {}", std::io::Error::last_os_error());
-            }
+            ferry_netns::enter(&format!("/var/run/netns/{node_ns}"))?;
         }
         for i in 0..count {
             if INTERRUPTED.load(Ordering::Relaxed) {
