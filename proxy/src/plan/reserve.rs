@@ -6,7 +6,8 @@ use crate::model::{BackendAddr, DesiredFrontend, FrontendKey};
 use crate::translate::DesiredState;
 
 use super::planner::Planner;
-use super::{BackendId, FrontendId, PlanError};
+use super::{BackendId, FrontendId, IdAllocator, PlanError};
+use crate::model::FastSet;
 
 impl Planner<'_> {
     /// How many services-map entries `f` adds over what it has (its master
@@ -119,20 +120,12 @@ impl Planner<'_> {
             return None;
         }
         let new = &self.new_frontends;
-        let taken = &mut self.taken_frontends;
-        // IDs handed out this plan need a lookup only once the allocator has
-        // gone round every ID (the map is nearly full): the set is built
-        // then, once per plan.
-        let id = FrontendId(self.alloc.frontends.allocate_in_round(|i, may_repeat| {
-            applied.rev_nat.contains_key(&FrontendId(i))
-                || (may_repeat
-                    && taken
-                        .get_or_insert_with(|| new.values().map(|f| f.0).collect())
-                        .contains(&i))
-        })?);
-        if let Some(t) = self.taken_frontends.as_mut() {
-            t.insert(id.0);
-        }
+        let id = FrontendId(fresh_id(
+            &mut self.alloc.frontends,
+            |i| applied.rev_nat.contains_key(&FrontendId(i)),
+            &mut self.taken_frontends,
+            || new.values().map(|f| f.0).collect(),
+        )?);
         self.new_frontends.insert(*key, id);
         Some(id)
     }
@@ -155,18 +148,37 @@ impl Planner<'_> {
             return None;
         }
         let new = &self.new_backends;
-        let taken = &mut self.taken_backends;
-        let id = BackendId(self.alloc.backends.allocate_in_round(|i, may_repeat| {
-            applied.backends.contains_key(&BackendId(i))
-                || (may_repeat
-                    && taken
-                        .get_or_insert_with(|| new.values().map(|b| b.0).collect())
-                        .contains(&i))
-        })?);
-        if let Some(t) = self.taken_backends.as_mut() {
-            t.insert(id.0);
-        }
+        let id = BackendId(fresh_id(
+            &mut self.alloc.backends,
+            |i| applied.backends.contains_key(&BackendId(i)),
+            &mut self.taken_backends,
+            || new.values().map(|b| b.0).collect(),
+        )?);
         self.new_backends.insert(*addr, id);
         Some((id, true))
     }
+}
+
+/// A new ID from `alloc` that neither the maps (`in_maps`) nor this plan
+/// hold. IDs handed out this plan need a lookup only once the allocator
+/// has gone round every ID (the map is nearly full): `taken` is built then,
+/// once per plan, from `new_ids`.
+fn fresh_id(
+    alloc: &mut IdAllocator,
+    in_maps: impl Fn(u32) -> bool,
+    taken: &mut Option<FastSet<u32>>,
+    new_ids: impl FnOnce() -> FastSet<u32>,
+) -> Option<u32> {
+    let mut new_ids = Some(new_ids);
+    let id = alloc.allocate_in_round(|i, may_repeat| {
+        in_maps(i)
+            || (may_repeat
+                && taken
+                    .get_or_insert_with(|| new_ids.take().map(|f| f()).unwrap_or_default())
+                    .contains(&i))
+    })?;
+    if let Some(t) = taken.as_mut() {
+        t.insert(id);
+    }
+    Some(id)
 }
