@@ -27,3 +27,14 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// The preamble of an eBPF test: returns from it unless it may run
+/// privileged with the eBPF object (see [`require_privileged`]).
+#[macro_export]
+macro_rules! needs_ebpf {
+    ($test:expr) => {
+        if !$crate::require_privileged($test, $crate::ebpf_object()) {
+            return;
+        }
+    };
+}

@@ -9,7 +9,6 @@ use ferry_proxy::model::{L4Addr, Protocol};
 use ferry_proxy::plan::{AppliedState, BackendEntry, BackendId, MapOp};
 use ferry_tests::bpf::PinDir;
 use ferry_tests::objects::{service, slice};
-use ferry_tests::require_privileged;
 
 fn sorted(mut ops: Vec<MapOp>) -> Vec<String> {
     let mut out: Vec<String> = ops
@@ -25,12 +24,7 @@ fn sorted(mut ops: Vec<MapOp>) -> Vec<String> {
 /// are equal, entry for entry.
 #[test]
 fn batched_writes_equal_single_writes() {
-    if !require_privileged(
-        "batched_writes_equal_single_writes",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("batched_writes_equal_single_writes");
     let pins = PinDir::new("batch").unwrap();
     drop(ferry_proxy::ebpf::open(pins.path(), &MapCapacities::default()).unwrap());
     let mut bpf = ferry_tests::objects::bpf_agent(pins.path());
@@ -66,12 +60,7 @@ fn batched_writes_equal_single_writes() {
 /// one batch), the 65th is reported as the map being full.
 #[test]
 fn a_batch_into_a_full_map_stops_at_the_right_op() {
-    if !require_privileged(
-        "a_batch_into_a_full_map_stops_at_the_right_op",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("a_batch_into_a_full_map_stops_at_the_right_op");
     let pins = PinDir::new("batchfull").unwrap();
     let caps = MapCapacities {
         backends: 64,

@@ -6,16 +6,14 @@
 use anyhow::Result;
 use ferry_common::counters::TrafficClass;
 use ferry_tests::netns::VethLink;
-use ferry_tests::{require_privileged, Netns};
+use ferry_tests::Netns;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 #[test]
 fn verifier_accepts_every_program() {
-    if !require_privileged("verifier_accepts_every_program", ferry_tests::ebpf_object()) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("verifier_accepts_every_program");
     let ns = Netns::new("verify").unwrap();
     let names = ns
         .run(|| {
@@ -37,12 +35,7 @@ fn verifier_accepts_every_program() {
 
 #[test]
 fn tc_ingress_counts_tcp_udp_and_icmp() {
-    if !require_privileged(
-        "tc_ingress_counts_tcp_udp_and_icmp",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("tc_ingress_counts_tcp_udp_and_icmp");
     let server = Netns::new("tcsrv").unwrap();
     let client = Netns::new("tccli").unwrap();
     server

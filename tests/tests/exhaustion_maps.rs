@@ -14,19 +14,14 @@ use ferry_proxy::ebpf::status::{fill_warnings, EbpfStatus};
 use ferry_tests::bpf::PinDir;
 use ferry_tests::objects::{service, slice, sync};
 use ferry_tests::packets::{parse, tcp, udp, TcRunner, TCP_SYN, TC_ACT_OK};
-use ferry_tests::{agent_config, require_privileged, Netns};
+use ferry_tests::{agent_config, Netns};
 
 const NODE: [u8; 4] = [198, 18, 20, 1];
 const BACKEND: [u8; 4] = [198, 18, 21, 2];
 
 #[test]
 fn full_conntrack_and_affinity_maps_evict_the_oldest_and_serve_the_new() {
-    if !require_privileged(
-        "full_conntrack_and_affinity_maps_evict_the_oldest_and_serve_the_new",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("full_conntrack_and_affinity_maps_evict_the_oldest_and_serve_the_new");
     let caps = MapCapacities {
         conntrack: 4096,
         affinity: 4096,

@@ -35,12 +35,7 @@ fn parser_targets_replay_their_kept_inputs() {
 
 #[test]
 fn packet_target_replays_its_kept_inputs() {
-    if !ferry_tests::require_privileged(
-        "packet_target_replays_its_kept_inputs",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("packet_target_replays_its_kept_inputs");
     let mut oracle = ferry_tests::fuzz_packets::PacketOracle::new().unwrap();
     let files = inputs("tc_packets");
     assert!(files.len() >= 20, "{files:?}");

@@ -17,7 +17,7 @@ use ferry_proxy::datapath::{BpfMaps, LbMaps, MapCapacities};
 use ferry_proxy::plan::AppliedState;
 use ferry_tests::agent::EbpfAgent;
 use ferry_tests::bpf::{PinDir, TestCgroup};
-use ferry_tests::{require_privileged, KillOnDrop};
+use ferry_tests::KillOnDrop;
 
 const SERVICES: u32 = 2_000;
 
@@ -231,12 +231,7 @@ fn full_sync(maps: Box<dyn LbMaps + Send>) -> Result<(), String> {
 
 #[test]
 fn a_full_sync_cut_at_any_point_converges_on_the_next_start() {
-    if !require_privileged(
-        "a_full_sync_cut_at_any_point_converges_on_the_next_start",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("a_full_sync_cut_at_any_point_converges_on_the_next_start");
     // The maps pinned as the agent's start pins them.
     let pinned = |tag| {
         let pins = PinDir::new(tag).unwrap();

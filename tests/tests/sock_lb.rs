@@ -19,7 +19,7 @@ use ferry_proxy::source::SourceEvent;
 use ferry_tests::bpf::{PinDir, TestCgroup};
 use ferry_tests::netns::client_and_backends;
 use ferry_tests::servers::Servers;
-use ferry_tests::{require_privileged, Netns};
+use ferry_tests::Netns;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -121,12 +121,7 @@ fn sync(agent: &mut Agent, services: &[Service], slices: &[EndpointSlice]) {
 
 #[test]
 fn clusterip_tcp_udp_reject_and_endpoint_change() {
-    if !require_privileged(
-        "clusterip_tcp_udp_reject_and_endpoint_change",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("clusterip_tcp_udp_reject_and_endpoint_change");
     let (srv, cli) = client_and_backends("sl", 1).unwrap();
     let (tcp, udp) = srv
         .run(|| {
@@ -232,12 +227,7 @@ fn clusterip_tcp_udp_reject_and_endpoint_change() {
 /// on one backend and move to a live one once theirs is removed.
 #[test]
 fn affinity_and_udp_move_off_a_removed_backend() {
-    if !require_privileged(
-        "affinity_and_udp_move_off_a_removed_backend",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("affinity_and_udp_move_off_a_removed_backend");
     let (srv, cli) = client_and_backends("af", 4).unwrap();
     let (tcp, udp) = srv
         .run(|| {
@@ -354,12 +344,7 @@ fn affinity_and_udp_move_off_a_removed_backend() {
 /// within a second.
 #[test]
 fn connected_udp_socket_of_a_removed_backend_is_closed() {
-    if !require_privileged(
-        "connected_udp_socket_of_a_removed_backend_is_closed",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("connected_udp_socket_of_a_removed_backend_is_closed");
     let (srv, cli) = client_and_backends("cu", 5).unwrap();
     let udp = srv
         .run(|| {
@@ -454,12 +439,7 @@ fn connected_udp_socket_of_a_removed_backend_is_closed() {
 #[test]
 fn external_frontends_and_internal_local_from_the_node() {
     use ferry_tests::objects;
-    if !require_privileged(
-        "external_frontends_and_internal_local_from_the_node",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("external_frontends_and_internal_local_from_the_node");
     let (srv, cli) = client_and_backends("ex", 6).unwrap();
     let tcp = srv
         .run(|| {

@@ -15,7 +15,7 @@ use ferry_tests::packets::{
     parse, tcp, udp, TcRunner, CLIENT_MAC, NODE_MAC, TCP_ACK, TCP_RST, TCP_SYN, TC_ACT_OK,
     TC_ACT_REDIRECT, TC_ACT_SHOT,
 };
-use ferry_tests::{require_privileged, Netns};
+use ferry_tests::Netns;
 
 const CLIENT: [u8; 4] = [198, 18, 20, 2];
 const NODE: [u8; 4] = [198, 18, 20, 1];
@@ -25,9 +25,7 @@ const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
 
 #[test]
 fn tc_ingress_packet_fixtures() {
-    if !require_privileged("tc_ingress_packet_fixtures", ferry_tests::ebpf_object()) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("tc_ingress_packet_fixtures");
     let pins = PinDir::new("fix").unwrap();
     let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &MapCapacities::default()).unwrap();
     TcRunner::load(&mut ebpf).unwrap();
@@ -226,12 +224,7 @@ fn tc_ingress_packet_fixtures() {
 /// port another client now holds (which broke both connections).
 #[test]
 fn reused_snat_port_takes_the_old_forward_entry_with_it() {
-    if !require_privileged(
-        "reused_snat_port_takes_the_old_forward_entry_with_it",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("reused_snat_port_takes_the_old_forward_entry_with_it");
     let pins = PinDir::new("fixsnat").unwrap();
     let mut ebpf = ferry_proxy::ebpf::open(pins.path(), &MapCapacities::default()).unwrap();
     TcRunner::load(&mut ebpf).unwrap();

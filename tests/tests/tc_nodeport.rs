@@ -59,12 +59,7 @@ fn udp_ask(s: &UdpSocket, to: &str) -> Option<(SocketAddr, String)> {
 
 #[test]
 fn nodeport_loadbalancer_and_externalip_through_tc() {
-    if !require_privileged(
-        "nodeport_loadbalancer_and_externalip_through_tc",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("nodeport_loadbalancer_and_externalip_through_tc");
     let t = TcTopology::new("tn").unwrap();
     let (tcp, udp) = t
         .srv
@@ -326,12 +321,7 @@ fn nodeport_loadbalancer_and_externalip_through_tc() {
 /// (the backend drains) while new connections go to the ready one.
 #[test]
 fn tcp_drains_from_a_terminating_backend() {
-    if !require_privileged(
-        "tcp_drains_from_a_terminating_backend",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("tcp_drains_from_a_terminating_backend");
     let t = TcTopology::new("td").unwrap();
     let backends = t
         .srv

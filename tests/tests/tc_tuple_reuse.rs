@@ -15,7 +15,7 @@ use ferry_proxy::datapath::MapCapacities;
 use ferry_tests::bpf::PinDir;
 use ferry_tests::objects::{service, slice, sync};
 use ferry_tests::packets::{parse, tcp, Parsed, TcRunner, TCP_ACK, TCP_SYN};
-use ferry_tests::{require_privileged, Netns};
+use ferry_tests::Netns;
 
 const CLIENT: [u8; 4] = [198, 18, 20, 2];
 const NODE: [u8; 4] = [198, 18, 20, 1];
@@ -72,12 +72,7 @@ fn open_and_close(run: &mut TcRunner<'_>, port: u16, frontend: ([u8; 4], u16)) {
 
 #[test]
 fn a_reopened_flow_replies_from_its_own_frontend() {
-    if !require_privileged(
-        "a_reopened_flow_replies_from_its_own_frontend",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("a_reopened_flow_replies_from_its_own_frontend");
     let (_pins, mut ebpf, ns) = setup("tuplereopen");
     let mut run = TcRunner {
         ebpf: &mut ebpf,
@@ -93,12 +88,7 @@ fn a_reopened_flow_replies_from_its_own_frontend() {
 
 #[test]
 fn a_client_port_in_two_live_flows_to_one_backend_is_remapped() {
-    if !require_privileged(
-        "a_client_port_in_two_live_flows_to_one_backend_is_remapped",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("a_client_port_in_two_live_flows_to_one_backend_is_remapped");
     let (pins, mut ebpf, ns) = setup("tupleclash");
     let mut run = TcRunner {
         ebpf: &mut ebpf,

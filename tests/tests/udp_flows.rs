@@ -21,7 +21,7 @@ use ferry_tests::bpf::{PinDir, TestCgroup};
 use ferry_tests::netns::{client_and_backends, TcTopology};
 use ferry_tests::objects::{service, slice, sync};
 use ferry_tests::servers::Servers;
-use ferry_tests::{require_privileged, Netns};
+use ferry_tests::Netns;
 
 /// What happens to the Service while the flow runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,12 +152,7 @@ fn udp_backends(srv: &Netns) -> Servers {
 
 #[test]
 fn udp_flows_leave_the_old_backend_through_tc_conntrack() {
-    if !require_privileged(
-        "udp_flows_leave_the_old_backend_through_tc_conntrack",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("udp_flows_leave_the_old_backend_through_tc_conntrack");
     let t = TcTopology::new("uf").unwrap();
     let _servers = udp_backends(&t.srv);
     let pins = PinDir::new("uf").unwrap();
@@ -229,12 +224,7 @@ fn spawn_client(cg: &TestCgroup, ns: &Netns, mode: &str, to: &str) -> Receiver<L
 
 #[test]
 fn udp_flows_leave_the_old_backend_through_socket_balancing() {
-    if !require_privileged(
-        "udp_flows_leave_the_old_backend_through_socket_balancing",
-        ferry_tests::ebpf_object(),
-    ) {
-        return;
-    }
+    ferry_tests::needs_ebpf!("udp_flows_leave_the_old_backend_through_socket_balancing");
     // Backends 198.18.21.2 and .3, as in the TC topology.
     let (srv, cli) = client_and_backends("us", 21).unwrap();
     let _servers = udp_backends(&srv);
