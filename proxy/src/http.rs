@@ -199,46 +199,95 @@ pub fn route(path: &str, what: Endpoints, metrics: &Metrics, health_timeout: Dur
     }
 }
 
+/// Why [`get`] got no body; each names the address and path.
+#[derive(Debug, thiserror::Error)]
+pub enum GetError {
+    #[error("{0:?} is not ADDRESS:PORT")]
+    Address(String),
+    #[error("a runtime for {addr}: {source}")]
+    Runtime {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr}{path}: {source}")]
+    Http {
+        addr: String,
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{addr}{path}: {status}")]
+    Status {
+        addr: String,
+        path: String,
+        status: StatusCode,
+    },
+    #[error("{addr}{path}: no answer in 5 s")]
+    Timeout { addr: String, path: String },
+}
+
 /// A GET of `path` on `addr` (ADDRESS:PORT), as `ferry services` and the
 /// tests ask the agent: the body of a 200, else an error naming the status.
-pub fn get(addr: &str, path: &str) -> Result<String, String> {
-    let sock: SocketAddr = addr
-        .parse()
-        .map_err(|_| format!("{addr:?} is not ADDRESS:PORT"))?;
+pub fn get(addr: &str, path: &str) -> Result<String, GetError> {
+    let sock: SocketAddr = addr.parse().map_err(|_| GetError::Address(addr.into()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("a runtime for {addr}: {e}"))?;
+        .map_err(|source| GetError::Runtime {
+            addr: addr.into(),
+            source,
+        })?;
+    let http = |source: Box<dyn std::error::Error + Send + Sync>| GetError::Http {
+        addr: addr.into(),
+        path: path.into(),
+        source,
+    };
     let fetch = async {
         let stream = tokio::net::TcpStream::connect(sock)
             .await
-            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+            .map_err(|source| GetError::Connect {
+                addr: addr.into(),
+                source,
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| format!("{addr}: {e}"))?;
+            .map_err(|e| http(e.into()))?;
         tokio::spawn(conn);
         let req = Request::get(path)
             .header(hyper::header::HOST, addr)
             .body(http_body_util::Empty::<Bytes>::new())
-            .map_err(|e| format!("{addr}{path}: {e}"))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("{addr}{path}: {e}"))?;
+            .map_err(|e| http(e.into()))?;
+        let resp = sender.send_request(req).await.map_err(|e| http(e.into()))?;
         let status = resp.status();
         let body = http_body_util::BodyExt::collect(resp.into_body())
             .await
-            .map_err(|e| format!("{addr}{path}: {e}"))?
+            .map_err(|e| http(e.into()))?
             .to_bytes();
         if status != StatusCode::OK {
-            return Err(format!("{addr}{path}: {status}"));
+            return Err(GetError::Status {
+                addr: addr.into(),
+                path: path.into(),
+                status,
+            });
         }
-        String::from_utf8(body.to_vec()).map_err(|e| format!("{addr}{path}: {e}"))
+        String::from_utf8(body.to_vec()).map_err(|e| http(e.into()))
     };
     rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(5), fetch)
             .await
-            .unwrap_or_else(|_| Err(format!("{addr}{path}: no answer in 5 s")))
+            .unwrap_or_else(|_| {
+                Err(GetError::Timeout {
+                    addr: addr.into(),
+                    path: path.into(),
+                })
+            })
     })
 }
 
@@ -323,9 +372,12 @@ mod tests {
         }));
         let addr = serving.local.to_string();
         assert_eq!(get(&addr, "/ok").unwrap(), "fine");
-        let err = get(&addr, "/down").unwrap_err();
+        let err = get(&addr, "/down").unwrap_err().to_string();
         assert!(err.contains("503 Service Unavailable"), "{err}");
-        assert!(get("localhost", "/").unwrap_err().contains("ADDRESS:PORT"));
+        assert!(get("localhost", "/")
+            .unwrap_err()
+            .to_string()
+            .contains("ADDRESS:PORT"));
     }
 
     #[test]

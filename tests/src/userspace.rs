@@ -306,7 +306,7 @@ impl UserspaceAgent {
 
     /// GET on the agent's metrics address.
     pub fn get(&self, path: &str) -> Result<String> {
-        ferry_proxy::http::get(&self.metrics, path).map_err(anyhow::Error::msg)
+        ferry_proxy::http::get(&self.metrics, path).map_err(anyhow::Error::from)
     }
 
     /// Whether /readyz answers 200.

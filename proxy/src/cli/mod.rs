@@ -36,10 +36,33 @@ pub struct RunSettings {
 }
 
 impl RunSettings {
-    pub fn load(path: &std::path::Path) -> Result<RunSettings, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        yaml_serde::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &std::path::Path) -> Result<RunSettings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        yaml_serde::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
     }
+}
+
+/// Why `--config FILE` could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: yaml_serde::Error,
+    },
 }
 
 /// The node name: --hostname-override, else $NODE_NAME, else the hostname.

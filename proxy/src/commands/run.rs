@@ -21,10 +21,10 @@ pub fn main(flags: RunFlags) -> ExitCode {
     let file = match &flags.config {
         Some(path) => match RunSettings::load(path) {
             Ok(f) => f,
-            Err(why) => {
+            Err(e) => {
                 return super::usage_error(&resolve::UsageError {
                     setting: "--config",
-                    why,
+                    why: e.to_string(),
                 })
             }
         },
