@@ -34,7 +34,10 @@ pub fn destroy_udp_sockets(peers: &[Peer], cookies: &Arc<HashSet<u64>>) -> usize
         return 0;
     }
     let mut done = destroy_here(peers, cookies).unwrap_or_else(|e| {
-        tracing::debug!(error = %e, "UDP socket cleanup in the agent's namespace");
+        tracing::debug!(
+            error = &e as &dyn std::error::Error,
+            "UDP socket cleanup in the agent's namespace"
+        );
         0
     });
     let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
@@ -44,22 +47,21 @@ pub fn destroy_udp_sockets(peers: &[Peer], cookies: &Arc<HashSet<u64>>) -> usize
         let path = e.path();
         let peers = peers.to_vec();
         let cookies = cookies.clone();
-        let joined = std::thread::spawn(move || -> Result<usize, String> {
-            let ns = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let ns = path.clone();
+        let joined = std::thread::spawn(move || -> std::io::Result<usize> {
+            let ns = File::open(&ns)?;
             // SAFETY: setns on a valid namespace fd; it affects this thread only.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(format!(
-                    "setns {}: {}",
-                    path.display(),
-                    std::io::Error::last_os_error()
-                ));
+                return Err(std::io::Error::last_os_error());
             }
             destroy_here(&peers, &cookies)
         })
         .join();
         match joined {
             Ok(Ok(n)) => done += n,
-            Ok(Err(e)) => tracing::debug!(error = %e, "UDP socket cleanup"),
+            Ok(Err(e)) => {
+                tracing::debug!(namespace = %path.display(), error = &e as &dyn std::error::Error, "UDP socket cleanup");
+            }
             Err(_) => tracing::warn!("UDP socket cleanup thread panicked"),
         }
     }
@@ -96,10 +98,11 @@ fn wanted(id: &SocketId, peers: &[Peer], cookies: &HashSet<u64>) -> bool {
     peers.contains(&(dst, id.destination_port)) && cookies.contains(&cookie(id))
 }
 
-fn destroy_here(peers: &[Peer], cookies: &HashSet<u64>) -> Result<usize, String> {
-    let sock = socket(NETLINK_SOCK_DIAG).map_err(|e| format!("sock_diag socket: {e}"))?;
-    let dump = request(&sock, udp_request(SocketId::new_v4()), Kind::Dump, 1)
-        .map_err(|e| format!("sock_diag dump: {e}"))?;
+/// Destroys the wanted sockets of this thread's namespace (sock_diag);
+/// an error is the sock_diag socket's or its dump's.
+fn destroy_here(peers: &[Peer], cookies: &HashSet<u64>) -> std::io::Result<usize> {
+    let sock = socket(NETLINK_SOCK_DIAG)?;
+    let dump = request(&sock, udp_request(SocketId::new_v4()), Kind::Dump, 1)?;
     let ids: Vec<SocketId> = dump
         .into_iter()
         .filter_map(|m| match m {

@@ -9,6 +9,7 @@
 //! but stays for other frontends): the programs cannot tell such an entry
 //! is stale, so only the sweep ends those flows.
 
+use super::DatapathError;
 use std::path::Path;
 use std::sync::mpsc::{channel, Receiver, Sender};
 
@@ -93,8 +94,8 @@ impl Sweeper {
 fn open<K: aya::Pod, V: aya::Pod>(
     dir: &Path,
     name: &'static str,
-) -> Result<HashMap<MapData, K, V>, String> {
-    super::typed(dir, name).map_err(|e| e.to_string())
+) -> Result<HashMap<MapData, K, V>, DatapathError> {
+    super::typed(dir, name)
 }
 
 fn run(dir: &Path, rx: &Receiver<Gone>) {
@@ -164,7 +165,7 @@ fn balanced_sockets(
     dir: &Path,
     peers: &[super::sockets::Peer],
     pairs: &[(u32, super::sockets::Peer)],
-) -> Result<std::collections::HashSet<u64>, String> {
+) -> Result<std::collections::HashSet<u64>, DatapathError> {
     let map: HashMap<MapData, SockRevNat4Key, SockRevNat4Value> = open(dir, SOCK_REVNAT4_MAP)?;
     Ok(map
         .iter()
@@ -181,7 +182,7 @@ fn balanced_sockets(
 }
 
 /// One pass over both maps; returns the entries removed from each.
-pub fn sweep_once(dir: &Path, gone: &Gone) -> Result<(usize, usize), String> {
+pub fn sweep_once(dir: &Path, gone: &Gone) -> Result<(usize, usize), DatapathError> {
     let mut ct: HashMap<MapData, Ct4Key, Ct4Value> = open(dir, CT4_MAP)?;
     let stale: Vec<Ct4Key> = ct
         .iter()
