@@ -13,7 +13,8 @@ use ferry_proxy::agent::Agent;
 use ferry_proxy::cli::flags::RunFlags;
 use ferry_proxy::cli::resolve::{self, Dataplane, DataplaneChoice, Environment, RunConfig, Source};
 use ferry_proxy::cli::{self, RunSettings};
-use ferry_proxy::datapath::{BpfMaps, LbMaps, MapCapacities};
+use ferry_proxy::datapath::{BpfMaps, DatapathError, LbMaps, MapCapacities};
+use ferry_proxy::ebpf::EbpfError;
 use ferry_proxy::http::{HttpServer, Serving};
 use ferry_proxy::metrics::DataplaneStatus;
 
@@ -209,49 +210,45 @@ fn dataplane(
     }
 }
 
-/// An error and its sources, one line ("a: b: c").
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        next = s.source();
-    }
-    out
+/// Loads and attaches the eBPF programs and opens the pinned maps.
+/// Why the eBPF dataplane cannot run; each variant's message includes
+/// the error under it.
+#[derive(Debug, thiserror::Error)]
+enum EbpfSetupError {
+    #[error("no cgroup2 filesystem is mounted")]
+    NoCgroup,
+    #[error("cannot load the eBPF programs: {0}")]
+    Load(#[source] EbpfError),
+    #[error("cannot attach the socket-level programs: {0}")]
+    AttachSock(#[source] EbpfError),
+    #[error("cannot attach the TC programs: {0}")]
+    AttachTc(#[source] EbpfError),
+    #[error("cannot open the pinned maps: {0}")]
+    Maps(#[source] DatapathError),
 }
 
-/// Loads and attaches the eBPF programs and opens the pinned maps.
-fn setup_ebpf(choice: &DataplaneChoice) -> Result<(Maps, aya::Ebpf), String> {
+fn setup_ebpf(choice: &DataplaneChoice) -> Result<(Maps, aya::Ebpf), EbpfSetupError> {
     let bpffs = choice.bpffs.as_path();
-    let cgroup = choice
-        .cgroup
-        .as_deref()
-        .ok_or("no cgroup2 filesystem is mounted")?;
+    let cgroup = choice.cgroup.as_deref().ok_or(EbpfSetupError::NoCgroup)?;
     let caps = MapCapacities::default();
-    let mut ebpf = ferry_proxy::ebpf::open(bpffs, &caps)
-        .map_err(|e| format!("cannot load the eBPF programs: {}", chain(&e)))?;
-    match ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, bpffs, cgroup) {
-        Ok(new) if new.is_empty() => {
-            tracing::info!(cgroup = %cgroup.display(), "socket-level programs already attached (restart)");
-        }
-        Ok(new) => tracing::info!(cgroup = %cgroup.display(), programs = ?new, "attached"),
-        Err(e) => {
-            let e = chain(&e);
-            return Err(format!("cannot attach the socket-level programs: {e}"));
-        }
+    let mut ebpf = ferry_proxy::ebpf::open(bpffs, &caps).map_err(EbpfSetupError::Load)?;
+    let new = ferry_proxy::ebpf::lb::attach_sock_lb(&mut ebpf, bpffs, cgroup)
+        .map_err(EbpfSetupError::AttachSock)?;
+    if new.is_empty() {
+        tracing::info!(cgroup = %cgroup.display(), "socket-level programs already attached (restart)");
+    } else {
+        tracing::info!(cgroup = %cgroup.display(), programs = ?new, "attached");
     }
     let interfaces = choice
         .interfaces
         .clone()
         .unwrap_or_else(ferry_proxy::ebpf::tc::default_interfaces);
     let done = ferry_proxy::ebpf::tc::attach_tc(&mut ebpf, bpffs, &interfaces)
-        .map_err(|e| format!("cannot attach the TC programs: {}", chain(&e)))?;
+        .map_err(EbpfSetupError::AttachTc)?;
     for a in done {
         tracing::info!(interface = %a.interface, direction = a.direction, replaced = a.replaced, "TC program attached");
     }
-    let maps =
-        BpfMaps::open(bpffs, caps).map_err(|e| format!("cannot open the pinned maps: {e}"))?;
+    let maps = BpfMaps::open(bpffs, caps).map_err(EbpfSetupError::Maps)?;
     Ok((Box::new(maps), ebpf))
 }
 
