@@ -71,13 +71,32 @@ impl Checkers {
     }
 }
 
+/// Why a probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{step}: {source}")]
+    Io {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP status {0}")]
+    Status(u16),
+    #[error("no HTTP status line")]
+    NoStatusLine,
+    #[error("no answer in {0} ms")]
+    Timeout(u32),
+}
+
+fn io(step: &'static str) -> impl Fn(std::io::Error) -> ProbeError {
+    move |source| ProbeError::Io { step, source }
+}
+
 /// One probe: Ok when the backend passes.
-pub async fn probe(addr: SocketAddr, spec: &ProbeSpec) -> Result<(), String> {
+pub async fn probe(addr: SocketAddr, spec: &ProbeSpec) -> Result<(), ProbeError> {
     let timeout = Duration::from_millis(u64::from(spec.timeout_ms));
     let attempt = async {
-        let mut s = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let mut s = TcpStream::connect(addr).await.map_err(io("connect"))?;
         let Some(path) = &spec.http_path else {
             return Ok(());
         };
@@ -85,16 +104,11 @@ pub async fn probe(addr: SocketAddr, spec: &ProbeSpec) -> Result<(), String> {
             "GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: ferry-health-check\r\nConnection: close\r\n\r\n",
             addr.ip()
         );
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| format!("write: {e}"))?;
+        s.write_all(req.as_bytes()).await.map_err(io("write"))?;
         let mut head = [0u8; 16];
         let mut got = 0;
         while got < 12 {
-            let n = s
-                .read(&mut head[got..])
-                .await
-                .map_err(|e| format!("read: {e}"))?;
+            let n = s.read(&mut head[got..]).await.map_err(io("read"))?;
             if n == 0 {
                 break;
             }
@@ -107,13 +121,13 @@ pub async fn probe(addr: SocketAddr, spec: &ProbeSpec) -> Result<(), String> {
             .and_then(|c| c.parse::<u16>().ok());
         match status {
             Some(c) if (200..400).contains(&c) => Ok(()),
-            Some(c) => Err(format!("HTTP status {c}")),
-            None => Err("no HTTP status line".into()),
+            Some(c) => Err(ProbeError::Status(c)),
+            None => Err(ProbeError::NoStatusLine),
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer in {} ms", spec.timeout_ms)),
+        Err(_) => Err(ProbeError::Timeout(spec.timeout_ms)),
     }
 }
 
