@@ -186,7 +186,10 @@ fn resolved(applied: &AppliedState) -> BTreeMap<String, String> {
         let e = f
             .entry
             .expect("every frontend has its master entry after a sync");
-        let slots: Vec<String> = f.slots.iter().map(addr).collect();
+        // Which slot a backend holds depends on the history (a backend
+        // that stays keeps its slot); which backends they are does not.
+        let mut slots: Vec<String> = f.slots.iter().map(addr).collect();
+        slots.sort();
         let maglev = applied
             .maglev()
             .get(&e.id)
@@ -232,13 +235,22 @@ fn check_invariants(core: &Core, applied: &AppliedState) -> Result<(), TestCaseE
         let e = f.entry.expect("master entry");
         prop_assert_eq!(usize::from(e.count), d.backends.len());
         prop_assert_eq!(f.slots.len(), d.backends.len());
-        for (slot, b) in f.slots.iter().zip(d.backends.iter()) {
-            let entry = applied
-                .backends()
-                .get(slot)
-                .expect("slot names an existing backend");
-            prop_assert_eq!(entry.addr, b.addr);
-        }
+        // The slots hold exactly the desired backends, each once.
+        let mut in_slots: Vec<_> = f
+            .slots
+            .iter()
+            .map(|slot| {
+                applied
+                    .backends()
+                    .get(slot)
+                    .expect("slot names an existing backend")
+                    .addr
+            })
+            .collect();
+        let mut wanted: Vec<_> = d.backends.iter().map(|b| b.addr).collect();
+        in_slots.sort();
+        wanted.sort();
+        prop_assert_eq!(in_slots, wanted);
         prop_assert_eq!(applied.rev_nat().get(&e.id), Some(key));
     }
     // IDs are unique while live: one ID per backend address and per frontend.
@@ -261,8 +273,47 @@ fn check_invariants(core: &Core, applied: &AppliedState) -> Result<(), TestCaseE
     Ok(())
 }
 
+/// Distinct backend IDs from `picks` (values 1..=16).
+fn distinct(picks: &[u32]) -> Vec<ferry_proxy::plan::BackendId> {
+    let mut seen = HashSet::new();
+    picks
+        .iter()
+        .filter(|p| seen.insert(**p))
+        .map(|p| ferry_proxy::plan::BackendId(*p))
+        .collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// A frontend's slot layout: exactly the wanted backends; one that
+    /// stays keeps its slot when that slot still exists; the new ones take
+    /// the free slots in the wanted order.
+    #[test]
+    fn a_backend_that_stays_keeps_its_slot(
+        old in prop::collection::vec(1u32..=16, 0..10),
+        new in prop::collection::vec(1u32..=16, 0..10),
+    ) {
+        let (old, new) = (distinct(&old), distinct(&new));
+        let layout = ferry_proxy::plan::stable_layout(&old, &new);
+        let mut sorted_layout = layout.clone();
+        sorted_layout.sort();
+        let mut sorted_new = new.clone();
+        sorted_new.sort();
+        prop_assert_eq!(sorted_layout, sorted_new);
+        for (i, b) in old.iter().enumerate() {
+            if i < new.len() && new.contains(b) {
+                prop_assert_eq!(layout[i], *b, "{:?} moved: {:?} -> {:?}", b, old, layout);
+            }
+        }
+        let kept = |b: &ferry_proxy::plan::BackendId| {
+            old.iter().position(|o| o == b).is_some_and(|i| i < new.len())
+        };
+        let fresh_in_layout: Vec<_> = layout.iter().filter(|b| !kept(b)).collect();
+        let fresh_in_new: Vec<_> = new.iter().filter(|b| !kept(b)).collect();
+        prop_assert_eq!(fresh_in_layout, fresh_in_new);
+    }
+
 
     #[test]
     fn plans_converge_incrementally_and_in_full(steps in prop::collection::vec(step(), 1..40), batch in 1usize..5) {

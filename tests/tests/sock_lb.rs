@@ -519,3 +519,66 @@ fn external_frontends_and_internal_local_from_the_node() {
     }
     drop(ebpf);
 }
+
+/// sessionAffinity ClientIP survives a backend joining the Service: the
+/// client's backend keeps its slot, so its remembered choice still holds
+/// (kube-proxy keeps a client on its endpoint while the endpoint stays).
+/// Eight Services, each starting with the one backend that sorts last; a
+/// slot layout that followed the address order would move it for each, and
+/// half of them would lose their client (all eight keep it by chance with
+/// odds of 1 in 256).
+#[test]
+fn affinity_survives_a_new_backend() {
+    ferry_tests::needs_ebpf!("affinity_survives_a_new_backend");
+    let (srv, cli) = client_and_backends("an", 5).unwrap();
+    let tcp = srv
+        .run(|| {
+            Ok(vec![
+                TcpListener::bind("198.18.5.2:8080")?,
+                TcpListener::bind("198.18.5.3:8080")?,
+            ])
+        })
+        .unwrap();
+    let _servers = Servers::start(tcp, Vec::new());
+    let (_pins, cg, ebpf, mut agent) = attached("affnew");
+    let services: Vec<Service> = (0..8)
+        .map(|i| {
+            let mut s = service(
+                &format!("sticky{i}"),
+                &format!("198.19.0.{}", 20 + i),
+                80,
+                "TCP",
+            );
+            if let Some(spec) = s.spec.as_mut() {
+                spec.session_affinity = Some("ClientIP".into());
+            }
+            s
+        })
+        .collect();
+    let mut slices: Vec<EndpointSlice> = (0..8)
+        .map(|i| slice(&format!("sticky{i}"), &["198.18.5.3"], 8080, "TCP"))
+        .collect();
+    sync(&mut agent, &services, &slices);
+    for i in 0..8 {
+        let lines = client(&cg, &cli, "tcp", &format!("198.19.0.{}:80", 20 + i), 1);
+        assert!(lines[0].ends_with("198.18.5.3:8080"), "{lines:?}");
+    }
+    // 198.18.5.2 joins every Service; each client keeps 198.18.5.3.
+    for (i, s) in slices.iter_mut().enumerate() {
+        *s = slice(
+            &format!("sticky{i}"),
+            &["198.18.5.2", "198.18.5.3"],
+            8080,
+            "TCP",
+        );
+    }
+    sync(&mut agent, &services, &slices);
+    for i in 0..8 {
+        let lines = client(&cg, &cli, "tcp", &format!("198.19.0.{}:80", 20 + i), 3);
+        assert!(
+            lines.iter().all(|l| l.ends_with("198.18.5.3:8080")),
+            "sticky{i}: {lines:?}"
+        );
+    }
+    drop(ebpf);
+}

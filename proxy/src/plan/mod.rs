@@ -28,6 +28,7 @@ use crate::model::{
     Action, Algorithm, BackendAddr, DesiredFrontend, FrontendKey, ProbeSpec, Scope, ServiceName,
 };
 use crate::translate::{DesiredState, Touched};
+pub use planner::stable_layout;
 use planner::Planner;
 
 /// A backend's entry in the backends map.

@@ -103,7 +103,8 @@ impl<'a> Planner<'a> {
         });
         self.backends(f, &ids);
         let ids: Vec<BackendId> = ids.into_iter().map(|(id, _)| id).collect();
-        self.slots(f, &ids);
+        let old_slots: &[BackendId] = self.applied.frontends.get(&f.key).map_or(&[], |o| &o.slots);
+        self.slots(f, &stable_layout(old_slots, &ids));
         if f.key.protocol == Protocol::Udp {
             self.release_left(f, id, &ids);
         }
@@ -364,4 +365,25 @@ impl<'a> Planner<'a> {
                 .push(MapOp::UpsertBackend { id, entry });
         }
     }
+}
+
+/// The slots of a frontend's backends `ids` (in the desired order) given
+/// the slots it has now: a backend that stays keeps its slot (so a client's
+/// remembered choice, which names its slot, still holds), the new ones fill
+/// the free slots in the desired order. Only a backend above the new count
+/// moves (the slots shrink under it).
+pub fn stable_layout(old: &[BackendId], ids: &[BackendId]) -> Vec<BackendId> {
+    let wanted: FastSet<BackendId> = ids.iter().copied().collect();
+    let mut layout: Vec<Option<BackendId>> = vec![None; ids.len()];
+    let mut placed: FastSet<BackendId> = FastSet::default();
+    for (slot, b) in layout.iter_mut().zip(old) {
+        if wanted.contains(b) && placed.insert(*b) {
+            *slot = Some(*b);
+        }
+    }
+    let mut rest = ids.iter().filter(|b| !placed.contains(b));
+    layout
+        .into_iter()
+        .map(|s| s.or_else(|| rest.next().copied()).unwrap_or(BackendId(0)))
+        .collect()
 }
