@@ -103,10 +103,11 @@ impl<'a> Planner<'a> {
         });
         self.backends(f, &ids);
         let ids: Vec<BackendId> = ids.into_iter().map(|(id, _)| id).collect();
-        let old_slots: &[BackendId] = self.applied.frontends.get(&f.key).map_or(&[], |o| &o.slots);
-        self.slots(f, &stable_layout(old_slots, &ids));
+        let applied = self.applied;
+        let old_slots: &[BackendId] = applied.frontends.get(&f.key).map_or(&[], |o| &o.slots);
+        self.slots(f, old_slots, &stable_layout(old_slots, &ids));
         if f.key.protocol == Protocol::Udp {
-            self.release_left(f, id, &ids);
+            self.release_left(f, id, old_slots, &ids);
         }
         self.maglev(f, id, &ids);
         self.source_ranges(id, &f.policy.source_ranges);
@@ -138,8 +139,7 @@ impl<'a> Planner<'a> {
 
     /// Slots that changed, slots past the new count, and the backends they
     /// named as candidates for deletion.
-    fn slots(&mut self, f: &DesiredFrontend, ids: &[BackendId]) {
-        let old_slots: &[BackendId] = self.applied.frontends.get(&f.key).map_or(&[], |o| &o.slots);
+    fn slots(&mut self, f: &DesiredFrontend, old_slots: &[BackendId], ids: &[BackendId]) {
         for (i, bid) in ids.iter().enumerate() {
             if old_slots.get(i) != Some(bid) {
                 self.upserts.slots.push(MapOp::UpsertSlot {
@@ -165,8 +165,13 @@ impl<'a> Planner<'a> {
 
     /// A UDP frontend: the flows to backends it no longer names (neither
     /// in a slot nor draining) end.
-    fn release_left(&mut self, f: &DesiredFrontend, id: FrontendId, ids: &[BackendId]) {
-        let old_slots: &[BackendId] = self.applied.frontends.get(&f.key).map_or(&[], |o| &o.slots);
+    fn release_left(
+        &mut self,
+        f: &DesiredFrontend,
+        id: FrontendId,
+        old_slots: &[BackendId],
+        ids: &[BackendId],
+    ) {
         let stays: FastSet<BackendId> = ids
             .iter()
             .copied()
@@ -373,15 +378,19 @@ impl<'a> Planner<'a> {
 /// the free slots in the desired order. Only a backend above the new count
 /// moves (the slots shrink under it).
 pub fn stable_layout(old: &[BackendId], ids: &[BackendId]) -> Vec<BackendId> {
-    let wanted: FastSet<BackendId> = ids.iter().copied().collect();
+    // Nothing to keep (a new frontend, the first sync) or nothing moved.
+    if old.is_empty() || old == ids {
+        return ids.to_vec();
+    }
+    // The backends not placed yet.
+    let mut unplaced: FastSet<BackendId> = ids.iter().copied().collect();
     let mut layout: Vec<Option<BackendId>> = vec![None; ids.len()];
-    let mut placed: FastSet<BackendId> = FastSet::default();
     for (slot, b) in layout.iter_mut().zip(old) {
-        if wanted.contains(b) && placed.insert(*b) {
+        if unplaced.remove(b) {
             *slot = Some(*b);
         }
     }
-    let mut rest = ids.iter().filter(|b| !placed.contains(b));
+    let mut rest = ids.iter().filter(|b| unplaced.contains(b));
     layout
         .into_iter()
         .map(|s| s.or_else(|| rest.next().copied()).unwrap_or(BackendId(0)))
