@@ -1,17 +1,18 @@
-//! Writing one op into the pinned maps, one function per map; IPv6 keys
-//! are counted in `skipped_ipv6` and left out.
+//! Writing one op into the pinned maps; IPv6 keys are counted in
+//! `skipped_ipv6` and left out.
 
 use aya::maps::MapError;
 use ferry_common::lb::{
-    MaglevTable, BACKENDS4_MAP, MAGLEV4_MAP, MAGLEV_TABLE_SIZE, REVNAT4_MAP, SERVICES4_MAP,
-    SOURCE_RANGES4_MAP,
+    MaglevTable, Service4Key, BACKENDS4_MAP, MAGLEV4_MAP, MAGLEV_TABLE_SIZE, REVNAT4_MAP,
+    SERVICES4_MAP, SOURCE_RANGES4_MAP,
 };
 use ipnet::IpNet;
 
 use super::{BpfMaps, GoneBackend, GonePair};
 use crate::datapath::encode::{backend_value, range_key, revnat_value, services_entry, svc_key};
 use crate::datapath::DatapathError;
-use crate::plan::{BackendId, FrontendId, MapOp};
+use crate::model::L4Addr;
+use crate::plan::{BackendEntry, BackendId, FrontendId, MapOp};
 
 /// Maps an aya error on `map` to ours; E2BIG from an insert is a full map.
 fn map_err(
@@ -45,21 +46,43 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 impl BpfMaps {
     /// Applies one op (see [`crate::datapath::LbMaps::apply`]).
     pub(super) fn write(&mut self, op: &MapOp) -> Result<(), DatapathError> {
+        let caps = self.caps;
         match op {
-            MapOp::UpsertBackend { .. } | MapOp::DeleteBackend { .. } => self.write_backend(op),
-            MapOp::UpsertRevNat { .. } | MapOp::DeleteRevNat { .. } => self.write_revnat(op),
-            MapOp::UpsertSlot { .. }
-            | MapOp::UpsertFrontend { .. }
-            | MapOp::DeleteSlot { .. }
-            | MapOp::DeleteFrontend { .. } => self.write_services(op),
+            MapOp::UpsertBackend { id, entry } => self.upsert_backend(*id, entry),
+            MapOp::DeleteBackend { id } => {
+                if let Some(gone) = self.gone_backend(*id) {
+                    self.gone.backends.push(gone);
+                }
+                ignore_missing(self.backends.remove(&id.0)).map_err(map_err(
+                    BACKENDS4_MAP,
+                    "delete",
+                    caps.backends,
+                ))
+            }
+            MapOp::UpsertRevNat { id, frontend } => self.upsert_revnat(*id, frontend),
+            MapOp::DeleteRevNat { id } => ignore_missing(self.revnat.remove(&id.0))
+                .map_err(map_err(REVNAT4_MAP, "delete", caps.frontends)),
+            MapOp::UpsertSlot { .. } | MapOp::UpsertFrontend { .. } => self.upsert_service(op),
+            MapOp::DeleteSlot { frontend, slot } => self.delete_service(svc_key(frontend, *slot)),
+            MapOp::DeleteFrontend { frontend } => self.delete_service(svc_key(frontend, 0)),
             MapOp::UpsertMaglev { id, table } => self.write_maglev(*id, table),
             MapOp::DeleteMaglev { id } => ignore_missing(self.maglev.remove(&id.0))
-                .map_err(map_err(MAGLEV4_MAP, "delete", self.caps.frontends)),
-            MapOp::UpsertSourceRange { .. } | MapOp::DeleteSourceRange { .. } => {
-                self.write_range(op)
-            }
+                .map_err(map_err(MAGLEV4_MAP, "delete", caps.frontends)),
+            MapOp::UpsertSourceRange { id, range } => self.upsert_range(*id, range),
+            MapOp::DeleteSourceRange { id, range } => match range {
+                IpNet::V4(net) => ignore_missing(self.ranges.remove(&range_key(*id, *net)))
+                    .map_err(map_err(SOURCE_RANGES4_MAP, "delete", caps.source_ranges)),
+                IpNet::V6(_) => Ok(()),
+            },
             MapOp::ReleaseFlows { frontend, backend } => {
-                self.release(*frontend, *backend);
+                // The backend stays (other frontends use it): its address
+                // tells the sweep which sockets and entries are the pair's.
+                if let Some(backend) = self.gone_backend(*backend) {
+                    self.gone.pairs.push(GonePair {
+                        frontend_id: frontend.0,
+                        backend,
+                    });
+                }
                 Ok(())
             }
             // No eBPF map holds a frontend's name or probe.
@@ -67,78 +90,75 @@ impl BpfMaps {
         }
     }
 
-    fn write_backend(&mut self, op: &MapOp) -> Result<(), DatapathError> {
-        let cap = self.caps.backends;
-        match op {
-            MapOp::UpsertBackend { id, entry } => {
-                let Some(value) = backend_value(entry) else {
-                    self.skipped_ipv6 += 1;
-                    return Ok(());
-                };
-                self.backends
-                    .insert(id.0, value, 0)
-                    .map_err(map_err(BACKENDS4_MAP, "insert", cap))
-            }
-            MapOp::DeleteBackend { id } => {
-                if let Ok(b) = self.backends.get(&id.0, 0) {
-                    self.gone.backends.push(GoneBackend {
-                        id: id.0,
-                        addr: b.addr,
-                        port: b.port,
-                        proto: b.proto,
-                    });
-                }
-                ignore_missing(self.backends.remove(&id.0)).map_err(map_err(
-                    BACKENDS4_MAP,
-                    "delete",
-                    cap,
-                ))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    fn write_revnat(&mut self, op: &MapOp) -> Result<(), DatapathError> {
-        let cap = self.caps.frontends;
-        match op {
-            MapOp::UpsertRevNat { id, frontend } => {
-                let Some(value) = revnat_value(frontend) else {
-                    self.skipped_ipv6 += 1;
-                    return Ok(());
-                };
-                self.revnat
-                    .insert(id.0, value, 0)
-                    .map_err(map_err(REVNAT4_MAP, "insert", cap))
-            }
-            MapOp::DeleteRevNat { id } => ignore_missing(self.revnat.remove(&id.0))
-                .map_err(map_err(REVNAT4_MAP, "delete", cap)),
-            _ => Ok(()),
-        }
-    }
-
-    /// Master entries and slots.
-    fn write_services(&mut self, op: &MapOp) -> Result<(), DatapathError> {
-        let cap = self.caps.services;
-        let key = match op {
-            MapOp::DeleteSlot { frontend, slot } => svc_key(frontend, *slot),
-            MapOp::DeleteFrontend { frontend } => svc_key(frontend, 0),
-            _ => {
-                let Some((key, value)) = services_entry(op) else {
-                    self.skipped_ipv6 += 1;
-                    return Ok(());
-                };
-                return self.services.insert(key, value, 0).map_err(map_err(
-                    SERVICES4_MAP,
-                    "insert",
-                    cap,
-                ));
-            }
+    fn upsert_backend(&mut self, id: BackendId, entry: &BackendEntry) -> Result<(), DatapathError> {
+        let Some(value) = backend_value(entry) else {
+            self.skipped_ipv6 += 1;
+            return Ok(());
         };
+        self.backends.insert(id.0, value, 0).map_err(map_err(
+            BACKENDS4_MAP,
+            "insert",
+            self.caps.backends,
+        ))
+    }
+
+    fn upsert_revnat(&mut self, id: FrontendId, frontend: &L4Addr) -> Result<(), DatapathError> {
+        let Some(value) = revnat_value(frontend) else {
+            self.skipped_ipv6 += 1;
+            return Ok(());
+        };
+        self.revnat.insert(id.0, value, 0).map_err(map_err(
+            REVNAT4_MAP,
+            "insert",
+            self.caps.frontends,
+        ))
+    }
+
+    /// A master entry or slot.
+    fn upsert_service(&mut self, op: &MapOp) -> Result<(), DatapathError> {
+        let Some((key, value)) = services_entry(op) else {
+            self.skipped_ipv6 += 1;
+            return Ok(());
+        };
+        self.services.insert(key, value, 0).map_err(map_err(
+            SERVICES4_MAP,
+            "insert",
+            self.caps.services,
+        ))
+    }
+
+    fn upsert_range(&mut self, id: FrontendId, range: &IpNet) -> Result<(), DatapathError> {
+        let IpNet::V4(net) = range else {
+            self.skipped_ipv6 += 1;
+            return Ok(());
+        };
+        self.ranges
+            .insert(&range_key(id, *net), 1, 0)
+            .map_err(map_err(
+                SOURCE_RANGES4_MAP,
+                "insert",
+                self.caps.source_ranges,
+            ))
+    }
+
+    /// A backend as the sweep needs it (its address), read from the map.
+    fn gone_backend(&self, id: BackendId) -> Option<GoneBackend> {
+        let b = self.backends.get(&id.0, 0).ok()?;
+        Some(GoneBackend {
+            id: id.0,
+            addr: b.addr,
+            port: b.port,
+            proto: b.proto,
+        })
+    }
+
+    /// A master entry or slot removed (None: an IPv6 key, never written).
+    fn delete_service(&mut self, key: Option<Service4Key>) -> Result<(), DatapathError> {
         match key {
             Some(key) => ignore_missing(self.services.remove(&key)).map_err(map_err(
                 SERVICES4_MAP,
                 "delete",
-                cap,
+                self.caps.services,
             )),
             None => Ok(()),
         }
@@ -165,47 +185,5 @@ impl BpfMaps {
             "insert",
             self.caps.frontends,
         ))
-    }
-
-    fn write_range(&mut self, op: &MapOp) -> Result<(), DatapathError> {
-        let cap = self.caps.source_ranges;
-        match op {
-            MapOp::UpsertSourceRange {
-                id,
-                range: IpNet::V4(net),
-            } => self
-                .ranges
-                .insert(&range_key(*id, *net), 1, 0)
-                .map_err(map_err(SOURCE_RANGES4_MAP, "insert", cap)),
-            MapOp::DeleteSourceRange {
-                id,
-                range: IpNet::V4(net),
-            } => ignore_missing(self.ranges.remove(&range_key(*id, *net))).map_err(map_err(
-                SOURCE_RANGES4_MAP,
-                "delete",
-                cap,
-            )),
-            MapOp::UpsertSourceRange { .. } => {
-                self.skipped_ipv6 += 1;
-                Ok(())
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// The backend stays (other frontends use it): its address tells the
-    /// sweep which sockets and entries are the pair's.
-    fn release(&mut self, frontend: FrontendId, backend: BackendId) {
-        if let Ok(b) = self.backends.get(&backend.0, 0) {
-            self.gone.pairs.push(GonePair {
-                frontend_id: frontend.0,
-                backend: GoneBackend {
-                    id: backend.0,
-                    addr: b.addr,
-                    port: b.port,
-                    proto: b.proto,
-                },
-            });
-        }
     }
 }
