@@ -91,13 +91,6 @@ impl Sweeper {
     }
 }
 
-fn open<K: aya::Pod, V: aya::Pod>(
-    dir: &Path,
-    name: &'static str,
-) -> Result<HashMap<MapData, K, V>, DatapathError> {
-    super::typed(dir, name)
-}
-
 fn run(dir: &Path, rx: &Receiver<Gone>) {
     while let Ok(mut gone) = rx.recv() {
         // Coalesce whatever queued up meanwhile into one pass.
@@ -166,7 +159,8 @@ fn balanced_sockets(
     peers: &[super::sockets::Peer],
     pairs: &[(u32, super::sockets::Peer)],
 ) -> Result<std::collections::HashSet<u64>, DatapathError> {
-    let map: HashMap<MapData, SockRevNat4Key, SockRevNat4Value> = open(dir, SOCK_REVNAT4_MAP)?;
+    let map: HashMap<MapData, SockRevNat4Key, SockRevNat4Value> =
+        super::typed(dir, SOCK_REVNAT4_MAP)?;
     Ok(map
         .iter()
         .filter_map(Result::ok)
@@ -183,7 +177,7 @@ fn balanced_sockets(
 
 /// One pass over both maps; returns the entries removed from each.
 pub fn sweep_once(dir: &Path, gone: &Gone) -> Result<(usize, usize), DatapathError> {
-    let mut ct: HashMap<MapData, Ct4Key, Ct4Value> = open(dir, CT4_MAP)?;
+    let mut ct: HashMap<MapData, Ct4Key, Ct4Value> = super::typed(dir, CT4_MAP)?;
     let stale: Vec<Ct4Key> = ct
         .iter()
         .filter_map(Result::ok)
@@ -200,7 +194,7 @@ pub fn sweep_once(dir: &Path, gone: &Gone) -> Result<(usize, usize), DatapathErr
     for k in &stale {
         let _ = ct.remove(k);
     }
-    let mut aff: HashMap<MapData, Affinity4Key, AffinityValue> = open(dir, AFFINITY4_MAP)?;
+    let mut aff: HashMap<MapData, Affinity4Key, AffinityValue> = super::typed(dir, AFFINITY4_MAP)?;
     let stale_aff: Vec<Affinity4Key> = aff
         .iter()
         .filter_map(Result::ok)
